@@ -1,0 +1,56 @@
+"""kdcore: knowledge distillation for language models with curriculum learning and selective reliance.
+
+The public API a plugin or a script uses. Importing it does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kdcore.config import RunConfig, StrategySpec
+from kdcore.errors import KdError, PluginError
+from kdcore.hookspecs import hookimpl
+from kdcore.strategies import (
+    DifficultyScorer,
+    Divergence,
+    NoParams,
+    PacingFunction,
+    ReliancePolicy,
+    ScorerContext,
+    Strategy,
+)
+
+if TYPE_CHECKING:
+    from kdcore.engine import RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DifficultyScorer",
+    "Divergence",
+    "KdError",
+    "NoParams",
+    "PacingFunction",
+    "PluginError",
+    "ReliancePolicy",
+    "RunConfig",
+    "ScorerContext",
+    "Strategy",
+    "StrategySpec",
+    "__version__",
+    "hookimpl",
+    "run",
+]
+
+
+def run(config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> RunResult:
+    """Run one distillation and return its result (summary and run directory).
+
+    ``config`` is a :class:`RunConfig` or a mapping in its YAML shape; keyword arguments are passed
+    on to :func:`kdcore.engine.run`.
+    """
+    from kdcore.engine import run as _run
+
+    if config is None or isinstance(config, dict):
+        config = RunConfig.model_validate(config or {})
+    return _run(config, **kwargs)

@@ -1,0 +1,198 @@
+"""The run configuration: pydantic models, YAML/JSON loading, and CLI overrides.
+
+One :class:`RunConfig` describes a run completely; it is written to ``config.yaml`` in the run
+directory and can be fed back with ``kd run --config``. A wrong type or value is reported as one
+line per field (``training.batch_size: Input should be greater than 0``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdcore.errors import KdError
+
+DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
+DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class StrategySpec(_Section):
+    """A strategy chosen by name, with its parameters (validated by the strategy's own model)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class ModelConfig(_Section):
+    teacher: str = Field(DEFAULT_TEACHER, description="hub id, local directory, or spec 'gpt2:n_layer=2,...'")
+    student: str = Field(DEFAULT_STUDENT, description="hub id, local directory, or from-scratch spec")
+    tokenizer: str | None = Field(
+        None, description="for from-scratch teachers: 'byte' or 'bpe:vocab_size=N' (default byte)"
+    )
+    trust_remote_code: bool = False
+    teacher_steps: int = Field(
+        300, gt=0, description="training steps when the teacher is a from-scratch spec"
+    )
+
+
+class DataConfig(_Section):
+    dataset: str = Field("demo", description="'demo', a local file or folder, or hub 'name:config:split'")
+    eval_dataset: str | None = None
+    text_column: str = "text"
+    seq_len: int = Field(128, gt=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held out when no eval set is given")
+    demo_samples: int = Field(2000, gt=10, description="size of the generated demo corpus")
+    max_eval_samples: int | None = Field(256, gt=0)
+
+
+class StrategyConfig(_Section):
+    scorer: StrategySpec = StrategySpec(name="none")
+    pacing: StrategySpec = StrategySpec(name="none")
+    reliance: StrategySpec = StrategySpec(name="fixed")
+    divergence: StrategySpec = StrategySpec(name="forward-kl")
+    temperature: float = Field(2.0, gt=0)
+
+    def names(self) -> dict[str, str]:
+        return {k: getattr(self, k).name for k in ("scorer", "pacing", "reliance", "divergence")}
+
+    def label(self) -> str:
+        n = self.names()
+        parts = [n["reliance"]]
+        if n["scorer"] != "none" or n["pacing"] != "none":
+            parts = [n["scorer"], n["pacing"], *parts]
+        return "-".join(parts)
+
+
+class TrainingConfig(_Section):
+    max_steps: int | None = Field(200, gt=0, description="total optimizer steps (wins over epochs)")
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0, description="samples per optimizer step")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per step; batch_size must divide by it")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: 4 per run)")
+    log_every: int = Field(10, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
+            )
+        return self
+
+
+class OutputConfig(_Section):
+    dir: Path | None = Field(None, description="default runs/<timestamp>-<strategy>")
+    save_student: bool = True
+
+
+class RunConfig(_Section):
+    """Everything a run needs; serialises to the run's ``config.yaml``."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    training: TrainingConfig = TrainingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("model", "data", "strategy", "training", "output", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``field.path: reason``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        where = ".".join(p for p in (prefix, loc) if p)
+        lines.append(f"{where or 'config'}: {err['msg']}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'``, creating sections on the way."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        if isinstance(node.get(part), str):  # 'scorer: root' is shorthand for {name: root}
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KdError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` with a YAML value, so ``0.5`` is a float and ``[1, 2]`` a list."""
+    if "=" not in text:
+        raise KdError(f"expected key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise KdError(f"config file '{path}' does not exist; pass an existing YAML or JSON file")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise KdError(f"config file '{path}' is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KdError(f"config file '{path}' must hold a mapping of sections (model, data, strategy, ...)")
+    return data
+
+
+def resolve_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """File (if any), then dotted overrides (``{'training.seed': 3}``), validated as a whole."""
+    tree = load_file(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        set_path(tree, dotted, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise KdError(format_validation_error(exc)) from None

@@ -1,0 +1,154 @@
+"""The four small interfaces a strategy implements.
+
+A strategy is a class with a pydantic ``Params`` model; kdcore builds it as ``cls(params)``.
+Nothing here imports torch at module level, so plugin modules that subclass these stay cheap to
+import (``kd --help`` and ``kd list-plugins`` never load torch).
+
+- :class:`DifficultyScorer` ranks training samples (higher score = harder).
+- :class:`PacingFunction` says which share of the easy-to-hard ordering is open at a step.
+- :class:`ReliancePolicy` maps a sample's difficulty percentile to its KD weight λ.
+- :class:`Divergence` compares teacher and student token distributions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DifficultyScorer",
+    "Divergence",
+    "NoParams",
+    "PacingFunction",
+    "ReliancePolicy",
+    "ScorerContext",
+    "Strategy",
+]
+
+
+class NoParams(BaseModel):
+    """Parameters of a strategy that takes none; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Strategy(ABC):
+    """Common base: parameters, a one-line description, and resumable state."""
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+    #: One line for ``kd list-plugins``; defaults to the first line of the class docstring.
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def summary(cls) -> str:
+        """The one-line description shown to users."""
+        if cls.description:
+            return cls.description
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint; strategies without state return an empty dict."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+@dataclass
+class ScorerContext:
+    """What a scorer may use before training starts.
+
+    ``teacher_stats`` and ``student_stats`` each run one no-grad pass over the training set on
+    first call and return per-sample tensors of shape ``[num_samples]`` with the keys
+    ``ce`` (mean token cross-entropy), ``confidence`` (mean gold-token probability) and
+    ``entropy`` (mean predictive entropy). They are memoised: calling them twice is free.
+    """
+
+    num_samples: int
+    #: Valid (non-padding) tokens per sample, shape ``[num_samples]``.
+    lengths: torch.Tensor
+    seq_len: int
+    seed: int
+    teacher_stats: Callable[[], dict[str, torch.Tensor]]
+    student_stats: Callable[[], dict[str, torch.Tensor]]
+    #: Where the run is written; scorers may keep files here (``None`` in a dry context).
+    run_dir: Path | None = None
+
+
+class DifficultyScorer(Strategy):
+    """Gives each training sample a difficulty score (higher = harder).
+
+    The engine calls :meth:`prepare` once before training and :meth:`observe` after every
+    micro-batch with statistics the training step already computed (no extra forward pass):
+
+    - ``ce``: the student's mean token cross-entropy on the sample (temperature 1);
+    - ``kd``: the divergence term between teacher and student (τ² included);
+    - ``confidence``: the student's mean probability of the gold tokens;
+    - ``tokens``: the number of valid tokens.
+
+    All are float tensors of shape ``[batch]`` aligned with ``sample_ids``, detached, on the CPU.
+    """
+
+    #: Statistics the scorer needs from :meth:`observe`; ``"kd"`` forces a teacher forward pass
+    #: even when every λ in the batch is zero.
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def prepare(self, ctx: ScorerContext) -> None:
+        """Run before training (e.g. one teacher pass). The default does nothing."""
+
+    def observe(self, sample_ids: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> None:
+        """Receive per-sample statistics from a training step. The default ignores them."""
+
+    @abstractmethod
+    def scores(self) -> torch.Tensor | None:
+        """One score per sample id, ``NaN`` where unknown; ``None`` when the scorer has no opinion."""
+
+
+class PacingFunction(Strategy):
+    """Decides the share of the easy-to-hard ordering that is open at a step."""
+
+    @abstractmethod
+    def fraction(self, step: int, total_steps: int) -> float:
+        """The open share in ``(0, 1]`` at ``step`` (0-based) of ``total_steps``."""
+
+
+class ReliancePolicy(Strategy):
+    """Sets λ, the weight of the teacher term, per sample.
+
+    ``rank`` is each sample's difficulty percentile in ``[0, 1]`` among the current scores
+    (``NaN`` for a sample with no score yet), ``score`` its raw score (``NaN`` likewise) and
+    ``progress`` the share of training done, in ``[0, 1]``.
+    """
+
+    @abstractmethod
+    def weights(self, rank: torch.Tensor, score: torch.Tensor, progress: float) -> torch.Tensor:
+        """λ per sample in ``[0, 1]``, same shape as ``rank``."""
+
+    def temperature(self, base: float, progress: float) -> float:
+        """The distillation temperature at ``progress``; most policies keep ``base``."""
+        return base
+
+
+class Divergence(Strategy):
+    """A divergence between teacher and student token distributions.
+
+    Receives log-probabilities already softened by the temperature, shape ``[tokens, vocab]``,
+    and returns one value per token, shape ``[tokens]``. kdcore applies the τ² factor, the
+    padding mask and the per-sample mean.
+    """
+
+    @abstractmethod
+    def per_token(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+        """Divergence of the student from the teacher at each token."""
