@@ -21,7 +21,7 @@ from kdcore.strategies import (
 )
 
 if TYPE_CHECKING:
-    from kdcore.engine import RunResult
+    from kdcore.runner import RunResult
 
 __version__ = "0.1.0"
 
@@ -47,9 +47,9 @@ def run(config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> RunR
     """Run one distillation and return its result (summary and run directory).
 
     ``config`` is a :class:`RunConfig` or a mapping in its YAML shape; keyword arguments are passed
-    on to :func:`kdcore.engine.run`.
+    on to :func:`kdcore.runner.run` (``console``, ``show_progress``).
     """
-    from kdcore.engine import run as _run
+    from kdcore.runner import run as _run
 
     if config is None or isinstance(config, dict):
         config = RunConfig.model_validate(config or {})

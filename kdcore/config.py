@@ -19,6 +19,7 @@ from kdcore.errors import KdError
 
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
+DEFAULT_STEPS = 200
 
 
 class _Section(BaseModel):
@@ -65,6 +66,9 @@ class StrategyConfig(_Section):
     reliance: StrategySpec = StrategySpec(name="fixed")
     divergence: StrategySpec = StrategySpec(name="forward-kl")
     temperature: float = Field(2.0, gt=0)
+    reverse: bool = Field(
+        False, description="order the curriculum hard-to-easy (the anti-curriculum control)"
+    )
 
     def names(self) -> dict[str, str]:
         return {k: getattr(self, k).name for k in ("scorer", "pacing", "reliance", "divergence")}
@@ -78,8 +82,10 @@ class StrategyConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    max_steps: int | None = Field(200, gt=0, description="total optimizer steps (wins over epochs)")
-    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="total optimizer steps (wins over epochs)")
+    epochs: float | None = Field(
+        None, gt=0, description="epochs over the training set when max_steps is unset"
+    )
     batch_size: int = Field(16, gt=0, description="samples per optimizer step")
     grad_accum: int = Field(1, gt=0, description="micro-batches per step; batch_size must divide by it")
     lr: float = Field(3e-3, gt=0)
@@ -99,6 +105,13 @@ class TrainingConfig(_Section):
                 f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
             )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("max_steps") is None and data.get("epochs") is None:
+            data = {**data, "max_steps": DEFAULT_STEPS}
+        return data
 
 
 class OutputConfig(_Section):
@@ -190,6 +203,8 @@ def load_file(path: Path) -> dict[str, Any]:
 def resolve_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """File (if any), then dotted overrides (``{'training.seed': 3}``), validated as a whole."""
     tree = load_file(path) if path else {}
+    # Strategy defaults first, so that '--reliance-arg k=v' alone keeps the default policy's name.
+    tree["strategy"] = deep_merge(StrategyConfig().model_dump(mode="json"), tree.get("strategy") or {})
     for dotted, value in (overrides or {}).items():
         set_path(tree, dotted, value)
     try:

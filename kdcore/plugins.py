@@ -106,6 +106,29 @@ class Registry:
         return entry.cls(validate_params(entry.cls, kind, name, params or {}))
 
 
+def instantiate_strategies(
+    strategy_cfg: Any, registry: Registry | None = None
+) -> dict[str, tuple[Strategy, dict]]:
+    """Build the scorer, pacing, reliance and divergence a config names, with their provenance.
+
+    Fails with a :class:`PluginError` on an unknown name or bad parameters, before anything heavy loads.
+    """
+    registry = registry or get_registry()
+    out: dict[str, tuple[Strategy, dict]] = {}
+    for kind in KINDS:
+        spec = getattr(strategy_cfg, kind)
+        entry = registry.entry(kind, spec.name)
+        strategy = registry.create(kind, spec.name, spec.params)
+        meta = {
+            "name": spec.name,
+            "params": strategy.params.model_dump(mode="json"),
+            "distribution": entry.distribution,
+            "version": entry.version,
+        }
+        out[kind] = (strategy, meta)
+    return out
+
+
 def validate_params(cls: type[Strategy], kind: str, name: str, params: Mapping[str, Any]) -> BaseModel:
     """Validate ``params`` against the class's ``Params`` model, as one readable sentence on failure."""
     try:
@@ -156,8 +179,9 @@ def _make_manager() -> pluggy.PluginManager:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """An exception as one line (pluggy's validation messages span several)."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> Registry:

@@ -1,0 +1,248 @@
+"""Per-sample cross-entropy and distillation terms over the valid tokens.
+
+The training loss of sample ``i`` is ``(1 − λ_i)·CE_i + λ_i·KD_i`` with
+
+- ``CE_i``: the mean, over sample ``i``'s valid tokens, of the student's token cross-entropy
+  against the gold labels, at temperature 1 and over the student's full vocabulary;
+- ``KD_i = τ² · mean over the valid tokens of D(P_T^τ ‖ P_S^τ)``, where ``D`` is the chosen
+  :class:`~kdcore.strategies.Divergence` and ``P^τ = softmax(logits / τ)``.
+
+Conventions, stated because peers disagree on them:
+
+- **τ² factor present** (Hinton et al.), so the gradient scale of the KD term does not shrink as
+  ``1/τ²`` when the temperature rises. TRL's generalised JSD loss (GKD) has no τ² factor.
+- **Temperature applied to both** the teacher and the student log-probabilities in the KD term.
+- **Reduction**: mean over each sample's valid tokens, then (by the caller) mean over samples;
+  a long sample does not weigh more than a short one. A token-weighted mean can be recovered
+  from ``tokens``.
+- **Padding excluded**: positions whose label is ``-100`` count nowhere (not in CE, KD,
+  confidence nor the token count). A sample with no valid token gets ``ce = kd = 0``,
+  ``tokens = 0`` and no NaN.
+- **CE at temperature 1**, whatever τ is; ``confidence`` (mean gold-token probability) too.
+- **Vocabulary mismatch**: when the student's and the teacher's vocabularies differ in size (same
+  tokenizer, embedding matrices padded differently) the KD term uses the shared prefix
+  ``[:min(Vs, Vt)]`` of both, renormalised by the softmax over that prefix; CE uses the student's
+  full vocabulary.
+
+Memory: only the valid tokens are computed, ``chunk_tokens`` of them at a time, so at most one
+chunk's softmaxes exist at once. When gradients are on, each chunk runs under
+``torch.utils.checkpoint`` (non-reentrant): the backward pass recomputes the chunk's softmaxes
+instead of keeping them, and only the inputs (views of the logits, the row indices) are saved. The
+teacher logits therefore stay alive until the backward pass. Chunks are views into the logits
+made by one ``split``, so the backward pass writes the logits' gradient once, not once per chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from kdcore.strategies import Divergence
+
+__all__ = ["IGNORE_INDEX", "SampleTerms", "per_sample_terms", "token_nll_sum"]
+
+#: Label value marking positions that count nowhere (padding, prompt tokens...).
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SampleTerms:
+    """Per-sample statistics of one batch, each of shape ``[B]``."""
+
+    #: Mean token cross-entropy at temperature 1 over the valid tokens (differentiable).
+    ce: torch.Tensor
+    #: τ² · mean token divergence over the valid tokens (differentiable); zeros without a teacher.
+    kd: torch.Tensor
+    #: Mean probability the student gives the gold token, temperature 1 (detached).
+    confidence: torch.Tensor
+    #: Number of valid tokens, as float (detached).
+    tokens: torch.Tensor
+
+
+@dataclass
+class _Chunks:
+    """How the flattened ``[B·T]`` rows are cut so that each piece holds ``chunk`` valid tokens."""
+
+    sizes: list[int]  # rows of each piece; they partition [0, B·T)
+    local_rows: list[torch.Tensor | None]  # valid rows inside each piece (None: all of them)
+    gold: list[torch.Tensor]  # gold label of each valid token, per piece
+    sample_of_token: torch.Tensor  # [N] sample index of each valid token, in piece order
+    tokens: torch.Tensor  # [B] valid tokens per sample (long)
+
+
+def _plan(labels: torch.Tensor, chunk_tokens: int | None) -> _Chunks | None:
+    """Locate the valid tokens and cut them into chunks; ``None`` when there is no valid token."""
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens}")
+    batch, seq = labels.shape
+    flat = labels.reshape(-1)
+    valid = flat != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)  # [N] flat indices of the valid tokens
+    n = rows.numel()
+    if n == 0:
+        return None
+    tokens = valid.reshape(batch, seq).sum(1)
+    gold = flat.index_select(0, rows)
+    chunk = n if chunk_tokens is None else chunk_tokens
+    all_valid = n == flat.numel()
+    # Piece j starts at the flat row of valid token j·chunk, so it holds exactly `chunk` valid
+    # tokens (the last one fewer) plus whatever padding lies between them.
+    starts = [0, *rows[chunk::chunk].tolist()] if not all_valid else list(range(0, n, chunk))
+    bounds = [*starts, flat.numel()]
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    local_rows: list[torch.Tensor | None] = []
+    golds: list[torch.Tensor] = []
+    for j, start in enumerate(starts):
+        sel = slice(j * chunk, min((j + 1) * chunk, n))
+        local_rows.append(None if all_valid else rows[sel] - start)
+        golds.append(gold[sel])
+    return _Chunks(sizes, local_rows, golds, torch.div(rows, seq, rounding_mode="floor"), tokens)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are computed in float32; float32 and float64 are kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _chunk_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    local_rows: torch.Tensor | None,
+    gold: torch.Tensor,
+    divergence: Divergence | None,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token (CE, divergence, log p(gold)) for one piece of rows, in float32 at least."""
+    if local_rows is not None:
+        student = student.index_select(0, local_rows)
+        if teacher is not None:
+            teacher = teacher.index_select(0, local_rows)
+    s = _upcast(student)
+    lse = torch.logsumexp(s, dim=-1)
+    logp_gold = s.gather(1, gold.unsqueeze(1)).squeeze(1) - lse
+    if teacher is None or divergence is None:
+        return -logp_gold, None, logp_gold
+    t = _upcast(teacher)
+    shared = min(s.shape[-1], t.shape[-1])
+    if temperature == 1.0 and shared == s.shape[-1]:
+        s_logp = s - lse.unsqueeze(1)  # reuse the CE normaliser
+    else:
+        s_logp = F.log_softmax(s[:, :shared] / temperature, dim=-1)
+    t_logp = F.log_softmax(t[:, :shared] / temperature, dim=-1)
+    return -logp_gold, divergence.per_token(s_logp, t_logp), logp_gold
+
+
+def per_sample_terms(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    divergence: Divergence | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = 2048,
+) -> SampleTerms:
+    """Per-sample CE, KD term, confidence and token count for one batch.
+
+    ``student_logits`` ``[B, T, Vs]`` and ``labels`` ``[B, T]`` are aligned (the logits at ``t``
+    predict ``labels[t]``); ``-100`` marks ignored positions. ``teacher_logits`` ``[B, T, Vt]`` is
+    optional; with it, ``divergence`` is required. ``chunk_tokens`` bounds how many valid tokens
+    are processed at once (``None``: all in one chunk). See the module docstring for conventions.
+
+    Pass contiguous logits: align them with the labels by shifting the *labels* (``labels[:, t]``
+    = token ``t + 1``, ``-100`` at the last position) rather than slicing ``logits[:, :-1]``, which
+    would make this function copy the whole tensor.
+    """
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"expected student_logits [B, T, V] and labels [B, T], got {tuple(student_logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if teacher_logits is not None:
+        if divergence is None:
+            raise TypeError("per_sample_terms: a divergence is required when teacher_logits is given")
+        if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != student_logits.shape[:2]:
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} does not match student_logits "
+                f"{tuple(student_logits.shape)} in batch and sequence dimensions"
+            )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+    batch, seq, vocab = student_logits.shape
+    device = student_logits.device
+    plan = _plan(labels, chunk_tokens)
+    if plan is None:
+        # No valid token anywhere: zeros, still attached to the graph so backward() works.
+        zero = _upcast(student_logits.reshape(-1)[:0]).sum()
+        zeros = torch.zeros(batch, device=device, dtype=zero.dtype)
+        ce = zeros + zero
+        kd = zeros + zero if teacher_logits is not None else zeros.clone()
+        return SampleTerms(ce=ce, kd=kd, confidence=zeros.clone(), tokens=zeros.clone())
+
+    use_ckpt = torch.is_grad_enabled() and (
+        student_logits.requires_grad or (teacher_logits is not None and teacher_logits.requires_grad)
+    )
+    s_pieces = student_logits.reshape(batch * seq, vocab).split(plan.sizes)
+    if teacher_logits is not None:
+        t_pieces = teacher_logits.reshape(batch * seq, teacher_logits.shape[-1]).split(plan.sizes)
+    else:
+        t_pieces = [None] * len(s_pieces)
+
+    ce_tok, kd_tok, logp_gold = [], [], []
+    for s, t, rows, gold in zip(s_pieces, t_pieces, plan.local_rows, plan.gold, strict=True):
+        args = (s, t, rows, gold, divergence, temperature)
+        if use_ckpt:
+            out = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = _chunk_terms(*args)
+        ce_tok.append(out[0])
+        kd_tok.append(out[1])
+        logp_gold.append(out[2].detach())
+
+    idx = plan.sample_of_token
+    tokens = plan.tokens.float()
+    denom = tokens.clamp(min=1.0)
+
+    def per_sample_mean(values: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat(values)
+        return torch.zeros(batch, device=device, dtype=flat.dtype).index_add(0, idx, flat) / denom
+
+    ce = per_sample_mean(ce_tok)
+    if teacher_logits is not None:
+        kd = per_sample_mean(kd_tok) * (temperature * temperature)
+    else:
+        kd = torch.zeros(batch, device=device, dtype=ce.dtype)
+    confidence = per_sample_mean([lp.exp() for lp in logp_gold])
+    return SampleTerms(ce=ce, kd=kd, confidence=confidence, tokens=tokens)
+
+
+@torch.no_grad()
+def token_nll_sum(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token negative log-likelihood over the valid tokens, and their count.
+
+    Both are 0-d tensors (float32 sum, int64 count) for perplexity = exp(Σ sum / Σ count) over an
+    evaluation set; chunked like :func:`per_sample_terms`, without gradient.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    batch, seq, vocab = logits.shape
+    plan = _plan(labels, chunk_tokens)
+    if plan is None:
+        return (
+            torch.zeros((), device=logits.device),
+            torch.zeros((), dtype=torch.long, device=logits.device),
+        )
+    total = torch.zeros((), device=logits.device)
+    pieces = logits.reshape(batch * seq, vocab).split(plan.sizes)
+    for s, rows, gold in zip(pieces, plan.local_rows, plan.gold, strict=True):
+        total = total + _chunk_terms(s, None, rows, gold, None, 1.0)[0].sum()
+    return total, plan.tokens.sum()

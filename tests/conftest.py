@@ -1,0 +1,76 @@
+"""Shared fixtures: offline mode, an isolated cache, fake plugin distributions, a tiny trained teacher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+#: A run small enough for the test suite: seconds on 2 CPU cores.
+TINY_TEACHER = "gpt2:n_layer=2,n_embd=32,n_head=2"
+TINY_STUDENT = "gpt2:n_layer=1,n_embd=16,n_head=2"
+
+
+def tiny_overrides(output_dir: Path, **extra) -> dict:
+    base = {
+        "model.teacher": TINY_TEACHER,
+        "model.student": TINY_STUDENT,
+        "model.teacher_steps": 40,
+        "data.seq_len": 48,
+        "data.demo_samples": 160,
+        "data.max_eval_samples": 32,
+        "training.max_steps": 12,
+        "training.batch_size": 8,
+        "training.log_every": 4,
+        "training.eval_every": 6,
+        "output.dir": str(output_dir),
+    }
+    base.update(extra)
+    return base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Spec teachers are cached per test session, never in the user's cache."""
+    path = tmp_path_factory.mktemp("kd-cache")
+    os.environ["KD_CACHE_DIR"] = str(path)
+    return path
+
+
+def write_fake_distribution(
+    root: Path, name: str, version: str, entry_points: dict[str, str], modules: dict[str, str]
+) -> Path:
+    """A minimal installed distribution on ``root`` (dist-info + modules), found by importlib.metadata."""
+    dist = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = "\n".join(f"{key} = {value}" for key, value in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[kdcore]\n{lines}\n")
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+def run_kd(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300):
+    """Run the real ``kd`` CLI in a subprocess (``python -m kdcore``)."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "kdcore", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
