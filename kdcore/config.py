@@ -46,7 +46,7 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = False
     teacher_steps: int = Field(
-        300, gt=0, description="training steps when the teacher is a from-scratch spec"
+        250, gt=0, description="training steps when the teacher is a from-scratch spec"
     )
 
 

@@ -1,0 +1,5 @@
+"""``python -m kdcore`` is the ``kd`` CLI (``accelerate launch -m kdcore`` and torchrun use this)."""
+
+from kdcore.cli import main
+
+main()

@@ -1,0 +1,327 @@
+"""The ``kd`` command line. Start-up stays fast: torch and transformers load only inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdcore import __version__
+from kdcore.config import parse_assignment, resolve_config
+from kdcore.errors import KdError
+
+app = typer.Typer(
+    name="kd",
+    help="Knowledge distillation for language models with curriculum learning and selective reliance.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(func: F) -> F:
+    """Turn a :class:`KdError` into one red sentence and exit code 2, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KdError as exc:
+            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"kdcore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """kd: distil a student language model from a teacher, with pluggable strategies."""
+
+
+# Each run option maps to one dotted config field; the CLI only overrides what was given.
+RUN_OPTIONS: dict[str, str] = {
+    "teacher": "model.teacher",
+    "student": "model.student",
+    "tokenizer": "model.tokenizer",
+    "teacher_steps": "model.teacher_steps",
+    "trust_remote_code": "model.trust_remote_code",
+    "dataset": "data.dataset",
+    "eval_dataset": "data.eval_dataset",
+    "text_column": "data.text_column",
+    "seq_len": "data.seq_len",
+    "scorer": "strategy.scorer.name",
+    "pacing": "strategy.pacing.name",
+    "reliance": "strategy.reliance.name",
+    "divergence": "strategy.divergence.name",
+    "temperature": "strategy.temperature",
+    "reverse": "strategy.reverse",
+    "max_steps": "training.max_steps",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "grad_accum": "training.grad_accum",
+    "lr": "training.lr",
+    "seed": "training.seed",
+    "eval_every": "training.eval_every",
+    "mixed_precision": "training.mixed_precision",
+    "threads": "training.threads",
+    "output_dir": "output.dir",
+}
+
+Opt = typer.Option
+STRAT = "Strategies"
+MODEL = "Models and data"
+TRAIN = "Training"
+
+
+@app.command()
+@friendly_errors
+def run(
+    config: Annotated[
+        Path | None, Opt("--config", "-c", help="YAML or JSON run config; flags override it.")
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        Opt(help="Hub id, local directory, or spec like gpt2:n_layer=4,n_embd=128.", rich_help_panel=MODEL),
+    ] = None,
+    student: Annotated[
+        str | None, Opt(help="Hub id, local directory, or from-scratch spec.", rich_help_panel=MODEL)
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        Opt(help="For a from-scratch teacher: 'byte' or 'bpe:vocab_size=N'.", rich_help_panel=MODEL),
+    ] = None,
+    teacher_steps: Annotated[
+        int | None,
+        Opt(help="Training steps for a from-scratch teacher (trained once, cached).", rich_help_panel=MODEL),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool | None, Opt("--trust-remote-code", help="Allow model code from the hub.", rich_help_panel=MODEL)
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        Opt(
+            help="'demo', a .txt/.jsonl/.csv/.parquet file or folder, or hub name:config:split.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    eval_dataset: Annotated[
+        str | None,
+        Opt(help="Evaluation data (default: hold out the end of the training data).", rich_help_panel=MODEL),
+    ] = None,
+    text_column: Annotated[
+        str | None, Opt(help="Text column of tabular data.", rich_help_panel=MODEL)
+    ] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.", rich_help_panel=MODEL)] = None,
+    scorer: Annotated[
+        str | None, Opt(help="Difficulty scorer (see kd list-plugins).", rich_help_panel=STRAT)
+    ] = None,
+    pacing: Annotated[str | None, Opt(help="Pacing function.", rich_help_panel=STRAT)] = None,
+    reliance: Annotated[
+        str | None,
+        Opt(help="Reliance policy: fixed is vanilla KD, none is the CE baseline.", rich_help_panel=STRAT),
+    ] = None,
+    divergence: Annotated[
+        str | None, Opt(help="Divergence between teacher and student distributions.", rich_help_panel=STRAT)
+    ] = None,
+    scorer_arg: Annotated[
+        list[str] | None, Opt(help="Scorer parameter key=value (repeatable).", rich_help_panel=STRAT)
+    ] = None,
+    pacing_arg: Annotated[
+        list[str] | None, Opt(help="Pacing parameter key=value (repeatable).", rich_help_panel=STRAT)
+    ] = None,
+    reliance_arg: Annotated[
+        list[str] | None, Opt(help="Reliance parameter key=value (repeatable).", rich_help_panel=STRAT)
+    ] = None,
+    divergence_arg: Annotated[
+        list[str] | None, Opt(help="Divergence parameter key=value (repeatable).", rich_help_panel=STRAT)
+    ] = None,
+    lambda_: Annotated[
+        float | None, Opt("--lambda", help="λ of the fixed policy (vanilla KD).", rich_help_panel=STRAT)
+    ] = None,
+    temperature: Annotated[
+        float | None, Opt(help="Distillation temperature τ.", rich_help_panel=STRAT)
+    ] = None,
+    reverse: Annotated[
+        bool | None,
+        Opt("--reverse/--no-reverse", help="Hard-to-easy ordering (anti-curriculum).", rich_help_panel=STRAT),
+    ] = None,
+    max_steps: Annotated[int | None, Opt(help="Optimizer steps.", rich_help_panel=TRAIN)] = None,
+    epochs: Annotated[
+        float | None, Opt(help="Epochs (used when max-steps is unset).", rich_help_panel=TRAIN)
+    ] = None,
+    batch_size: Annotated[int | None, Opt(help="Samples per optimizer step.", rich_help_panel=TRAIN)] = None,
+    grad_accum: Annotated[int | None, Opt(help="Micro-batches per step.", rich_help_panel=TRAIN)] = None,
+    lr: Annotated[
+        float | None, Opt(help="Peak learning rate (AdamW, warm-up + cosine).", rich_help_panel=TRAIN)
+    ] = None,
+    seed: Annotated[int | None, Opt(help="Random seed.", rich_help_panel=TRAIN)] = None,
+    eval_every: Annotated[int | None, Opt(help="Steps between evaluations.", rich_help_panel=TRAIN)] = None,
+    mixed_precision: Annotated[str | None, Opt(help="no, fp16 or bf16.", rich_help_panel=TRAIN)] = None,
+    threads: Annotated[int | None, Opt(help="Torch CPU threads.", rich_help_panel=TRAIN)] = None,
+    output_dir: Annotated[
+        Path | None, Opt(help="Run directory (default runs/<timestamp>-<strategy>).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Any config field, e.g. --set training.warmup_ratio=0.1.")
+    ] = None,
+    print_config: Annotated[
+        bool, Opt("--print-config", help="Print the resolved config as YAML and exit.")
+    ] = False,
+) -> None:
+    """Distil a student from a teacher. With no arguments: the demo corpus, a small cached teacher, vanilla KD."""
+    given = {name: value for name, value in locals().items() if name in RUN_OPTIONS and value is not None}
+    overrides: dict[str, Any] = {RUN_OPTIONS[name]: value for name, value in given.items()}
+    for kind, pairs in (
+        ("scorer", scorer_arg),
+        ("pacing", pacing_arg),
+        ("reliance", reliance_arg),
+        ("divergence", divergence_arg),
+    ):
+        for pair in pairs or []:
+            key, value = parse_assignment(pair)
+            overrides[f"strategy.{kind}.params.{key}"] = value
+    if lambda_ is not None:
+        overrides["strategy.reliance.params.value"] = lambda_
+    for pair in set_ or []:
+        key, value = parse_assignment(pair)
+        overrides[key] = value
+    cfg = resolve_config(config, overrides)
+    if lambda_ is not None and cfg.strategy.reliance.name != "fixed":
+        raise KdError(
+            f"--lambda sets the fixed policy's λ; reliance '{cfg.strategy.reliance.name}' takes its own "
+            "parameters, e.g. --reliance-arg lambda_hard=0.9 (see docs/strategies.md)"
+        )
+    from kdcore.plugins import instantiate_strategies
+
+    instantiate_strategies(cfg.strategy)  # unknown names and bad parameters fail here, in a second
+    if print_config:
+        out.print(cfg.to_yaml(), highlight=False, end="")
+        return
+    _offline_hint()
+    from kdcore.runner import run as run_distillation
+
+    run_distillation(cfg, console=err)
+
+
+@app.command("train-teacher")
+@friendly_errors
+def train_teacher(
+    model: Annotated[
+        str, Opt(help="Spec like gpt2:n_layer=4,n_embd=128,n_head=4, a local directory or a hub id.")
+    ],
+    output_dir: Annotated[Path, Opt(help="Where to save_pretrained the model and tokenizer.")],
+    dataset: Annotated[str, Opt(help="Training data, as for kd run.")] = "demo",
+    eval_dataset: Annotated[str | None, Opt(help="Evaluation data.")] = None,
+    text_column: Annotated[str, Opt(help="Text column of tabular data.")] = "text",
+    tokenizer: Annotated[
+        str | None, Opt(help="'byte' or 'bpe:vocab_size=N' for a from-scratch model.")
+    ] = None,
+    seq_len: Annotated[int, Opt(help="Tokens per packed sample.")] = 128,
+    max_steps: Annotated[int, Opt(help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, Opt(help="Samples per step.")] = 16,
+    lr: Annotated[float, Opt(help="Peak learning rate.")] = 3e-3,
+    seed: Annotated[int, Opt(help="Random seed.")] = 0,
+) -> None:
+    """Train a causal LM with plain cross-entropy and save it, ready for --teacher DIR."""
+    if (output_dir / "config.json").exists():
+        raise KdError(f"'{output_dir}' already holds a model; choose another --output-dir")
+    cfg = resolve_config(
+        None,
+        {
+            "data.dataset": dataset,
+            "data.eval_dataset": eval_dataset,
+            "data.text_column": text_column,
+            "data.seq_len": seq_len,
+            "training.max_steps": max_steps,
+            "training.batch_size": batch_size,
+            "training.lr": lr,
+            "training.seed": seed,
+        },
+    )
+    _offline_hint()
+    from kdcore.data import build_tokenizer, load_corpus
+    from kdcore.models import load_tokenizer, parse_spec
+    from kdcore.runner import train_causal_lm
+
+    corpus = load_corpus(cfg.data, seed)
+    if parse_spec(model) is not None:
+        tok = build_tokenizer(tokenizer or "byte", corpus.train_texts)
+    else:
+        tok = load_tokenizer(model)
+    train_causal_lm(model, tok, corpus, seq_len, cfg.training, output_dir, err)
+
+
+@app.command("list-plugins")
+@friendly_errors
+def list_plugins(
+    as_json: Annotated[bool, Opt("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """List every installed strategy: kind, name, description, providing package, status."""
+    from kdcore.plugins import get_registry
+
+    entries = get_registry().entries
+    if as_json:
+        print(json.dumps([e.as_json() for e in entries], indent=2))
+        return
+    table = Table(title="kdcore plugins")
+    for column in ("kind", "name", "description", "distribution", "status"):
+        table.add_column(column, overflow="fold")
+    order = {"scorer": 0, "pacing": 1, "reliance": 2, "divergence": 3, "plugin": 4}
+    for e in sorted(entries, key=lambda e: (order.get(e.kind, 9), e.name)):
+        status = "[green]ok[/green]" if e.status == "ok" else f"[red]{e.status}[/red]: {e.error}"
+        table.add_row(e.kind, e.name, e.description, f"{e.distribution} {e.version}", status)
+    out.print(table)
+
+
+@app.command("new-plugin")
+@friendly_errors
+def new_plugin(
+    name: Annotated[str, typer.Argument(help="Strategy name: lower-case letters, digits, dashes.")],
+    kind: Annotated[str, Opt(help="scorer, pacing, reliance or divergence.")] = "scorer",
+    output_dir: Annotated[Path, Opt(help="Where to write kd-plugin-NAME/.")] = Path("."),
+) -> None:
+    """Write an installable plugin package kd-plugin-NAME with a working strategy, tests and README."""
+    from kdcore.scaffold import write_plugin
+
+    target = write_plugin(name, kind, output_dir)
+    steps = [
+        f"pip install -e {target}",
+        "kd list-plugins",
+        f"python -m pytest {target}",
+        f"kd run --{kind} {name}",
+    ]
+    out.print(f"wrote {target}\nnext:\n  " + "\n  ".join(steps), highlight=False, soft_wrap=True)
+
+
+def _offline_hint() -> None:
+    """Nothing to do when online; keeps a place for environment checks that must not import torch."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

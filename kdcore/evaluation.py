@@ -1,0 +1,57 @@
+"""No-grad passes over a packed dataset: perplexity and per-sample statistics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdcore.data import PackedDataset, shift_labels
+from kdcore.losses import per_sample_terms, token_nll_sum
+
+
+def _batches(data: PackedDataset, batch_size: int, device: torch.device):
+    for start in range(0, len(data), batch_size):
+        ids = data.input_ids[start : start + batch_size].to(device)
+        mask = data.attention_mask[start : start + batch_size].to(device)
+        yield ids, mask, shift_labels(ids, mask)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, data: PackedDataset, batch_size: int = 32) -> float:
+    """exp(mean token NLL) over every valid token of ``data``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    for ids, mask, labels in _batches(data, batch_size, device):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        nll, n = token_nll_sum(logits, labels)
+        total += nll.double().cpu()
+        count += n.double().cpu()
+    model.train(was_training)
+    return math.exp(total.item() / max(count.item(), 1.0))
+
+
+@torch.no_grad()
+def sample_stats(
+    model: torch.nn.Module, data: PackedDataset, batch_size: int = 32
+) -> dict[str, torch.Tensor]:
+    """Per-sample ``ce``, ``confidence`` (mean gold-token probability) and ``entropy``, shape ``[N]``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {"ce": [], "confidence": [], "entropy": []}
+    for ids, mask, labels in _batches(data, batch_size, device):
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        terms = per_sample_terms(logits, labels)
+        valid = (labels != -100).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        token_entropy = -(logp.exp() * logp).sum(-1)
+        entropy = (token_entropy * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        out["ce"].append(terms.ce.cpu())
+        out["confidence"].append(terms.confidence.cpu())
+        out["entropy"].append(entropy.cpu())
+    model.train(was_training)
+    return {key: torch.cat(parts) for key, parts in out.items()}

@@ -1,0 +1,133 @@
+"""Loading teachers and students: a hub id, a local ``save_pretrained`` directory, or a spec.
+
+A spec builds a model from scratch from an ``AutoConfig`` model type and keyword overrides,
+e.g. ``gpt2:n_layer=2,n_embd=64,n_head=2``. Hub loading is the ordinary
+``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code`` off unless asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcore.errors import KdError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A from-scratch model: ``model_type`` plus ``AutoConfig`` overrides."""
+
+    model_type: str
+    overrides: dict[str, Any]
+
+    def config(self, vocab_size: int, **extra: Any):
+        from transformers import AutoConfig
+
+        kwargs = {"vocab_size": vocab_size, **extra, **self.overrides}
+        return AutoConfig.for_model(self.model_type, **kwargs)
+
+
+def parse_spec(source: str) -> ModelSpec | None:
+    """``gpt2:n_layer=2,n_embd=64`` → ModelSpec; a hub id or a path → None."""
+    if ":" not in source or Path(source).exists():
+        return None
+    model_type, _, rest = source.partition(":")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        known = ", ".join(k for k in ("gpt2", "llama", "qwen2", "gpt_neox", "mistral") if k in CONFIG_MAPPING)
+        raise KdError(
+            f"unknown model type '{model_type}' in spec '{source}'; use an AutoConfig model type such as {known}"
+        )
+    overrides: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        if "=" not in part:
+            raise KdError(
+                f"bad model spec '{source}': '{part}' is not key=value (e.g. gpt2:n_layer=2,n_embd=64)"
+            )
+        key, raw = part.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return ModelSpec(model_type, overrides)
+
+
+def is_local(source: str) -> bool:
+    return Path(source).is_dir()
+
+
+def load_pretrained(source: str, *, trust_remote_code: bool = False):
+    """A causal LM from a local directory or the Hugging Face hub."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise KdError(_not_found(source, exc)) from None
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KdError(_not_found(source, exc, what="tokenizer")) from None
+
+
+def _not_found(source: str, exc: Exception, what: str = "model") -> str:
+    if Path(source).exists() or ("/" in source and source.startswith((".", "/"))):
+        return f"could not load the {what} in '{source}': {str(exc).splitlines()[0]}"
+    return (
+        f"could not load {what} '{source}': not a local directory and not reachable on the Hugging Face hub "
+        f"({str(exc).splitlines()[0][:160]}); pass a save_pretrained directory or a spec like gpt2:n_layer=2,n_embd=64"
+    )
+
+
+def build_from_spec(spec: ModelSpec, tokenizer: Any, seed: int):
+    """A freshly initialised causal LM whose vocabulary covers ``tokenizer``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    special = {}
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            special[attr] = value
+    special.setdefault("bos_token_id", special.get("eos_token_id"))  # byte tokenizers have no BOS
+    config = spec.config(len(tokenizer), **special)
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise KdError(
+            f"cannot build a causal LM from spec '{spec.model_type}': {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """True when both tokenizers map every token string to the same id."""
+    return a.get_vocab() == b.get_vocab()
+
+
+def cache_root() -> Path:
+    """Where trained spec teachers are cached (``KD_CACHE_DIR`` overrides the user cache dir)."""
+    env = os.environ.get("KD_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("kdcore"))
+
+
+def cache_key(**parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

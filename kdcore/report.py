@@ -1,0 +1,173 @@
+"""What a run shows: progress bars, metrics.jsonl, the summary table, the difficulty history, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+class MetricsWriter:
+    """Appends one JSON object per log step to ``metrics.jsonl`` and keeps them for the plots."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class TrainingProgress:
+    """A rich progress bar with the latest loss; silent when ``console`` is None."""
+
+    def __init__(self, console: Console | None, total: int, label: str) -> None:
+        self.console, self.total, self.label = console, total, label
+        self.progress: Progress | None = None
+
+    def __enter__(self) -> TrainingProgress:
+        if self.console is not None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=self.total, info="")
+        return self
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if self.progress is None:
+            return
+        info = f"loss {metrics.get('loss', float('nan')):.3f}  λ {metrics.get('lambda', 0):.2f}"
+        if metrics.get("open_share", 1.0) < 1.0:
+            info += f"  open {metrics['open_share']:.0%}"
+        self.progress.update(self.task, completed=step, info=info)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    strategy = summary["strategy"]
+    table = Table(title=f"kd run: {strategy['scorer']} / {strategy['pacing']} / {strategy['reliance']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("teacher eval perplexity", f"{summary['teacher_eval_ppl']:.3f}"),
+        (
+            "student eval perplexity",
+            f"{summary['student_eval_ppl']:.3f} (from {summary['student_initial_eval_ppl']:.1f})",
+        ),
+        ("steps", str(summary["steps"])),
+        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("mean λ", f"{summary['mean_lambda']:.3f}"),
+        ("final open share", f"{summary['final_open_share']:.0%}"),
+    ]
+    if summary.get("difficulty_spearman") is not None:
+        rows.append(("difficulty Spearman (demo levels)", f"{summary['difficulty_spearman']:.3f}"))
+    rows.append(("run directory", summary["run_dir"]))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def write_history(path: Path, difficulty: list[dict[str, Any]]) -> None:
+    """Per-sample score, rank and λ at each curriculum re-sort, as one parquet table."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, list[Any]] = {"sample_id": [], "step": [], "score": [], "rank": [], "lambda": []}
+    for snapshot in difficulty:
+        n = len(snapshot["scores"])
+        columns["sample_id"].append(np.arange(n, dtype=np.int64))
+        columns["step"].append(np.full(n, snapshot["step"], dtype=np.int64))
+        columns["score"].append(snapshot["scores"].numpy().astype(np.float32))
+        columns["rank"].append(snapshot["ranks"].numpy().astype(np.float32))
+        columns["lambda"].append(snapshot["lambda"].numpy().astype(np.float32))
+    table = pa.table(
+        {
+            key: np.concatenate(parts) if parts else np.array([], dtype=np.float32)
+            for key, parts in columns.items()
+        }
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def write_plots(run_dir: Path, records: list[dict[str, Any]], difficulty: list[dict[str, Any]]) -> list[Path]:
+    """Loss curves, mean λ and open share over steps, and difficulty histograms per re-sort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_ppl" in r]
+
+    fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("loss", "ce", "kd"):
+        ax_train.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax_train.set(xlabel="step", title="training terms (per sample mean)")
+    ax_train.legend()
+    ax_eval.plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], marker="o")
+    ax_eval.set(xlabel="step", ylabel="perplexity", title="eval perplexity", yscale="log")
+    _save(fig, run_dir / "loss.png")
+    plt.close(fig)
+    written.append(run_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["step"] for r in train], [r["lambda"] for r in train], label="mean λ")
+    ax.plot([r["step"] for r in train], [r["open_share"] for r in train], label="open share")
+    ax.set(xlabel="step", ylim=(0, 1.05), title="reliance and pacing")
+    ax.legend()
+    _save(fig, run_dir / "lambda_pacing.png")
+    plt.close(fig)
+    written.append(run_dir / "lambda_pacing.png")
+
+    known = [(s["step"], s["scores"].numpy()) for s in difficulty]
+    known = [(step, scores[~np.isnan(scores)]) for step, scores in known]
+    known = [(step, scores) for step, scores in known if scores.size]
+    if known:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for step, scores in known[-6:]:
+            ax.hist(scores, bins=30, histtype="step", label=f"step {step}")
+        ax.set(xlabel="difficulty score", ylabel="samples", title="difficulty at each re-sort")
+        ax.legend(fontsize="small")
+        _save(fig, run_dir / "difficulty.png")
+        plt.close(fig)
+        written.append(run_dir / "difficulty.png")
+    return written

@@ -1,0 +1,260 @@
+"""One distillation run, from a :class:`RunConfig` to a run directory.
+
+Order matters for users: strategies are resolved first (an unknown plugin fails in a second, before
+any model loads), then data, teacher, student and their vocabularies are checked, and only then
+does training start. ``summary.json`` is written last, atomically: its presence means the run
+finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from kdcore.config import ModelConfig, RunConfig, StrategyConfig, TrainingConfig
+from kdcore.data import build_tokenizer, load_corpus
+from kdcore.engine import Strategies, Trainer
+from kdcore.errors import KdError
+from kdcore.evaluation import perplexity
+from kdcore.io import atomic_directory, atomic_write_json, atomic_write_text
+from kdcore.models import (
+    build_from_spec,
+    cache_key,
+    cache_root,
+    load_pretrained,
+    load_tokenizer,
+    parse_spec,
+    same_tokenizer,
+    vocab_size,
+)
+from kdcore.plugins import instantiate_strategies
+from kdcore.report import MetricsWriter, TrainingProgress, print_summary, write_history, write_plots
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    run_dir: Path
+
+
+def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
+    """The run's strategies, and their names, parameters and providing packages for the metadata."""
+    built = instantiate_strategies(cfg)
+    strategies = Strategies(**{kind: pair[0] for kind, pair in built.items()}, reverse=cfg.reverse)
+    return strategies, {kind: pair[1] for kind, pair in built.items()}
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.strategy.label()}"
+
+
+def prepare_run_dir(path: Path) -> Path:
+    if (path / SUMMARY).exists():
+        raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
+    if path.exists() and any(path.iterdir()):
+        raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- teacher and student ---------------------------------------------------------------------------
+def resolve_teacher(
+    model: ModelConfig, corpus: Any, seq_len: int, training: TrainingConfig, console: Console
+) -> tuple[str, Any]:
+    """The teacher's source (directory or hub id) and tokenizer; trains a spec teacher once and caches it."""
+    spec = parse_spec(model.teacher)
+    if spec is None:
+        if model.tokenizer:
+            raise KdError(
+                f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
+            )
+        return model.teacher, load_tokenizer(model.teacher, trust_remote_code=model.trust_remote_code)
+    tokenizer_spec = model.tokenizer or "byte"
+    key = cache_key(
+        teacher=model.teacher,
+        tokenizer=tokenizer_spec,
+        data=corpus.fingerprint,
+        seq_len=seq_len,
+        steps=model.teacher_steps,
+        seed=training.seed,
+        batch=training.batch_size,
+        lr=training.lr,
+    )
+    directory = cache_root() / "teachers" / key
+    if (directory / "config.json").is_file():
+        console.print(f"[dim]Using the cached teacher in {directory}[/dim]")
+        return str(directory), load_tokenizer(str(directory))
+    console.print(
+        f"Training the teacher [bold]{model.teacher}[/bold] once ({model.teacher_steps} steps); it is cached in {directory}"
+    )
+    tokenizer = build_tokenizer(tokenizer_spec, corpus.train_texts)
+    teacher_training = training.model_copy(update={"max_steps": model.teacher_steps, "epochs": None})
+    train_causal_lm(model.teacher, tokenizer, corpus, seq_len, teacher_training, directory, console)
+    return str(directory), load_tokenizer(str(directory))
+
+
+def resolve_student(model: ModelConfig, tokenizer: Any, seed: int) -> Any:
+    spec = parse_spec(model.student)
+    if spec is not None:
+        return build_from_spec(spec, tokenizer, seed)
+    student = load_pretrained(model.student, trust_remote_code=model.trust_remote_code)
+    try:
+        student_tokenizer = load_tokenizer(model.student, trust_remote_code=model.trust_remote_code)
+    except KdError:
+        student_tokenizer = None  # a bare checkpoint: the vocabulary check below still applies
+    if student_tokenizer is not None and not same_tokenizer(tokenizer, student_tokenizer):
+        raise KdError(
+            f"teacher '{model.teacher}' and student '{model.student}' use different tokenizers "
+            f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); distillation needs one shared tokenizer, "
+            "so pick a student from the teacher's family or a from-scratch spec"
+        )
+    return student
+
+
+def check_vocabularies(
+    teacher: Any, student: Any, tokenizer: Any, names: tuple[str, str], console: Console
+) -> None:
+    vt, vs = vocab_size(teacher), vocab_size(student)
+    if len(tokenizer) > min(vt, vs):
+        raise KdError(
+            f"the tokenizer has {len(tokenizer)} tokens but teacher '{names[0]}' has {vt} and student "
+            f"'{names[1]}' has {vs} output rows; use models built for this tokenizer"
+        )
+    if vt != vs:
+        console.print(
+            f"[yellow]Teacher and student vocabularies are padded to different sizes ({vt} vs {vs}); "
+            f"distilling over the shared first {min(vt, vs)} tokens.[/yellow]"
+        )
+
+
+def train_causal_lm(
+    source: str,
+    tokenizer: Any,
+    corpus: Any,
+    seq_len: int,
+    training: TrainingConfig,
+    out_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    """Plain CE training of a from-scratch model, saved with save_pretrained (``kd train-teacher``)."""
+    spec = parse_spec(source)
+    model = build_from_spec(spec, tokenizer, training.seed) if spec else load_pretrained(source)
+    train, eval_set = corpus.pack(tokenizer, seq_len)
+    strategies, _ = make_strategies(StrategyConfig(reliance="none"))
+    trainer = Trainer(model, None, train, eval_set, strategies, training, 1.0)
+    with TrainingProgress(console, trainer.total_steps, "teacher") as progress:
+        trainer.on_progress = progress.update
+        result = trainer.fit()
+    with atomic_directory(out_dir) as tmp:
+        trainer.unwrapped_student().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(
+            tmp / "kdcore_teacher.json",
+            {"source": source, "eval_ppl": result["student_eval_ppl"], "steps": result["steps"]},
+        )
+    console.print(f"Teacher eval perplexity {result['student_eval_ppl']:.3f}, saved to {out_dir}")
+    return result
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def quiet_transformers() -> None:
+    """kdcore shows its own progress; transformers' per-shard bars and config notes are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True) -> RunResult:
+    console = console or Console(stderr=True)
+    quiet_transformers()
+    wall_start = time.perf_counter()
+    strategies, strategy_meta = make_strategies(cfg.strategy)
+    run_dir = prepare_run_dir(cfg.output.dir or default_run_dir(cfg))
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    torch.manual_seed(cfg.training.seed)
+
+    corpus = load_corpus(cfg.data, cfg.training.seed)
+    teacher_source, tokenizer = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, cfg.training, console)
+    teacher = load_pretrained(teacher_source, trust_remote_code=cfg.model.trust_remote_code)
+    student = resolve_student(cfg.model, tokenizer, cfg.training.seed)
+    check_vocabularies(teacher, student, tokenizer, (cfg.model.teacher, cfg.model.student), console)
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
+    teacher_ppl = perplexity(teacher, eval_set)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    trainer = Trainer(
+        student,
+        teacher,
+        train,
+        eval_set,
+        strategies,
+        cfg.training,
+        cfg.strategy.temperature,
+        run_dir=run_dir,
+        on_log=metrics.write,
+    )
+    label = cfg.strategy.label()
+    with TrainingProgress(console if show_progress else None, trainer.total_steps, label) as progress:
+        trainer.on_progress = progress.update
+        result = trainer.fit()
+
+    if cfg.output.save_student:
+        with atomic_directory(run_dir / "student") as tmp:
+            trainer.unwrapped_student().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
+    summary = {
+        "student_eval_ppl": result["student_eval_ppl"],
+        "teacher_eval_ppl": teacher_ppl,
+        "student_initial_eval_ppl": result["student_initial_eval_ppl"],
+        "steps": result["steps"],
+        "tokens_per_second": result["tokens_per_second"],
+        "train_tokens": result["train_tokens"],
+        "wall_seconds": time.perf_counter() - wall_start,
+        "mean_lambda": result["mean_lambda"],
+        "final_open_share": result["final_open_share"],
+        "difficulty_spearman": difficulty_spearman(strategies.scorer, train),
+        "strategy": {kind: meta["name"] for kind, meta in strategy_meta.items()},
+        "strategy_params": {kind: meta["params"] for kind, meta in strategy_meta.items()},
+        "teacher": cfg.model.teacher,
+        "student": cfg.model.student,
+        "eval_curve": result["eval_curve"],
+        "seed": cfg.training.seed,
+        "run_dir": str(run_dir),
+    }
+    write_plots(run_dir, metrics.records, trainer.history.difficulty)
+    atomic_write_json(run_dir / SUMMARY, summary)
+    if show_progress:
+        print_summary(console, summary)
+    return RunResult(summary, run_dir)
+
+
+def difficulty_spearman(scorer: Any, train: Any) -> float | None:
+    """Spearman correlation between the scorer's final scores and the demo corpus's known levels."""
+    if train.levels is None:
+        return None
+    scores = scorer.scores()
+    if scores is None:
+        return None
+    known = ~torch.isnan(scores)
+    if known.sum() < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    value = spearmanr(scores[known].numpy(), train.levels[known].numpy()).statistic
+    return None if math.isnan(value) else float(value)
