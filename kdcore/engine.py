@@ -174,9 +174,15 @@ class Trainer:
         student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
         teacher_logits = None
         if self.teacher is not None and (bool((lam > 0).any()) or "kd" in self.s.scorer.needs):
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=mask).logits
+            teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)
         return per_sample_terms(student_logits, labels, teacher_logits, self.s.divergence, temperature)
+
+    @torch.no_grad()
+    def teacher_logits(
+        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The teacher's logits for a micro-batch (a live forward pass)."""
+        return self.teacher(input_ids=input_ids, attention_mask=mask).logits
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
