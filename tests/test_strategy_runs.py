@@ -64,7 +64,7 @@ def train_briefly(setting, scorer, pacing, reliance, **params):
 @pytest.mark.parametrize("pacing", BUILTIN["pacing"])
 @pytest.mark.parametrize("scorer", BUILTIN["scorer"])
 def test_every_builtin_combination_trains(setting, scorer, pacing, reliance):
-    trainer, result = train_briefly(setting, scorer, pacing, reliance)
+    _trainer, result = train_briefly(setting, scorer, pacing, reliance)
     assert result["steps"] == 3
     assert math.isfinite(result["student_eval_ppl"])
     assert 0.0 <= result["mean_lambda"] <= 1.0
