@@ -25,6 +25,7 @@ from kdcore.engine import Strategies, Trainer
 from kdcore.errors import KdError
 from kdcore.evaluation import perplexity
 from kdcore.io import atomic_directory, atomic_write_json, atomic_write_text
+from kdcore.model_card import check_push, push_to_hub, write_model_card
 from kdcore.models import (
     build_from_spec,
     cache_key,
@@ -37,6 +38,7 @@ from kdcore.models import (
 )
 from kdcore.plugins import instantiate_strategies
 from kdcore.report import MetricsWriter, TrainingProgress, print_summary, write_history, write_plots
+from kdcore.trackers import Tracking, resolve_trackers
 
 SUMMARY = "summary.json"
 
@@ -59,16 +61,31 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.strategy.label()}"
 
 
-def prepare_run_dir(path: Path) -> Path:
+def check_run_dir(path: Path) -> Path:
+    """Refuse a directory that holds another run; it is created only once inputs are checked."""
     if (path / SUMMARY).exists():
         raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
     if path.exists() and any(path.iterdir()):
         raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 # -- teacher and student ---------------------------------------------------------------------------
+def spec_teacher_dir(model: ModelConfig, corpus: Any, seq_len: int, training: TrainingConfig) -> Path:
+    """Where the from-scratch teacher ``model.teacher`` trained for this data and config is cached."""
+    key = cache_key(
+        teacher=model.teacher,
+        tokenizer=model.tokenizer or "byte",
+        data=corpus.fingerprint,
+        seq_len=seq_len,
+        steps=model.teacher_steps,
+        seed=training.seed,
+        batch=training.batch_size,
+        lr=training.lr,
+    )
+    return cache_root() / "teachers" / key
+
+
 def resolve_teacher(
     model: ModelConfig, corpus: Any, seq_len: int, training: TrainingConfig, console: Console
 ) -> tuple[str, Any]:
@@ -81,17 +98,7 @@ def resolve_teacher(
             )
         return model.teacher, load_tokenizer(model.teacher, trust_remote_code=model.trust_remote_code)
     tokenizer_spec = model.tokenizer or "byte"
-    key = cache_key(
-        teacher=model.teacher,
-        tokenizer=tokenizer_spec,
-        data=corpus.fingerprint,
-        seq_len=seq_len,
-        steps=model.teacher_steps,
-        seed=training.seed,
-        batch=training.batch_size,
-        lr=training.lr,
-    )
-    directory = cache_root() / "teachers" / key
+    directory = spec_teacher_dir(model, corpus, seq_len, training)
     if (directory / "config.json").is_file():
         console.print(f"[dim]Using the cached teacher in {directory}[/dim]")
         return str(directory), load_tokenizer(str(directory))
@@ -181,7 +188,11 @@ def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool =
     quiet_transformers()
     wall_start = time.perf_counter()
     strategies, strategy_meta = make_strategies(cfg.strategy)
-    run_dir = prepare_run_dir(cfg.output.dir or default_run_dir(cfg))
+    for source in (cfg.model.teacher, cfg.model.student):
+        parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
+    resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
+    check_push(cfg.output.push_to_hub, cfg.output.save_student)
+    run_dir = check_run_dir(cfg.output.dir or default_run_dir(cfg))
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.training.seed)
@@ -193,10 +204,12 @@ def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool =
     check_vocabularies(teacher, student, tokenizer, (cfg.model.teacher, cfg.model.student), console)
     train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
     teacher_ppl = perplexity(teacher, eval_set)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    tracking = Tracking(cfg.output.report_to, run_dir, cfg.output.tracker_project)
     trainer = Trainer(
         student,
         teacher,
@@ -206,17 +219,22 @@ def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool =
         cfg.training,
         cfg.strategy.temperature,
         run_dir=run_dir,
-        on_log=metrics.write,
+        on_log=tracking.wrap(metrics.write),
+        log_with=tracking.log_with,
+        project_dir=tracking.project_dir,
     )
+    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     label = cfg.strategy.label()
     with TrainingProgress(console if show_progress else None, trainer.total_steps, label) as progress:
         trainer.on_progress = progress.update
         result = trainer.fit()
+    tracking.finish()
 
     if cfg.output.save_student:
         with atomic_directory(run_dir / "student") as tmp:
             trainer.unwrapped_student().save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg.to_dict(), strategy_meta, {**result, "teacher_eval_ppl": teacher_ppl})
     write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
     summary = {
         "student_eval_ppl": result["student_eval_ppl"],
@@ -241,6 +259,9 @@ def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool =
     atomic_write_json(run_dir / SUMMARY, summary)
     if show_progress:
         print_summary(console, summary)
+    if cfg.output.push_to_hub:
+        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
+        console.print(f"Pushed the student and its model card to {url}")
     return RunResult(summary, run_dir)
 
 
