@@ -38,9 +38,21 @@ __all__ = [
     "Strategy",
     "StrategySpec",
     "__version__",
+    "create_strategy",
     "hookimpl",
     "run",
 ]
+
+
+def create_strategy(kind: str, name: str, params: dict[str, Any] | None = None) -> Strategy:
+    """Build an installed strategy by kind (scorer, pacing, reliance, divergence) and name.
+
+    For strategies that compose others (e.g. a policy wrapping an inner policy); parameters are validated and an
+    unknown name raises :class:`PluginError` listing the known ones.
+    """
+    from kdcore.plugins import get_registry
+
+    return get_registry().create(kind, name, params)
 
 
 def run(config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> RunResult:

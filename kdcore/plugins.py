@@ -224,6 +224,8 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint] | None 
         for plugin_name, plugin in pm.list_name_plugin():
             if plugin is None or plugin_name not in provenance:
                 continue
+            if not any(impl.plugin is plugin for impl in getattr(pm.hook, hook_name).get_hookimpls()):
+                continue  # this plugin does not provide this kind
             dist, version = provenance[plugin_name]
             others = [p for _, p in pm.list_name_plugin() if p is not plugin]
             caller = pm.subset_hook_caller(hook_name, remove_plugins=others)

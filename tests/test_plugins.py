@@ -170,3 +170,73 @@ def test_trace_plugins_prints_hook_calls():
     result = run_kd("list-plugins", "--json", env_extra={"KD_TRACE_PLUGINS": "1"})
     assert result.returncode == 0
     assert "[kd plugins] kd_register_reliances" in result.stderr
+
+
+def test_disable_all_keeps_only_kdcore(tmp_path, monkeypatch):
+    monkeypatch.setenv("KD_DISABLE_PLUGINS", "all")
+    registry = _registry_with(
+        tmp_path, monkeypatch, ("kd-good", "1.2", {"good": "kd_good_mod"}, {"kd_good_mod": GOOD_PLUGIN})
+    )
+    assert {e.distribution for e in registry.entries} == {"kdcore"}
+    assert "none" in registry.names("pacing")
+
+
+def test_rejected_registrations_and_raising_hooks_are_broken_and_the_rest_still_registers(
+    tmp_path, monkeypatch
+):
+    mixed = """
+        from pydantic import BaseModel
+        from kdcore import PacingFunction, ReliancePolicy, hookimpl
+
+        class Half(PacingFunction):
+            '''Half the data, always.'''
+            def fraction(self, step, total_steps):
+                return 0.5
+
+        class NotPacing(ReliancePolicy):
+            def weights(self, rank, score, progress):
+                return rank
+
+        class DictParams(Half):
+            Params = dict
+
+        @hookimpl
+        def kd_register_pacings(register):
+            register("Bad Name", Half)
+            register("not-a-class", 3)
+            register("wrong-base", NotPacing)
+            register("dict-params", DictParams)
+            register("half", Half)
+
+        @hookimpl
+        def kd_register_reliances(register):
+            raise RuntimeError("no policies today")
+    """
+    registry = _registry_with(
+        tmp_path, monkeypatch, ("kd-mixed", "0.1", {"mixed": "kd_mixed_mod"}, {"kd_mixed_mod": mixed})
+    )
+    mine = {(e.kind, e.name): e for e in registry.entries if e.distribution == "kd-mixed"}
+    assert registry.entry("pacing", "half").status == "ok"
+    for name, reason in [
+        ("Bad Name", "must be lower-case"),
+        ("not-a-class", "is not a subclass of kdcore.PacingFunction"),
+        ("wrong-base", "is not a subclass of kdcore.PacingFunction"),
+        ("dict-params", "DictParams.Params must be a pydantic BaseModel"),
+    ]:
+        entry = mine[("pacing", name)]
+        assert entry.status == "broken" and reason in entry.error, (name, entry.error)
+    raised = mine[("reliance", "mixed")]
+    assert raised.status == "broken" and "RuntimeError: no policies today" in raised.error
+    assert registry.entry("reliance", "fixed").status == "ok"
+
+
+def test_duplicate_marks_both_entries(tmp_path, monkeypatch):
+    clash = GOOD_PLUGIN.replace('"half"', '"none"')
+    registry = _registry_with(
+        tmp_path, monkeypatch, ("kd-clash", "0.3", {"clash": "kd_clash_mod"}, {"kd_clash_mod": clash})
+    )
+    both = [e for e in registry.entries if (e.kind, e.name) == ("pacing", "none")]
+    assert sorted((e.distribution, e.status) for e in both) == [
+        ("kd-clash", "duplicate"),
+        ("kdcore", "duplicate"),
+    ]

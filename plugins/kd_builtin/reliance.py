@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdcore import PluginError, ReliancePolicy, hookimpl
+from kdcore import PluginError, ReliancePolicy, create_strategy, hookimpl
 
 if TYPE_CHECKING:
     import torch
@@ -274,10 +274,8 @@ class Staged(ReliancePolicy):
         super().__init__(params)
         self._inner: ReliancePolicy | None = None
         if self.params.combine == "multiply":
-            from kdcore.plugins import get_registry
-
             try:
-                inner = get_registry().create("reliance", self.params.inner, self.params.inner_params)
+                inner = create_strategy("reliance", self.params.inner, self.params.inner_params)
             except PluginError as exc:
                 raise PluginError(f"reliance 'staged', inner policy: {exc}") from None
             assert isinstance(inner, ReliancePolicy)
