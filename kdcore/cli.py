@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdcore import __version__
@@ -39,7 +40,7 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except KdError as exc:
-            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -66,6 +67,7 @@ RUN_OPTIONS: dict[str, str] = {
     "student": "model.student",
     "tokenizer": "model.tokenizer",
     "teacher_steps": "model.teacher_steps",
+    "teacher_cache": "model.teacher_cache",
     "trust_remote_code": "model.trust_remote_code",
     "dataset": "data.dataset",
     "eval_dataset": "data.eval_dataset",
@@ -86,7 +88,10 @@ RUN_OPTIONS: dict[str, str] = {
     "eval_every": "training.eval_every",
     "mixed_precision": "training.mixed_precision",
     "threads": "training.threads",
+    "checkpoint_every": "training.checkpoint_every",
     "output_dir": "output.dir",
+    "report_to": "output.report_to",
+    "push_to_hub": "output.push_to_hub",
 }
 
 Opt = typer.Option
@@ -115,6 +120,13 @@ def run(
     teacher_steps: Annotated[
         int | None,
         Opt(help="Training steps for a from-scratch teacher (trained once, cached).", rich_help_panel=MODEL),
+    ] = None,
+    teacher_cache: Annotated[
+        Path | None,
+        Opt(
+            help="Train from a 'kd cache-teacher' directory; no teacher model is loaded.",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     trust_remote_code: Annotated[
         bool | None, Opt("--trust-remote-code", help="Allow model code from the hub.", rich_help_panel=MODEL)
@@ -180,8 +192,19 @@ def run(
     eval_every: Annotated[int | None, Opt(help="Steps between evaluations.", rich_help_panel=TRAIN)] = None,
     mixed_precision: Annotated[str | None, Opt(help="no, fp16 or bf16.", rich_help_panel=TRAIN)] = None,
     threads: Annotated[int | None, Opt(help="Torch CPU threads.", rich_help_panel=TRAIN)] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        Opt(help="Steps between checkpoints in RUN_DIR/checkpoints (default 100).", rich_help_panel=TRAIN),
+    ] = None,
     output_dir: Annotated[
         Path | None, Opt(help="Run directory (default runs/<timestamp>-<strategy>).")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        Opt(
+            help="Continue the run in this directory from its newest valid checkpoint, with its own "
+            "config.yaml; no other option may be given.",
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None, Opt("--set", help="Any config field, e.g. --set training.warmup_ratio=0.1.")
@@ -189,8 +212,23 @@ def run(
     print_config: Annotated[
         bool, Opt("--print-config", help="Print the resolved config as YAML and exit.")
     ] = False,
+    report_to: Annotated[
+        str | None, Opt(help="Experiment tracker: tensorboard, wandb, mlflow, all or none.")
+    ] = None,
+    push_to_hub: Annotated[
+        str | None, Opt(help="After the run, upload the student and its model card to this hub repo.")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        Opt(
+            "--dry-run",
+            help="Check config, plugins, data and models, estimate memory and steps; train nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Distil a student from a teacher. With no arguments: the demo corpus, a small cached teacher, vanilla KD."""
+    if resume is not None:
+        return _resume(resume, {name: value for name, value in locals().items() if name != "resume"})
     given = {name: value for name, value in locals().items() if name in RUN_OPTIONS and value is not None}
     overrides: dict[str, Any] = {RUN_OPTIONS[name]: value for name, value in given.items()}
     for kind, pairs in (
@@ -219,10 +257,45 @@ def run(
     if print_config:
         out.print(cfg.to_yaml(), highlight=False, end="")
         return
+    if dry_run:
+        from kdcore.dry_run import dry_run as check_run
+
+        check_run(cfg, console=out)
+        return
     _offline_hint()
+    _launch(cfg)
+
+
+def _resume(run_dir: Path, options: dict[str, Any]) -> None:
+    """``kd run --resume DIR``: the run's own config.yaml and nothing else, so the result cannot drift."""
+    extra = [
+        f"--{name.rstrip('_').replace('_', '-')}"
+        for name, value in options.items()
+        if value is not None and value is not False and value != []
+    ]
+    if extra:
+        raise KdError(
+            f"--resume continues the run exactly as {run_dir / 'config.yaml'} describes; drop "
+            f"{', '.join(extra)} (see docs/resume.md)"
+        )
+    from kdcore.checkpoint import resume_config
+
+    cfg = resume_config(run_dir)
+    _offline_hint()
+    _launch(cfg, resume=True)
+
+
+def _launch(cfg: Any, resume: bool = False) -> None:
+    """Run; SIGINT/SIGTERM end it after a checkpoint with exit code 130/143 and the resume command."""
+    from kdcore.errors import RunInterrupted
     from kdcore.runner import run as run_distillation
 
-    run_distillation(cfg, console=err)
+    try:
+        run_distillation(cfg, console=err, resume=resume)
+    except RunInterrupted as exc:
+        if exc.main_process:
+            err.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command("train-teacher")
@@ -273,6 +346,47 @@ def train_teacher(
     train_causal_lm(model, tok, corpus, seq_len, cfg.training, output_dir, err)
 
 
+@app.command("cache-teacher")
+@friendly_errors
+def cache_teacher(
+    output: Annotated[Path, Opt(help="Directory to write the cache to (must not exist or be empty).")],
+    config: Annotated[
+        Path | None, Opt("--config", "-c", help="The run's YAML or JSON config; flags override it.")
+    ] = None,
+    teacher: Annotated[str | None, Opt(help="Hub id, local directory, or from-scratch spec.")] = None,
+    dataset: Annotated[str | None, Opt(help="Training data, as for kd run.")] = None,
+    tokenizer: Annotated[
+        str | None, Opt(help="For a from-scratch teacher: 'byte' or 'bpe:vocab_size=N'.")
+    ] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.")] = None,
+    top_k: Annotated[int, Opt(help="Tokens kept per position (the vocabulary size keeps them all).")] = 64,
+    dtype: Annotated[str, Opt(help="Log-probability storage: float32 or float16.")] = "float32",
+    batch_size: Annotated[int, Opt(help="Samples per teacher forward pass.")] = 32,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Any config field, e.g. --set data.demo_samples=500.")
+    ] = None,
+) -> None:
+    """Run the teacher once over the training set and store its top-K log-probabilities for kd run --teacher-cache."""
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("model.teacher", teacher),
+            ("data.dataset", dataset),
+            ("model.tokenizer", tokenizer),
+            ("data.seq_len", seq_len),
+        )
+        if value is not None
+    }
+    for pair in set_ or []:
+        key, value = parse_assignment(pair)
+        overrides[key] = value
+    cfg = resolve_config(config, overrides)
+    _offline_hint()
+    from kdcore.teacher_cache import build_cache
+
+    build_cache(cfg, output, top_k=top_k, dtype=dtype, batch_size=batch_size, console=err)
+
+
 @app.command("list-plugins")
 @friendly_errors
 def list_plugins(
@@ -315,12 +429,144 @@ def new_plugin(
     out.print(f"wrote {target}\nnext:\n  " + "\n  ".join(steps), highlight=False, soft_wrap=True)
 
 
+@app.command("report")
+@friendly_errors
+def report(
+    directory: Annotated[
+        Path, typer.Argument(help="A run directory (kd run) or a comparison directory (kd compare).")
+    ],
+    output: Annotated[
+        Path | None, Opt("--output", "-o", help="Where to write the page (default DIR/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page (plots, tables, config) for a run or a comparison, readable offline."""
+    from kdcore.html_report import build_report
+
+    out.print(f"wrote {build_report(directory, output)}", highlight=False, soft_wrap=True)
+
+
+@app.command("compare")
+@friendly_errors
+def compare(
+    arm: Annotated[
+        list[str] | None,
+        Opt(
+            "--arm",
+            help="NAME=SPEC, e.g. kd-cl-sr=scorer:student-snapshot,pacing:root,reliance:threshold(quantile=0.7) "
+            "(repeatable; see docs/comparing.md).",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, Opt(help="Named arm set: seed-paper = ce, kd, kd-cl, kd-cl-sr, kd-cl-sr-teacher.")
+    ] = None,
+    config: Annotated[
+        Path | None, Opt("--config", "-c", help="YAML: a base run config plus arms:, seeds:, teacher_seed:.")
+    ] = None,
+    teacher: Annotated[str | None, Opt(help="Teacher: directory, hub id or spec (trained once).")] = None,
+    student: Annotated[str | None, Opt(help="Student: hub id, directory or from-scratch spec.")] = None,
+    tokenizer: Annotated[str | None, Opt(help="For a spec teacher: 'byte' or 'bpe:vocab_size=N'.")] = None,
+    teacher_steps: Annotated[int | None, Opt(help="Training steps of a spec teacher.")] = None,
+    dataset: Annotated[str | None, Opt(help="Training data, as for kd run.")] = None,
+    eval_dataset: Annotated[str | None, Opt(help="Evaluation data (default: held-out tail).")] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.")] = None,
+    max_steps: Annotated[int | None, Opt(help="Optimizer steps of every arm.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Samples per step of every arm.")] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate of every arm.")] = None,
+    seeds: Annotated[str | None, Opt(help="Comma-separated seeds, e.g. 0,1,2 (default 0,1,2).")] = None,
+    teacher_seed: Annotated[int | None, Opt(help="Seed of the spec teacher's training (default 0).")] = None,
+    sweep: Annotated[
+        str | None, Opt(help="Fixed-λ sweep for the best-fixed-λ baseline (default 0.1,0.5,0.9; 'none').")
+    ] = None,
+    matched: Annotated[
+        bool | None,
+        Opt("--matched/--no-matched", help="Add vanilla KD at each reliance arm's mean λ (default on)."),
+    ] = None,
+    teacher_cache: Annotated[
+        str | None,
+        Opt(
+            help="One teacher cache for every arm: 'auto' builds it once in the comparison directory, "
+            "DIR uses a kd cache-teacher output (default: none, live teacher)."
+        ),
+    ] = None,
+    teacher_cache_k: Annotated[
+        int | None,
+        Opt(help="Top-K of an auto cache (default: the whole vocabulary up to 512 tokens, else 64)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Any base config field, e.g. --set data.max_eval_samples=64.")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, Opt(help="Comparison directory (default comparisons/<timestamp>).")
+    ] = None,
+    jobs: Annotated[int, Opt(help="Arm-runs in parallel (subprocesses, threads = cores // jobs each).")] = 1,
+    resume: Annotated[
+        Path | None, Opt(help="Finish the comparison in DIR: reuse finished runs, redo the rest.")
+    ] = None,
+) -> None:
+    """Compare strategies × seeds against one teacher at equal compute: a table with error bars and paired tests."""
+    options = dict(locals())
+    from kdcore import compare as cmp
+
+    if jobs < 1:
+        raise KdError(f"--jobs {jobs} must be at least 1")
+
+    def log(line: str) -> None:
+        err.print(line, highlight=False, markup=False)
+
+    if resume is not None:
+        given = [n for n, v in options.items() if n not in ("resume", "jobs") and v is not None]
+        if given:
+            raise KdError(
+                f"--resume takes every setting from {resume}/compare.yaml; drop --{given[0].replace('_', '-')} "
+                "(only --jobs may be given)"
+            )
+        _offline_hint()
+        data = cmp.resume(resume, jobs=jobs, log=log, console=err)
+    else:
+        names = {
+            "teacher": "model.teacher",
+            "student": "model.student",
+            "tokenizer": "model.tokenizer",
+            "teacher_steps": "model.teacher_steps",
+            "dataset": "data.dataset",
+            "eval_dataset": "data.eval_dataset",
+            "seq_len": "data.seq_len",
+            "max_steps": "training.max_steps",
+            "batch_size": "training.batch_size",
+            "lr": "training.lr",
+        }
+        overrides: dict[str, Any] = {d: options[n] for n, d in names.items() if options[n] is not None}
+        for pair in set_ or []:
+            key, value = parse_assignment(pair)
+            overrides[key] = value
+        plan = cmp.build_plan(
+            config=config,
+            arm_texts=arm or [],
+            preset=preset,
+            overrides=overrides,
+            seeds=seeds,
+            teacher_seed=teacher_seed,
+            sweep=sweep,
+            matched=matched,
+            teacher_cache=teacher_cache,
+            teacher_cache_k=teacher_cache_k,
+            command="kd compare " + " ".join(sys.argv[2:]),
+        )
+        out_dir = output_dir or cmp.default_output_dir()
+        for note in plan.notes:
+            log(f"note: {note}")
+        _offline_hint()
+        data = cmp.compare(plan, out_dir, jobs=jobs, log=log, console=err)
+    text = (Path(data["output_dir"]) / "comparison.md").read_text()
+    out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 def _offline_hint() -> None:
     """Nothing to do when online; keeps a place for environment checks that must not import torch."""
 
 
 def main() -> None:
-    app()
+    app(prog_name="kd")  # also under python -m kdcore: usage lines and completion scripts name `kd`
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ class ModelConfig(_Section):
     teacher_steps: int = Field(
         250, gt=0, description="training steps when the teacher is a from-scratch spec"
     )
+    teacher_cache: Path | None = Field(
+        None, description="directory written by 'kd cache-teacher': train from it, without the teacher model"
+    )
 
 
 class DataConfig(_Section):
@@ -66,6 +69,11 @@ class StrategyConfig(_Section):
     reliance: StrategySpec = StrategySpec(name="fixed")
     divergence: StrategySpec = StrategySpec(name="forward-kl")
     temperature: float = Field(2.0, gt=0)
+    refresh_every: int | None = Field(
+        None,
+        gt=0,
+        description="steps between curriculum re-sorts (default: each epoch or each tenth of training, whichever is sooner)",
+    )
     reverse: bool = Field(
         False, description="order the curriculum hard-to-easy (the anti-curriculum control)"
     )
@@ -97,6 +105,12 @@ class TrainingConfig(_Section):
     log_every: int = Field(10, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    checkpoint_every: int | None = Field(
+        100, gt=0, description="steps between checkpoints in RUN_DIR/checkpoints (null: none)"
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss: stop with an error, or skip that batch's update"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
@@ -117,6 +131,14 @@ class TrainingConfig(_Section):
 class OutputConfig(_Section):
     dir: Path | None = Field(None, description="default runs/<timestamp>-<strategy>")
     save_student: bool = True
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "all"] = Field(
+        "none", description="experiment tracker(s), through accelerate; 'all' = every one installed"
+    )
+    tracker_project: str = Field("kdcore", description="project (wandb) / experiment (mlflow) name")
+    push_to_hub: str | None = Field(
+        None, description="hub repo id ('user/name') to upload the student and its model card to"
+    )
 
 
 class RunConfig(_Section):

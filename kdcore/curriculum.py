@@ -1,6 +1,7 @@
 """The curriculum sampler: orders training samples by difficulty and opens them by a pacing function.
 
-At every refresh (step 0 and each epoch boundary) the engine hands the sampler the scorer's
+At every refresh (step 0, then every ``refresh_every`` steps: by default each epoch or each tenth of
+training, whichever comes first, so that runs shorter than an epoch still re-sort) the engine hands the sampler the scorer's
 current scores; the sampler sorts the samples easy → hard (hard → easy with ``reverse``) and
 computes each sample's difficulty percentile (``ranks``) for the reliance policy. At each step
 the pacing function says which share of that ordering is open, and the batch is drawn from it.
@@ -89,6 +90,7 @@ class CurriculumSampler:
         total_steps: int,
         seed: int,
         reverse: bool = False,
+        refresh_every: int | None = None,
     ) -> None:
         if num_samples < 1:
             raise KdError(f"the curriculum needs at least one training sample, got {num_samples}")
@@ -101,6 +103,8 @@ class CurriculumSampler:
         self.seed = int(seed)
         self.reverse = bool(reverse)
         self.steps_per_epoch = math.ceil(self.num_samples / self.batch_size)
+        auto = min(self.steps_per_epoch, math.ceil(max(self.total_steps, 1) / 10))
+        self.refresh_every = max(1, int(refresh_every or auto))
         # key[i]: sample i's random tie-break position, fixed for the run
         self._key = torch.randperm(self.num_samples, generator=_generator("tie-key", self.seed))
         self._by_key = torch.argsort(self._key)
@@ -117,7 +121,7 @@ class CurriculumSampler:
         """Whether the engine should call :meth:`refresh` before drawing the batch at ``step``."""
         if self.last_refresh is None:
             return True
-        return step % self.steps_per_epoch == 0 and step != self.last_refresh
+        return step % self.refresh_every == 0 and step != self.last_refresh
 
     def refresh(self, scores: torch.Tensor | None, step: int) -> None:
         """Re-sort by ``scores`` (``[num_samples]``, NaN = unknown; ``None`` = no scorer)."""

@@ -7,24 +7,30 @@ the reliance policy's λ, and hands the statistics it already has to the scorer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
+from kdcore.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.config import TrainingConfig
 from kdcore.curriculum import CurriculumSampler
 from kdcore.data import PackedDataset, shift_labels
-from kdcore.evaluation import perplexity, sample_stats
-from kdcore.losses import SampleTerms, per_sample_terms
+from kdcore.errors import KdError, RunInterrupted
+from kdcore.evaluation import nll_totals, perplexity, sample_stats
+from kdcore.losses import SampleTerms, TopKTeacher, per_sample_terms
 from kdcore.strategies import DifficultyScorer, Divergence, PacingFunction, ReliancePolicy, ScorerContext
+
+if TYPE_CHECKING:
+    from kdcore.teacher_cache import TeacherCache
 
 
 @dataclass
@@ -34,16 +40,27 @@ class Strategies:
     reliance: ReliancePolicy
     divergence: Divergence
     reverse: bool = False
+    refresh_every: int | None = None
 
 
 @dataclass
 class History:
-    """What the loop records besides metrics: difficulty and λ per sample at each re-sort."""
+    """What the loop records besides metrics.jsonl; checkpointed whole, so a resumed run reports the same."""
 
-    difficulty: list[dict[str, Any]] = field(default_factory=list)
+    difficulty: list[dict[str, Any]] = field(default_factory=list)  # scores, ranks, λ at each re-sort
     lambda_sum: float = 0.0
     lambda_count: int = 0
     open_share_last: float = 1.0
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    window: dict[str, Any] = field(default_factory=dict)  # metric sums since the last log line
+    window_steps: int = 0
+    window_seconds: float = 0.0  # training time in that window when it was checkpointed
+    train_seconds: float = 0.0  # eval and checkpoint time excluded
+    tokens: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)  # non-finite loss, training.on_nonfinite=skip
+
+
+STRATEGY_KINDS = ("scorer", "pacing", "reliance", "divergence")
 
 
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
@@ -69,8 +86,15 @@ class Trainer:
         run_dir: Path | None = None,
         on_log: Callable[[dict[str, Any]], None] | None = None,
         on_progress: Callable[[int, dict[str, float]], None] | None = None,
+        log_with: list[str] | None = None,
+        project_dir: Path | None = None,
+        teacher_cache: TeacherCache | None = None,
+        checkpoints: Checkpointer | None = None,
     ) -> None:
         self.cfg = training
+        self.checkpoints = checkpoints  # None: no checkpoints, and SIGINT/SIGTERM stop at once
+        # A teacher cache stands in for the teacher model: sparse top-K logits, stats from the cache.
+        self.teacher_cache = teacher_cache
         self.train, self.eval_set = train, eval_set
         self.s = strategies
         self.base_temperature = temperature
@@ -79,10 +103,25 @@ class Trainer:
         self.on_progress = on_progress or (lambda step, metrics: None)
         self.total_steps = total_steps(training, len(train))
         self.accelerator = Accelerator(
-            mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available()
+            mixed_precision=training.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            log_with=log_with,  # experiment trackers (kdcore.trackers), None = no tracking
+            project_dir=project_dir,
+            # one scheduler step per optimizer step: every process steps on the same global batch
+            step_scheduler_with_optimizer=False,
         )
         self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if training.batch_size % (training.grad_accum * self.world):
+            raise KdError(
+                f"training.batch_size {training.batch_size} must be a multiple of grad_accum × processes "
+                f"= {training.grad_accum} × {self.world}: each process trains on an equal share of every "
+                "micro-batch"
+            )
+        if not self.accelerator.is_main_process:  # only the main process writes metrics and files
+            self.on_log, self.run_dir = (lambda record: None), None
         self.history = History()
+        self.step = 0  # optimizer steps done
 
         decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
@@ -105,6 +144,7 @@ class Trainer:
             self.total_steps,
             training.seed,
             strategies.reverse,
+            strategies.refresh_every,
         )
         self._teacher_stats: dict[str, torch.Tensor] | None = None
         self._student_stats: dict[str, torch.Tensor] | None = None
@@ -112,6 +152,8 @@ class Trainer:
     # -- scorer context ---------------------------------------------------------------------------
     def scorer_context(self) -> ScorerContext:
         def teacher_stats() -> dict[str, torch.Tensor]:
+            if self.teacher_cache is not None:
+                return self.teacher_cache.stats()
             if self.teacher is None:
                 raise RuntimeError("this scorer needs a teacher, and the run has none")
             if self._teacher_stats is None:
@@ -134,38 +176,83 @@ class Trainer:
         )
 
     # -- one optimizer step -----------------------------------------------------------------------
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
+        """One optimizer step on the global batch of ``step``; None if a non-finite loss skipped it."""
         progress = step / self.total_steps
         temperature = self.s.reliance.temperature(self.base_temperature, progress)
-        batch_ids = self.sampler.batch(step)
+        batch_ids = self.sampler.batch(step)  # the same global batch on every process
+        micro_batches = batch_ids.chunk(self.cfg.grad_accum)
+        mine = slice(self.rank, None, self.world)  # this process's share of each micro-batch
         totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "lambda": 0.0, "tokens": 0.0}
-        for micro_ids in batch_ids.chunk(self.cfg.grad_accum):
+        losses = []
+        for i, micro_ids in enumerate(micro_batches):
             lam = self.s.reliance.weights(
                 self.sampler.ranks[micro_ids], self.sampler.scores[micro_ids], progress
             )
-            terms = self.forward(micro_ids, lam, temperature)
-            lam = lam.to(terms.ce.device)
-            per_sample = (1 - lam) * terms.ce + lam * terms.kd
-            # Normalise by the whole accumulated batch, so accumulation 4x2 equals batch 8.
-            loss = per_sample.sum() / len(batch_ids)
-            self.accelerator.backward(loss)
-            stats = {k: v.detach().float().cpu() for k, v in vars(terms).items()}
+            with self.gradient_sync(last=i == len(micro_batches) - 1):
+                terms = self.forward(micro_ids[mine], lam, temperature)
+                lam_mine = lam[mine].to(terms.ce.device)
+                per_sample = (1 - lam_mine) * terms.ce + lam_mine * terms.kd
+                # DDP averages gradients over processes: dividing each process's sum by batch/processes
+                # makes the update the mean over the whole global batch (and accumulation 4x2 = batch 8).
+                self.accelerator.backward(per_sample.sum() * self.world / len(batch_ids))
+            stats = self.gather_stats(terms, per_sample)  # the whole micro-batch, on every process
+            losses.append(stats.pop("loss"))
             self.s.scorer.observe(micro_ids, stats)
-            for key, value in (
-                ("loss", loss * len(batch_ids)),
-                ("ce", terms.ce),
-                ("kd", terms.kd),
-                ("lambda", lam),
-            ):
-                totals[key] += value.detach().sum()
-            totals["tokens"] += stats["tokens"].sum()
+            for key in ("ce", "kd", "tokens"):
+                totals[key] += stats[key].sum()
+            totals["loss"] += losses[-1].sum()
+            totals["lambda"] += lam.sum()
+        # One finiteness check per step, on the CPU copies the scorer needed anyway: no extra sync.
+        finite = torch.isfinite(torch.cat(losses))
+        if not finite.all():
+            return self.nonfinite(step, batch_ids[~finite], "loss")
         if self.cfg.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)
+            fp16 = self.cfg.mixed_precision == "fp16"  # with fp16, inf gradients are the scaler's job
+            if norm is not None and not fp16 and not torch.isfinite(norm):
+                return self.nonfinite(step, batch_ids, "gradient")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         n = len(batch_ids)
         return {k: (v if k == "tokens" else v / n) for k, v in totals.items()}
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients at every backward; only the last micro-batch's is needed."""
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.student)
+
+    def gather_stats(self, terms: SampleTerms, per_sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample statistics (and ``loss``) of the whole micro-batch, in its order, on the CPU.
+
+        With several processes each holds every ``world``-th sample; one all-gather gives every
+        process the whole micro-batch, so all scorers see what a single process would.
+        """
+        columns = {**vars(terms), "loss": per_sample}
+        local = torch.stack([v.detach().float().reshape(-1) for v in columns.values()], dim=1)
+        if self.world > 1:
+            gathered = self.accelerator.gather(local)  # [world · n, k], process-major
+            local = gathered.view(self.world, -1, local.shape[1]).transpose(0, 1).reshape(-1, local.shape[1])
+        local = local.cpu()
+        return {key: local[:, j].contiguous() for j, key in enumerate(columns)}
+
+    def nonfinite(self, step: int, sample_ids: torch.Tensor, what: str) -> None:
+        """A NaN/inf loss or gradient: stop with an error, or (``on_nonfinite: skip``) drop the update."""
+        ids = [int(i) for i in sample_ids]
+        if self.cfg.on_nonfinite == "stop":
+            last = self.checkpoints.last if self.checkpoints else None
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise KdError(
+                f"non-finite {what} at step {step + 1} (sample ids {ids}); {where}. Lower training.lr, "
+                "or set training.on_nonfinite: skip to drop such batches' updates (docs/resume.md)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the step count, skipped or not
+        self.history.skipped_steps.append(step + 1)
+        self.on_log({"step": step + 1, "skipped": f"non-finite {what}", "sample_ids": ids})
+        return None
 
     def forward(self, sample_ids: torch.Tensor, lam: torch.Tensor, temperature: float) -> SampleTerms:
         input_ids = self.train.input_ids[sample_ids].to(self.device)
@@ -173,70 +260,130 @@ class Trainer:
         labels = shift_labels(input_ids, mask)
         student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
         teacher_logits = None
-        if self.teacher is not None and (bool((lam > 0).any()) or "kd" in self.s.scorer.needs):
+        has_teacher = self.teacher is not None or self.teacher_cache is not None
+        if has_teacher and (bool((lam > 0).any()) or "kd" in self.s.scorer.needs):
             teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)
         return per_sample_terms(student_logits, labels, teacher_logits, self.s.divergence, temperature)
 
     @torch.no_grad()
     def teacher_logits(
         self, sample_ids: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """The teacher's logits for a micro-batch (a live forward pass)."""
+    ) -> torch.Tensor | TopKTeacher:
+        """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.topk(sample_ids, input_ids, mask)
         return self.teacher(input_ids=input_ids, attention_mask=mask).logits
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        set_seed(self.cfg.seed)
+    def fit(self, resume: Path | None = None) -> dict[str, Any]:
+        """Train to ``total_steps``; ``resume``: a checkpoint directory to continue from."""
+        set_seed(self.cfg.seed, device_specific=True)  # seed + process index: own dropout masks per process
+        if resume is not None:  # strategies first: a scorer with restored scores skips its prepare() pass
+            self.load_state_dict(read_state(resume))
         self.s.scorer.prepare(self.scorer_context())
+        if resume is not None:  # weights, optimizer, scheduler, RNG last: the RNG continues as saved
+            self.accelerator.load_state(str(resume))
+            self.checkpoints.resumed_from(resume, self.step, self.accelerator.is_main_process)
+        else:
+            self.history.eval_curve = [(0, self.evaluate())]
         eval_every = self.cfg.eval_every or max(1, self.total_steps // 4)
-        curve = [(0, self.evaluate())]
         self.student.train()
-        running: dict[str, torch.Tensor] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        train_seconds, tokens_total = 0.0, 0.0
-        for step in range(self.total_steps):
-            if self.sampler.needs_refresh(step):
-                self.refresh(step)
-            metrics = self.train_step(step)
-            for key, value in metrics.items():
-                running[key] = running.get(key, 0.0) + value
-            window_steps += 1
-            done = step + 1
-            if done % self.cfg.log_every == 0 or done == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens = float(running.pop("tokens"))
-                self.history.lambda_sum += float(running["lambda"])
-                self.history.lambda_count += window_steps
-                record = {"step": done, **{k: float(v) / window_steps for k, v in running.items()}}
-                record.update(
-                    open_share=self.sampler.open_count(step) / len(self.train),
-                    lr=self.scheduler.get_last_lr()[0],
-                    tokens_per_second=tokens / max(elapsed, 1e-9),
-                )
-                train_seconds += elapsed
-                tokens_total += tokens
-                self.on_log(record)
-                self.on_progress(done, record)
-                running, window_steps = {}, 0
-                window_start = time.perf_counter()
-            if done % eval_every == 0 or done == self.total_steps:
-                eval_start = time.perf_counter()
-                ppl = self.evaluate()
-                curve.append((done, ppl))
-                self.on_log({"step": done, "eval_ppl": ppl})
-                window_start += time.perf_counter() - eval_start  # eval time is not training time
-        self.history.open_share_last = self.sampler.open_count(self.total_steps - 1) / len(self.train)
+        self._window_start = time.perf_counter() - self.history.window_seconds
+        with GracefulStop(enabled=self.checkpoints is not None) as stop:
+            for step in range(self.step, self.total_steps):
+                if self.sampler.needs_refresh(step):
+                    self.refresh(step)
+                metrics = self.train_step(step)
+                done = self.step = step + 1
+                self.add_to_window(metrics)
+                if done % self.cfg.log_every == 0 or done == self.total_steps:
+                    self.log_window(done)
+                if done % eval_every == 0 or done == self.total_steps:
+                    with self.paused():  # eval time is not training time
+                        ppl = self.evaluate()
+                    self.history.eval_curve.append((done, ppl))
+                    self.on_log({"step": done, "eval_ppl": ppl})
+                signum = stop.requested(self.accelerator)
+                if self.checkpoints is not None and (signum or self.checkpoints.due(done)):
+                    with self.paused():
+                        self.save_checkpoint()
+                if signum:
+                    raise RunInterrupted(
+                        done, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
+                    )
+        h = self.history
+        h.open_share_last = self.sampler.open_count(self.total_steps - 1) / len(self.train)
         return {
             "steps": self.total_steps,
-            "eval_curve": curve,
-            "student_eval_ppl": curve[-1][1],
-            "student_initial_eval_ppl": curve[0][1],
-            "train_tokens": tokens_total,
-            "train_seconds": train_seconds,
-            "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
-            "mean_lambda": self.history.lambda_sum / max(self.history.lambda_count, 1),
-            "final_open_share": self.history.open_share_last,
+            "eval_curve": h.eval_curve,
+            "student_eval_ppl": h.eval_curve[-1][1],
+            "student_initial_eval_ppl": h.eval_curve[0][1],
+            "train_tokens": h.tokens,
+            "train_seconds": h.train_seconds,
+            "tokens_per_second": h.tokens / max(h.train_seconds, 1e-9),
+            "mean_lambda": h.lambda_sum / max(h.lambda_count, 1),
+            "final_open_share": h.open_share_last,
+            "skipped_steps": list(h.skipped_steps),
         }
+
+    def add_to_window(self, metrics: Mapping[str, Any] | None) -> None:
+        if metrics is None:  # a skipped step adds nothing to the averages
+            return
+        for key, value in metrics.items():
+            self.history.window[key] = self.history.window.get(key, 0.0) + value
+        self.history.window_steps += 1
+
+    def log_window(self, done: int) -> None:
+        """One metrics record: the means over the steps since the last one."""
+        h, elapsed = self.history, time.perf_counter() - self._window_start
+        running, steps = h.window, h.window_steps
+        h.window, h.window_steps, h.window_seconds = {}, 0, 0.0
+        self._window_start = time.perf_counter()
+        h.train_seconds += elapsed
+        if steps == 0:
+            return
+        tokens = float(running.pop("tokens"))
+        h.lambda_sum += float(running["lambda"])
+        h.lambda_count += steps
+        h.tokens += tokens
+        record = {"step": done, **{k: float(v) / steps for k, v in running.items()}}
+        record.update(
+            open_share=self.sampler.open_count(done - 1) / len(self.train),
+            lr=self.scheduler.get_last_lr()[0],
+            tokens_per_second=tokens / max(elapsed, 1e-9),
+        )
+        self.on_log(record)
+        self.on_progress(done, record)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is left out of the training time (eval, checkpoints)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - start
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        self.history.window_seconds = time.perf_counter() - self._window_start
+        return self.checkpoints.save(self.accelerator, self.state_dict(), self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state; weights, optimizer, scheduler and RNG are accelerate's ``save_state``."""
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "strategies": {kind: getattr(self.s, kind).state_dict() for kind in STRATEGY_KINDS},
+            "history": dict(vars(self.history)),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        for kind in STRATEGY_KINDS:
+            getattr(self.s, kind).load_state_dict(state["strategies"].get(kind, {}))
+        self.history = History(**state["history"])
 
     def refresh(self, step: int) -> None:
         """Re-sort the curriculum from the scorer's current scores and record them."""
@@ -253,7 +400,18 @@ class Trainer:
         )
 
     def evaluate(self) -> float:
-        return perplexity(self.accelerator.unwrap_model(self.student), self.eval_set)
+        model = self.accelerator.unwrap_model(self.student)
+        if self.world == 1:
+            return perplexity(model, self.eval_set)
+        # each process scores every world-th eval sample; the sums meet in one all-reduce
+        shard = PackedDataset(
+            self.eval_set.input_ids[self.rank :: self.world],
+            self.eval_set.attention_mask[self.rank :: self.world],
+            fingerprint="eval-shard",
+        )
+        total, count = nll_totals(model, shard)
+        sums = self.accelerator.reduce(torch.stack([total, count]).to(self.device), "sum").cpu()
+        return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
 
     def unwrapped_student(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.student)

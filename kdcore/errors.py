@@ -10,3 +10,17 @@ class KdError(Exception):
 
 class PluginError(KdError):
     """A strategy name that is unknown, duplicated, or provided by a broken plugin."""
+
+
+class RunInterrupted(BaseException):
+    """SIGINT/SIGTERM stopped a run after its checkpoint was written; the CLI exits with 128 + signal.
+
+    A BaseException, like KeyboardInterrupt: a stop the user asked for is not a failure to catch
+    with ``except Exception``.
+    """
+
+    def __init__(self, step: int, signum: int, run_dir: object, main_process: bool = True) -> None:
+        self.step, self.signum, self.run_dir = step, signum, run_dir
+        self.exit_code = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+        self.main_process = main_process
+        super().__init__(f"stopped at step {step}; resume with: kd run --resume {run_dir}")

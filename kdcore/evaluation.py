@@ -20,6 +20,15 @@ def _batches(data: PackedDataset, batch_size: int, device: torch.device):
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, data: PackedDataset, batch_size: int = 32) -> float:
     """exp(mean token NLL) over every valid token of ``data``."""
+    total, count = nll_totals(model, data, batch_size)
+    return math.exp(total.item() / max(count.item(), 1.0))
+
+
+@torch.no_grad()
+def nll_totals(
+    model: torch.nn.Module, data: PackedDataset, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token NLL and valid-token count over ``data`` (float64, CPU): shards add up."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -31,7 +40,7 @@ def perplexity(model: torch.nn.Module, data: PackedDataset, batch_size: int = 32
         total += nll.double().cpu()
         count += n.double().cpu()
     model.train(was_training)
-    return math.exp(total.item() / max(count.item(), 1.0))
+    return total, count
 
 
 @torch.no_grad()

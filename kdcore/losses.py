@@ -25,16 +25,41 @@ Conventions, stated because peers disagree on them:
   full vocabulary.
 
 Memory: only the valid tokens are computed, ``chunk_tokens`` of them at a time, so at most one
-chunk's softmaxes exist at once. When gradients are on, each chunk runs under
-``torch.utils.checkpoint`` (non-reentrant): the backward pass recomputes the chunk's softmaxes
-instead of keeping them, and only the inputs (views of the logits, the row indices) are saved. The
-teacher logits therefore stay alive until the backward pass. Chunks are views into the logits
+chunk's softmaxes exist at once. When gradients are on and a chunk's ``[tokens, vocab]`` tensors
+are large (at least :data:`CHECKPOINT_MIN_ELEMENTS` elements, 16 MiB in float32), each chunk runs
+under ``torch.utils.checkpoint`` (non-reentrant): the backward pass recomputes the chunk's
+softmaxes instead of keeping them, and only the inputs (views of the logits, the row indices) are
+saved. The teacher logits therefore stay alive until the backward pass. Smaller chunks (a small
+vocabulary, few tokens) keep their few MiB of softmaxes instead: recomputing them costs more time
+than the memory is worth (checkpointed, the loss's forward + backward is ~1.65x slower at
+vocabulary 259, ``bench/loss_time.py``). Chunks are views into the logits
 made by one ``split``, so the backward pass writes the logits' gradient once, not once per chunk.
+
+Sparse teacher (:class:`TopKTeacher`, read from a teacher cache, see :mod:`kdcore.teacher_cache`):
+the teacher is known only by its ``K`` most likely tokens per position, as log-probabilities at
+temperature 1, plus the log-mass of the rest (the *tail*). The KD term is then the divergence over
+``K + 1`` categories: the ``K`` cached tokens and one "rest" bucket.
+
+- Teacher at temperature τ (β = 1/τ): the cached token ``k`` gets the unnormalised log-weight
+  ``β·log p_k`` and the rest bucket ``f(β) = log Σ_{j ∉ top-K} p_j^β``; one ``log_softmax`` over the
+  ``K + 1`` weights normalises them. ``f`` is exact at β = 1 (the cached tail log-mass) and β = 1/2
+  (τ = 2, cached too); elsewhere it is the quadratic through ``f(0) = log(V − K)``, ``f(1/2)`` and
+  ``f(1)`` (``f`` is convex in β, and these three points pin it well for τ ≥ 1).
+- Student: its log-softmax at τ over the (shared) vocabulary, gathered at the same ``K`` ids, and
+  ``log q_rest = log1p(−exp(logsumexp(gathered)))``, clamped so that ``q_rest`` is never exactly 0
+  where a gradient flows.
+- With ``K = V`` the cache holds no tail (``tail is None``): the divergence runs over the ``K``
+  tokens alone, which is the full-vocabulary KD term (the same numbers in another order).
+- Merging the tail into one bucket can only lower the KL (data-processing inequality): the sparse
+  term is the full term minus the divergence *inside* the tail; ``docs/performance.md`` measures it.
+- Vocabulary mismatch: cached ids at or past the student's vocabulary size are dropped (weight 0
+  on both sides), as the dense path drops them.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,10 +70,13 @@ from torch.utils.checkpoint import checkpoint
 if TYPE_CHECKING:
     from kdcore.strategies import Divergence
 
-__all__ = ["IGNORE_INDEX", "SampleTerms", "per_sample_terms", "token_nll_sum"]
+__all__ = ["IGNORE_INDEX", "SampleTerms", "TopKTeacher", "per_sample_terms", "token_nll_sum"]
 
 #: Label value marking positions that count nowhere (padding, prompt tokens...).
 IGNORE_INDEX = -100
+
+#: A chunk whose ``[tokens, vocab]`` tensors hold fewer elements than this is not checkpointed.
+CHECKPOINT_MIN_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -63,6 +91,91 @@ class SampleTerms:
     confidence: torch.Tensor
     #: Number of valid tokens, as float (detached).
     tokens: torch.Tensor
+
+
+#: Log-probability standing for "probability 0" in the sparse KD term: exp() of it is 0 in float32
+#: and float64, and differences of two of them are 0, so 0·log(0/0) terms vanish without NaN.
+_LOG_ZERO = -1.0e4
+
+
+@dataclass
+class TopKTeacher:
+    """A sparse teacher: its ``K`` most likely tokens per position and the log-mass of the rest.
+
+    ``logprobs`` ``[B, T, K]`` are log-probabilities at temperature 1 over the teacher's full
+    vocabulary of ``vocab_size`` tokens (so ``Σ_k exp`` ≤ 1) at the token ids ``indices``
+    ``[B, T, K]``. ``tail`` ``[B, T, 2]`` holds ``log Σ_{j ∉ top-K} p_j^β`` for β = 1 and β = 1/2,
+    or is ``None`` when ``K = vocab_size`` (nothing is left out). Positions whose label is ignored
+    may hold anything. See the module docstring for how τ and the tail are applied.
+    """
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor | None
+    vocab_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logprobs.shape
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The three tensors flattened to ``[B·T, ...]``."""
+        k = self.logprobs.shape[-1]
+        tail = None if self.tail is None else self.tail.reshape(-1, 2)
+        return self.logprobs.reshape(-1, k), self.indices.reshape(-1, k), tail
+
+
+def _tail_logweight(tail: torch.Tensor, beta: float, n_tail: int) -> torch.Tensor:
+    """``f(β) = log Σ_{j ∉ top-K} p_j^β`` from the cached ``f(1)``, ``f(1/2)`` and ``f(0) = log n_tail``."""
+    f1, fh = tail[:, 0], tail[:, 1]
+    if beta == 1.0:
+        return f1
+    if beta == 0.5:
+        return fh
+    f0 = math.log(n_tail)
+    return f0 + beta * (4.0 * fh - f1 - 3.0 * f0) + beta * beta * (2.0 * f0 - 4.0 * fh + 2.0 * f1)
+
+
+def _sparse_divergence(
+    s: torch.Tensor,
+    lse: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    vocab_t: int,
+    divergence: Divergence,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-token divergence over the teacher's top-K tokens plus one rest bucket (module docstring)."""
+    t_lp, idx, tail = teacher
+    shared = min(s.shape[-1], vocab_t)
+    if temperature == 1.0 and shared == s.shape[-1]:
+        s_logp = s - lse.unsqueeze(1)
+    else:
+        s_logp = F.log_softmax(s[:, :shared] / temperature, dim=-1)
+    beta = 1.0 / temperature
+    t_w = _upcast(t_lp).to(s.dtype) * beta
+    idx = idx.long()
+    dropped = None
+    if shared < vocab_t:
+        dropped = idx >= shared
+        idx = idx.masked_fill(dropped, 0)
+        t_w = t_w.masked_fill(dropped, float("-inf"))
+    s_k = s_logp.gather(1, idx)
+    if dropped is not None:
+        s_k = s_k.masked_fill(dropped, _LOG_ZERO)
+    if tail is not None:
+        n_tail = vocab_t - idx.shape[1]
+        f = _tail_logweight(_upcast(tail).to(s.dtype), beta, n_tail).clamp(min=_LOG_ZERO)
+        t_w = torch.cat([t_w, f.unsqueeze(1)], dim=1)
+        # q_rest = 1 − Σ_k q_k, from the log of Σ_k q_k; clamped below 0 so log1p(−exp) stays finite
+        # (and its gradient too) when the student puts all its mass on the K tokens.
+        in_k = torch.logsumexp(s_k, dim=1).clamp(max=-1e-7)
+        s_k = torch.cat([s_k, torch.log1p(-torch.exp(in_k)).unsqueeze(1)], dim=1)
+    t_logp = F.log_softmax(t_w, dim=-1).clamp(min=_LOG_ZERO)
+    return divergence.per_token(s_k, t_logp)
 
 
 @dataclass
@@ -112,22 +225,32 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 def _chunk_terms(
     student: torch.Tensor,
-    teacher: torch.Tensor | None,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     local_rows: torch.Tensor | None,
     gold: torch.Tensor,
     divergence: Divergence | None,
     temperature: float,
+    vocab_t: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token (CE, divergence, log p(gold)) for one piece of rows, in float32 at least."""
+    """Per-token (CE, divergence, log p(gold)) for one piece of rows, in float32 at least.
+
+    ``teacher`` is dense logits, or (log-probs, ids, tail) rows of a :class:`TopKTeacher` whose
+    vocabulary has ``vocab_t`` tokens.
+    """
+    sparse = isinstance(teacher, tuple)
     if local_rows is not None:
         student = student.index_select(0, local_rows)
-        if teacher is not None:
+        if sparse:
+            teacher = tuple(None if x is None else x.index_select(0, local_rows) for x in teacher)
+        elif teacher is not None:
             teacher = teacher.index_select(0, local_rows)
     s = _upcast(student)
     lse = torch.logsumexp(s, dim=-1)
     logp_gold = s.gather(1, gold.unsqueeze(1)).squeeze(1) - lse
     if teacher is None or divergence is None:
         return -logp_gold, None, logp_gold
+    if sparse:
+        return -logp_gold, _sparse_divergence(s, lse, teacher, vocab_t, divergence, temperature), logp_gold
     t = _upcast(teacher)
     shared = min(s.shape[-1], t.shape[-1])
     if temperature == 1.0 and shared == s.shape[-1]:
@@ -141,7 +264,7 @@ def _chunk_terms(
 def per_sample_terms(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | TopKTeacher | None = None,
     divergence: Divergence | None = None,
     temperature: float = 1.0,
     chunk_tokens: int | None = 2048,
@@ -150,7 +273,8 @@ def per_sample_terms(
 
     ``student_logits`` ``[B, T, Vs]`` and ``labels`` ``[B, T]`` are aligned (the logits at ``t``
     predict ``labels[t]``); ``-100`` marks ignored positions. ``teacher_logits`` ``[B, T, Vt]`` is
-    optional; with it, ``divergence`` is required. ``chunk_tokens`` bounds how many valid tokens
+    optional (dense logits, or a sparse :class:`TopKTeacher` from a teacher cache); with it,
+    ``divergence`` is required. ``chunk_tokens`` bounds how many valid tokens
     are processed at once (``None``: all in one chunk). See the module docstring for conventions.
 
     Pass contiguous logits: align them with the labels by shifting the *labels* (``labels[:, t]``
@@ -165,7 +289,7 @@ def per_sample_terms(
     if teacher_logits is not None:
         if divergence is None:
             raise TypeError("per_sample_terms: a divergence is required when teacher_logits is given")
-        if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != student_logits.shape[:2]:
+        if len(teacher_logits.shape) != 3 or teacher_logits.shape[:2] != student_logits.shape[:2]:
             raise ValueError(
                 f"teacher_logits {tuple(teacher_logits.shape)} does not match student_logits "
                 f"{tuple(student_logits.shape)} in batch and sequence dimensions"
@@ -184,18 +308,27 @@ def per_sample_terms(
         kd = zeros + zero if teacher_logits is not None else zeros.clone()
         return SampleTerms(ce=ce, kd=kd, confidence=zeros.clone(), tokens=zeros.clone())
 
-    use_ckpt = torch.is_grad_enabled() and (
-        student_logits.requires_grad or (teacher_logits is not None and teacher_logits.requires_grad)
+    widest = max(vocab, teacher_logits.shape[-1] if teacher_logits is not None else 0)
+    use_ckpt = (
+        torch.is_grad_enabled()
+        and (student_logits.requires_grad or (teacher_logits is not None and teacher_logits.requires_grad))
+        and max(plan.sizes) * widest >= CHECKPOINT_MIN_ELEMENTS
     )
     s_pieces = student_logits.reshape(batch * seq, vocab).split(plan.sizes)
-    if teacher_logits is not None:
+    vocab_t = 0
+    if isinstance(teacher_logits, TopKTeacher):
+        vocab_t = teacher_logits.vocab_size
+        t_lp, t_idx, t_tail = teacher_logits.rows()
+        tails = t_tail.split(plan.sizes) if t_tail is not None else [None] * len(s_pieces)
+        t_pieces = list(zip(t_lp.split(plan.sizes), t_idx.split(plan.sizes), tails, strict=True))
+    elif teacher_logits is not None:
         t_pieces = teacher_logits.reshape(batch * seq, teacher_logits.shape[-1]).split(plan.sizes)
     else:
         t_pieces = [None] * len(s_pieces)
 
     ce_tok, kd_tok, logp_gold = [], [], []
     for s, t, rows, gold in zip(s_pieces, t_pieces, plan.local_rows, plan.gold, strict=True):
-        args = (s, t, rows, gold, divergence, temperature)
+        args = (s, t, rows, gold, divergence, temperature, vocab_t)
         if use_ckpt:
             out = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False)
         else:

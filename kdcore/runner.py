@@ -17,8 +17,16 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
 from rich.console import Console
 
+from kdcore.checkpoint import (
+    Checkpointer,
+    check_plugins,
+    check_resumable,
+    find_checkpoint,
+    truncate_metrics,
+)
 from kdcore.config import ModelConfig, RunConfig, StrategyConfig, TrainingConfig
 from kdcore.data import build_tokenizer, load_corpus
 from kdcore.engine import Strategies, Trainer
@@ -52,7 +60,11 @@ class RunResult:
 def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     """The run's strategies, and their names, parameters and providing packages for the metadata."""
     built = instantiate_strategies(cfg)
-    strategies = Strategies(**{kind: pair[0] for kind, pair in built.items()}, reverse=cfg.reverse)
+    strategies = Strategies(
+        **{kind: pair[0] for kind, pair in built.items()},
+        reverse=cfg.reverse,
+        refresh_every=cfg.refresh_every,
+    )
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
@@ -68,6 +80,35 @@ def check_run_dir(path: Path) -> Path:
     if path.exists() and any(path.iterdir()):
         raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
     return path
+
+
+def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory, the same on every process, and on resume the checkpoint to continue from.
+
+    Every process checks the directory before the main one writes to it (accelerate launch/torchrun).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    found = None
+    if resume:
+        run_dir = Path(cfg.output.dir)
+        check_resumable(run_dir)
+        found = find_checkpoint(
+            run_dir,
+            cfg.to_dict(),
+            state.num_processes,
+            lambda msg: console.print(f"[yellow]{msg}[/yellow]") if state.is_main_process else None,
+        )
+        if state.is_main_process:
+            where = f"{found[0]} (step {found[1]['step']})" if found else "step 0 (no checkpoint yet)"
+            console.print(f"Resuming {run_dir} from {where}")
+    else:
+        run_dir = check_run_dir(cfg.output.dir or default_run_dir(cfg))
+    if state.num_processes > 1:  # the default directory is named by the clock: take the main process's
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    state.wait_for_everyone()
+    return run_dir, None if found is None else {"path": found[0], **found[1]}
 
 
 # -- teacher and student ---------------------------------------------------------------------------
@@ -132,7 +173,8 @@ def resolve_student(model: ModelConfig, tokenizer: Any, seed: int) -> Any:
 def check_vocabularies(
     teacher: Any, student: Any, tokenizer: Any, names: tuple[str, str], console: Console
 ) -> None:
-    vt, vs = vocab_size(teacher), vocab_size(student)
+    vt = teacher if isinstance(teacher, int) else vocab_size(teacher)  # an int: a teacher cache's vocabulary
+    vs = vocab_size(student)
     if len(tokenizer) > min(vt, vs):
         raise KdError(
             f"the tokenizer has {len(tokenizer)} tokens but teacher '{names[0]}' has {vt} and student "
@@ -163,13 +205,15 @@ def train_causal_lm(
     with TrainingProgress(console, trainer.total_steps, "teacher") as progress:
         trainer.on_progress = progress.update
         result = trainer.fit()
-    with atomic_directory(out_dir) as tmp:
-        trainer.unwrapped_student().save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(
-            tmp / "kdcore_teacher.json",
-            {"source": source, "eval_ppl": result["student_eval_ppl"], "steps": result["steps"]},
-        )
+    if trainer.accelerator.is_main_process:  # several processes train it together; one writes it
+        with atomic_directory(out_dir) as tmp:
+            trainer.unwrapped_student().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(
+                tmp / "kdcore_teacher.json",
+                {"source": source, "eval_ppl": result["student_eval_ppl"], "steps": result["steps"]},
+            )
+    trainer.accelerator.wait_for_everyone()
     console.print(f"Teacher eval perplexity {result['student_eval_ppl']:.3f}, saved to {out_dir}")
     return result
 
@@ -183,32 +227,58 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True) -> RunResult:
+def run(
+    cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True, resume: bool = False
+) -> RunResult:
+    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint."""
     console = console or Console(stderr=True)
     quiet_transformers()
     wall_start = time.perf_counter()
+    if resume:  # before the strategies are built: a missing plugin is named with its package
+        check_plugins(Path(cfg.output.dir), lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     strategies, strategy_meta = make_strategies(cfg.strategy)
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
-    run_dir = check_run_dir(cfg.output.dir or default_run_dir(cfg))
+    run_dir, checkpoint = open_run_dir(cfg, resume, console)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.training.seed)
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
-    teacher_source, tokenizer = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, cfg.training, console)
-    teacher = load_pretrained(teacher_source, trust_remote_code=cfg.model.trust_remote_code)
-    student = resolve_student(cfg.model, tokenizer, cfg.training.seed)
-    check_vocabularies(teacher, student, tokenizer, (cfg.model.teacher, cfg.model.student), console)
-    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    cache = None  # --teacher-cache: the teacher's top-K come from disk and no teacher model is loaded
+    if cfg.model.teacher_cache is not None:
+        from kdcore.teacher_cache import open_for_run
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
-    teacher_ppl = perplexity(teacher, eval_set)
+        cache, tokenizer = open_for_run(cfg, corpus, console)
+        teacher = None
+    else:
+        teacher_source, tokenizer = resolve_teacher(
+            cfg.model, corpus, cfg.data.seq_len, cfg.training, console
+        )
+        teacher = load_pretrained(teacher_source, trust_remote_code=cfg.model.trust_remote_code)
+    student = resolve_student(cfg.model, tokenizer, cfg.training.seed)
+    check_vocabularies(
+        cache.vocab_size if cache else teacher,
+        student,
+        tokenizer,
+        (cfg.model.teacher, cfg.model.student),
+        console,
+    )
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    if cache is not None:
+        cache.check_data(train, eval_set)
+
+    main = PartialState().is_main_process  # with several processes, only the main one writes files
+    if main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
+    teacher_ppl = cache.teacher_eval_ppl if cache else perplexity(teacher, eval_set)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    if main and resume:  # back to what metrics.jsonl held at the checkpoint
+        metrics.records = truncate_metrics(metrics.path, checkpoint["metrics_bytes"] if checkpoint else 0)
     tracking = Tracking(cfg.output.report_to, run_dir, cfg.output.tracker_project)
     trainer = Trainer(
         student,
@@ -222,13 +292,25 @@ def run(cfg: RunConfig, *, console: Console | None = None, show_progress: bool =
         on_log=tracking.wrap(metrics.write),
         log_with=tracking.log_with,
         project_dir=tracking.project_dir,
+        teacher_cache=cache,
+        checkpoints=Checkpointer(
+            run_dir,
+            cfg.training.checkpoint_every,
+            cfg.output.keep_checkpoints,
+            cfg.to_dict(),
+            metrics.path,
+        ),
     )
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     label = cfg.strategy.label()
-    with TrainingProgress(console if show_progress else None, trainer.total_steps, label) as progress:
+    with TrainingProgress(
+        console if show_progress and main else None, trainer.total_steps, label
+    ) as progress:
         trainer.on_progress = progress.update
-        result = trainer.fit()
+        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
     tracking.finish()
+    if not main:  # the main process writes the student, plots and summary
+        return RunResult(result, run_dir)
 
     if cfg.output.save_student:
         with atomic_directory(run_dir / "student") as tmp:

@@ -74,3 +74,16 @@ def run_kd(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None
         cwd=cwd,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def cached_tiny_teacher(isolated_cache, tmp_path_factory) -> None:
+    """Train the tiny teacher of ``tiny_overrides`` once, in-process: concurrent subprocesses only read it."""
+    from rich.console import Console
+
+    from kdcore.config import resolve_config
+    from kdcore.data import load_corpus
+    from kdcore.runner import resolve_teacher
+
+    cfg = resolve_config(None, tiny_overrides(tmp_path_factory.mktemp("teacher")))
+    resolve_teacher(cfg.model, load_corpus(cfg.data, 0), cfg.data.seq_len, cfg.training, Console(quiet=True))

@@ -275,3 +275,14 @@ def test_constructor_validation():
         sampler(n=0)
     with pytest.raises(KdError):
         sampler(b=0)
+
+
+def test_runs_shorter_than_an_epoch_still_resort():
+    """10 re-sorts per run by default, at least one per epoch; refresh_every overrides."""
+    short = CurriculumSampler(10_000, 16, pacing(), total_steps=300, seed=0)  # 625 steps per epoch
+    assert short.refresh_every == 30
+    short.refresh(None, 0)
+    assert [step for step in range(1, 300) if short.needs_refresh(step)] == list(range(30, 300, 30))
+    long = CurriculumSampler(100, 10, pacing(), total_steps=1000, seed=0)
+    assert long.refresh_every == long.steps_per_epoch == 10
+    assert CurriculumSampler(100, 10, pacing(), total_steps=1000, seed=0, refresh_every=7).refresh_every == 7

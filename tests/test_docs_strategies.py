@@ -16,5 +16,7 @@ def test_every_builtin_strategy_and_parameter_is_documented():
             continue
         if f"`{entry.name}`" not in DOC:
             missing.append(f"{entry.kind} {entry.name}")
-        missing += [f"{entry.kind} {entry.name}: {p}" for p in entry.cls.Params.model_fields if f"`{p}`" not in DOC]
+        missing += [
+            f"{entry.kind} {entry.name}: {p}" for p in entry.cls.Params.model_fields if f"`{p}`" not in DOC
+        ]
     assert not missing, missing

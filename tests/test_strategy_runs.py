@@ -76,13 +76,14 @@ def test_student_snapshot_costs_no_extra_forward_pass(setting):
     """The scorer reads statistics the step already computed: forward counts equal the no-scorer run."""
 
     def forwards(scorer):
-        counts = {"n": 0}
+        counts = {"n": 0, "ids": []}
         original = Trainer.forward
 
-        def counting_forward(self, *args, **kwargs):
+        def counting_forward(self, sample_ids, *args, **kwargs):
+            counts["ids"].append(sample_ids)
             handle = self.student.register_forward_hook(lambda *a: counts.__setitem__("n", counts["n"] + 1))
             try:
-                return original(self, *args, **kwargs)
+                return original(self, sample_ids, *args, **kwargs)
             finally:
                 handle.remove()
 
@@ -91,12 +92,11 @@ def test_student_snapshot_costs_no_extra_forward_pass(setting):
             trainer, _ = train_briefly(setting, scorer, "root", "threshold")
         finally:
             Trainer.forward = original
-        return counts["n"], trainer
+        return counts["n"], torch.cat(counts["ids"]).unique(), trainer
 
-    with_none, _ = forwards("none")
-    with_snapshot, trainer = forwards("student-snapshot")
+    with_none, _, _ = forwards("none")
+    with_snapshot, seen, trainer = forwards("student-snapshot")
     assert with_snapshot == with_none == 3  # one student forward per step, nothing else
-    seen = torch.cat([trainer.sampler.batch(step) for step in range(3)]).unique()
     known = (~torch.isnan(trainer.s.scorer.scores())).nonzero().flatten()
     assert torch.equal(known, seen)  # exactly the samples trained on have a score
 

@@ -1,0 +1,386 @@
+"""Checkpoints, resume and graceful stop: ``RUN_DIR/checkpoints/step-N/``.
+
+A checkpoint is written every ``training.checkpoint_every`` steps (and when SIGINT/SIGTERM stops a
+run) into ``checkpoints/.step-N.tmp/`` and renamed to ``step-N/`` only when complete, so a killed
+process never leaves a checkpoint that looks whole. It holds:
+
+- what ``accelerator.save_state`` writes: the student (``model.safetensors``), the optimizer, the
+  LR scheduler, the gradient scaler (fp16) and one RNG file per process (``random_states_R.pkl``:
+  python, numpy and torch generators, so dropout continues with the same masks);
+- ``trainer_state.pt``: the step, the curriculum sampler, every strategy's ``state_dict()``
+  (scorer scores, pacing, reliance, divergence), the :class:`~kdcore.engine.History` (difficulty
+  snapshots, λ sums, eval curve, token and time counters, the partly filled log window);
+- ``checkpoint.json``, written last: the step, the number of processes, the resolved run config and
+  its fingerprint, the size of ``metrics.jsonl`` at that step, and the size and SHA-256 of every
+  other file, so a damaged checkpoint (a file missing, truncated or altered) is recognised.
+
+The newest ``output.keep_checkpoints`` are kept. ``kd run --resume DIR`` takes the newest checkpoint
+that passes these checks (a damaged one is reported and skipped), refuses one written with another
+config (naming the first field that differs) or another number of processes, truncates
+``metrics.jsonl`` to the checkpoint and continues; the result is bit-for-bit the uninterrupted run's.
+
+``trainer_state.pt`` and accelerate's RNG files are pickles (as accelerate's own checkpoints are):
+resume only run directories you trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from kdcore.errors import KdError, PluginError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from kdcore.config import RunConfig
+
+CHECKPOINTS = "checkpoints"
+META = "checkpoint.json"
+TRAINER_STATE = "trainer_state.pt"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+#: Config fields that do not change what a run computes; a checkpoint may differ from the run in them.
+NEUTRAL_FIELDS = ("output.", "training.checkpoint_every", "training.on_nonfinite")
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``run_dir`` holds a run that has not finished, or a KdError saying why it cannot be resumed."""
+    if not (run_dir / "config.yaml").is_file():
+        raise KdError(
+            f"'{run_dir}' is not a run directory (it has no config.yaml); --resume takes the directory "
+            "a kd run wrote"
+        )
+    if (run_dir / "summary.json").exists():
+        raise KdError(f"'{run_dir}' holds a finished run (it has summary.json); there is nothing to resume")
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The config a run directory was started with, pointed at that directory."""
+    from kdcore.config import resolve_config
+
+    check_resumable(run_dir)
+    return resolve_config(run_dir / "config.yaml", {"output.dir": str(run_dir)})
+
+
+class CheckpointDamaged(KdError):
+    """A checkpoint directory whose files are missing, truncated or altered."""
+
+
+# -- config comparison -------------------------------------------------------------------------------
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def relevant_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields that decide the result, flattened to dotted names."""
+    return {k: v for k, v in _flatten(config).items() if not k.startswith(NEUTRAL_FIELDS)}
+
+
+def fingerprint(config: Mapping[str, Any]) -> str:
+    text = json.dumps(relevant_config(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def first_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """``"training.lr=0.003, the run has 0.001"`` for the first differing field, or None.
+
+    A field the checkpoint does not know (added to kdcore since) counts as its default value.
+    """
+    from kdcore.config import RunConfig
+
+    old, new = relevant_config(saved), relevant_config(current)
+    defaults = relevant_config(RunConfig().to_dict())
+    missing = object()
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(key, defaults.get(key, missing)), new.get(key, missing)
+        if a == b:
+            continue
+        if a is missing:
+            return f"no {key} (the run has {key}={_show(b)})"
+        if b is missing:
+            return f"{key}={_show(a)}, which the run does not have"
+        return f"{key}={_show(a)}, the run has {_show(b)}"
+    return None
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-N`` directory under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata, or :class:`CheckpointDamaged` saying what is wrong with it."""
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {META} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = dict(meta["files"])
+        int(meta["step"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {META} is not valid") from None
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} is missing")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointDamaged(
+                f"checkpoint {path} is damaged: {name} has {size} bytes, {info['bytes']} were written"
+            )
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} does not match its checksum")
+    return meta
+
+
+def find_checkpoint(
+    run_dir: Path, config: Mapping[str, Any], num_processes: int, warn: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest valid checkpoint of ``run_dir`` for this config, or None when there is none at all.
+
+    A damaged checkpoint is reported through ``warn`` and the previous one tried; a checkpoint
+    written with another config or another number of processes is refused with a :class:`KdError`.
+    """
+    candidates = step_dirs(run_dir / CHECKPOINTS)
+    problems = []
+    for _, path in candidates:
+        try:
+            meta = verify(path)
+        except CheckpointDamaged as exc:
+            problems.append(str(exc))
+            warn(f"{exc}; trying the previous checkpoint")
+            continue
+        difference = first_difference(meta.get("config", {}), config)
+        if difference is not None:
+            raise KdError(
+                f"checkpoint {path} was written with {difference}; resume with the config it was "
+                f"written with ({run_dir / 'config.yaml'}), or start a new run"
+            )
+        if int(meta.get("world_size", 1)) != num_processes:
+            raise KdError(
+                f"checkpoint {path} was written by {meta['world_size']} processes and this run has "
+                f"{num_processes}; resume with the same number (e.g. accelerate launch --num_processes "
+                f"{meta['world_size']} -m kdcore run --resume {run_dir})"
+            )
+        return path, meta
+    if problems:
+        raise KdError(
+            f"no valid checkpoint in {run_dir / CHECKPOINTS} ({'; '.join(problems)}); remove that "
+            "directory to start the run again from step 0"
+        )
+    return None
+
+
+def truncate_metrics(path: Path, size: int) -> list[dict[str, Any]]:
+    """Cut ``metrics.jsonl`` back to ``size`` bytes (what it held at the checkpoint); its records."""
+    if path.exists():
+        with path.open("r+b") as handle:
+            handle.truncate(min(size, path.stat().st_size))
+    elif size:
+        raise KdError(f"{path} is missing; the checkpoint expects {size} bytes of metrics in it")
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# -- plugins ---------------------------------------------------------------------------------------------
+def check_plugins(run_dir: Path, warn: Callable[[str], None]) -> None:
+    """Every strategy recorded in ``strategies.yaml`` is installed, or a PluginError naming the package."""
+    from kdcore.plugins import get_registry
+
+    path = run_dir / "strategies.yaml"
+    if not path.is_file():
+        return
+    recorded = yaml.safe_load(path.read_text()) or {}
+    registry = get_registry()
+    for kind, meta in recorded.items():
+        if not isinstance(meta, Mapping) or "name" not in meta:
+            continue
+        dist, version = meta.get("distribution", "?"), meta.get("version", "")
+        try:
+            entry = registry.entry(kind, meta["name"])
+        except PluginError as exc:
+            raise PluginError(
+                f"this run used {kind} '{meta['name']}' from {dist} {version}, which is not available "
+                f"here ({exc}); pip install {dist}, then resume"
+            ) from None
+        if version and entry.version != version:
+            warn(
+                f"{kind} '{meta['name']}' was provided by {dist} {version} and is now {entry.distribution} "
+                f"{entry.version}; the resumed run may not match an uninterrupted one"
+            )
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Writes and prunes ``RUN_DIR/checkpoints/step-N/``; every process calls :meth:`save`."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        every: int | None,
+        keep: int,
+        config: Mapping[str, Any],
+        metrics_path: Path | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.every, self.keep = every, keep
+        self.config = dict(config)
+        self.metrics_path = metrics_path
+        #: the newest checkpoint written or resumed from (the "last good" one)
+        self.last: Path | None = None
+        self.last_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step != self.last_step
+
+    def save(self, accelerator: Accelerator, state: Mapping[str, Any], step: int) -> Path:
+        """Write checkpoint ``step-<step>`` atomically; collective over all processes."""
+        import torch
+
+        final, tmp = self.root / f"step-{step}", self.root / f".step-{step}.tmp"
+        main = accelerator.is_main_process
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        noisy = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied weights, fine
+        level, noisy.level = noisy.level, logging.ERROR
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)  # RNG files come from every process
+        finally:
+            noisy.setLevel(level)
+        accelerator.wait_for_everyone()
+        if main:
+            torch.save(dict(state), tmp / TRAINER_STATE)
+            files = {}
+            for file in sorted(p for p in tmp.iterdir() if p.is_file()):
+                _fsync(file)
+                files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+            meta = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": accelerator.num_processes,
+                "config_fingerprint": fingerprint(self.config),
+                "metrics_bytes": self.metrics_path.stat().st_size
+                if self.metrics_path and self.metrics_path.exists()
+                else 0,
+                "config": self.config,
+                "files": files,
+            }
+            (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+            _fsync(tmp / META)
+            if final.exists():  # e.g. a damaged step-N left by an earlier attempt
+                old = self.root / f".step-{step}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            self.prune()
+        accelerator.wait_for_everyone()
+        self.last, self.last_step = final, step
+        return final
+
+    def prune(self) -> None:
+        for _, path in step_dirs(self.root)[self.keep :]:
+            shutil.rmtree(path, ignore_errors=True)
+        for leftover in self.root.glob(".step-*.tmp"):  # from a process killed while writing
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def resumed_from(self, path: Path, step: int, main_process: bool = True) -> None:
+        """Record the checkpoint a resumed run starts from; newer (damaged) ones are removed."""
+        self.last, self.last_step = path, step
+        for newer_step, newer in step_dirs(self.root) if main_process else []:
+            if newer_step > step:
+                shutil.rmtree(newer, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a verified checkpoint."""
+    import torch
+
+    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+# -- graceful stop ----------------------------------------------------------------------------------------
+class GracefulStop:
+    """While active, SIGINT and SIGTERM only set a flag: the loop finishes its step, checkpoints, stops.
+
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> GracefulStop:
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self, accelerator: Accelerator) -> int | None:
+        """The signal to stop for; with several processes, one that got a signal stops them all."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        import torch
+
+        flag = torch.tensor([self.signum or 0], device=accelerator.device)
+        return int(accelerator.reduce(flag, "max").item()) or None

@@ -1,0 +1,284 @@
+"""``kd run --dry-run``: check everything a run needs, estimate its size, and train nothing.
+
+In order: the strategies (plugins load, parameters validate), the trackers and ``--push-to-hub``,
+the data (the corpus is loaded and packed with the real tokenizer), the tokenizer (a from-scratch
+teacher's is built, or read from the teacher cache; a directory's or hub id's is loaded), and the
+models' *configs* (``AutoConfig.for_model`` for a spec, ``AutoConfig.from_pretrained`` for a
+directory or hub id: no weights are loaded and no teacher is trained). Then the vocabularies are
+checked exactly as a run checks them, and a table shows samples, steps per epoch, total steps,
+parameter counts (counted on the ``meta`` device, without memory) and an estimate of the memory of
+one micro-batch's logits.
+
+The logits estimate, per micro-batch of ``B = batch_size / grad_accum`` samples of ``L`` tokens:
+
+- student logits ``B·L·V_s`` and their gradient, at 2 bytes under fp16/bf16 mixed precision, else 4;
+- teacher logits ``B·L·V_t`` at 4 bytes (the teacher runs outside autocast);
+- with ``--teacher-cache`` instead: the top-K rows ``B·L·K`` at 12 bytes (log-prob and token id);
+- the loss's float32 working copies: it works on ``min(2048, B·L)`` tokens at a time and holds about
+  four ``V``-wide copies of them (student and teacher log-softmax at temperature τ, the divergence's
+  temporaries).
+
+Weights: the student's parameters cost 16 bytes each in training (fp32 weights, gradients and
+AdamW's two moments), the teacher's 4. Activations other than the logits are not counted.
+
+Nothing is written: no run directory, no teacher cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kdcore.config import RunConfig
+from kdcore.errors import KdError
+
+LOSS_CHUNK_TOKENS = 2048  # kdcore.losses.per_sample_terms' default chunk_tokens
+LOSS_COPIES = 4
+
+
+@dataclass
+class ModelInfo:
+    source: str
+    kind: str  # "spec", "directory", "hub", "cached teacher", "teacher (to be trained)"
+    vocab_size: int
+    parameters: int | None
+
+
+@dataclass
+class DryRunReport:
+    """What ``kd run --dry-run`` found; sizes in bytes."""
+
+    strategies: dict[str, str]
+    trackers: list[str]
+    tokenizer_size: int
+    teacher: ModelInfo
+    student: ModelInfo
+    train_samples: int
+    eval_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    micro_batch: int
+    seq_len: int
+    memory: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def logits_memory(
+    micro_batch: int, seq_len: int, vocab_student: int, vocab_teacher: int | None, mixed_precision: str
+) -> dict[str, int]:
+    """Bytes of one micro-batch's logits and the loss's softmax copies (see the module docstring)."""
+    tokens = micro_batch * seq_len
+    student_bytes = 2 if mixed_precision in ("fp16", "bf16") else 4
+    shared = min(vocab_student, vocab_teacher) if vocab_teacher else vocab_student
+    memory = {
+        "student logits": tokens * vocab_student * student_bytes,
+        "student logits gradient": tokens * vocab_student * student_bytes,
+        "teacher logits": tokens * vocab_teacher * 4 if vocab_teacher else 0,
+        "loss softmax copies": min(LOSS_CHUNK_TOKENS, tokens) * shared * 4 * LOSS_COPIES,
+    }
+    memory["logits total"] = sum(memory.values())
+    return memory
+
+
+def count_parameters(config: Any, trust_remote_code: bool = False) -> int | None:
+    """Parameters of the model ``config`` describes, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture that cannot be built on meta: the count is only informative
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def _pretrained_config(source: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        from kdcore.models import _not_found
+
+        raise KdError(_not_found(source, exc, what="model config")) from None
+
+
+def _spec_config(spec: Any, tokenizer: Any) -> Any:
+    try:
+        return spec.config(len(tokenizer))
+    except (ValueError, TypeError) as exc:
+        raise KdError(
+            f"cannot build a config from spec '{spec.model_type}': {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
+    """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
+    from kdcore.data import build_tokenizer, load_corpus
+    from kdcore.engine import total_steps
+    from kdcore.model_card import check_push
+    from kdcore.models import load_tokenizer, parse_spec, same_tokenizer
+    from kdcore.plugins import instantiate_strategies
+    from kdcore.runner import quiet_transformers, spec_teacher_dir
+    from kdcore.trackers import resolve_trackers
+
+    quiet_transformers()
+    built = instantiate_strategies(cfg.strategy)
+    strategies = {
+        kind: f"{pair[1]['name']} ({pair[1].get('distribution', '?')})" for kind, pair in built.items()
+    }
+    trackers = resolve_trackers(cfg.output.report_to)
+    check_push(cfg.output.push_to_hub, cfg.output.save_student)
+    model, trust = cfg.model, cfg.model.trust_remote_code
+    teacher_spec, student_spec = parse_spec(model.teacher), parse_spec(model.student)
+    notes: list[str] = []
+
+    corpus = load_corpus(cfg.data, cfg.training.seed)
+    cache = None
+    if model.teacher_cache is not None:  # kd run --teacher-cache: no teacher model is loaded
+        from kdcore.teacher_cache import open_for_run
+
+        cache, tokenizer = open_for_run(cfg, corpus, Console(quiet=True))
+        teacher_config, teacher_kind = None, f"teacher cache, top-{cache.top_k}"
+        notes.append(
+            f"the teacher's top-{cache.top_k} come from {cache.directory}; no teacher model is loaded"
+        )
+    elif teacher_spec is not None:
+        cached = spec_teacher_dir(model, corpus, cfg.data.seq_len, cfg.training)
+        if (cached / "config.json").is_file():
+            tokenizer = load_tokenizer(str(cached))
+            teacher_config, teacher_kind = _pretrained_config(str(cached), False), "cached teacher"
+            notes.append(f"the teacher is cached in {cached}")
+        else:
+            tokenizer = build_tokenizer(model.tokenizer or "byte", corpus.train_texts)
+            teacher_config, teacher_kind = _spec_config(teacher_spec, tokenizer), "spec (to be trained)"
+            notes.append(
+                f"the teacher will be trained for {model.teacher_steps} steps, then cached in {cached}"
+            )
+    else:
+        if model.tokenizer:
+            raise KdError(
+                f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
+            )
+        tokenizer = load_tokenizer(model.teacher, trust_remote_code=trust)
+        teacher_config = _pretrained_config(model.teacher, trust)
+        teacher_kind = "directory" if _is_dir(model.teacher) else "hub"
+
+    if student_spec is not None:
+        student_config, student_kind = _spec_config(student_spec, tokenizer), "spec"
+    else:
+        student_config = _pretrained_config(model.student, trust)
+        student_kind = "directory" if _is_dir(model.student) else "hub"
+        try:
+            student_tokenizer = load_tokenizer(model.student, trust_remote_code=trust)
+        except KdError:
+            student_tokenizer = None
+        if student_tokenizer is not None and not same_tokenizer(tokenizer, student_tokenizer):
+            raise KdError(
+                f"teacher '{model.teacher}' and student '{model.student}' use different tokenizers "
+                f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); distillation needs one shared tokenizer, "
+                "so pick a student from the teacher's family or a from-scratch spec"
+            )
+    vt = cache.vocab_size if cache is not None else int(teacher_config.vocab_size)
+    vs = int(student_config.vocab_size)
+    if len(tokenizer) > min(vt, vs):
+        raise KdError(
+            f"the tokenizer has {len(tokenizer)} tokens but teacher '{model.teacher}' has {vt} and student "
+            f"'{model.student}' has {vs} output rows; use models built for this tokenizer"
+        )
+    if vt != vs:
+        notes.append(
+            f"vocabularies padded differently ({vt} vs {vs}): distilling over the first {min(vt, vs)}"
+        )
+
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    if cache is not None:
+        cache.check_data(train, eval_set)
+    t = cfg.training
+    micro = t.batch_size // t.grad_accum
+    teacher_needed = cfg.strategy.reliance.name != "none"
+    report = DryRunReport(
+        strategies=strategies,
+        trackers=trackers,
+        tokenizer_size=len(tokenizer),
+        teacher=ModelInfo(
+            model.teacher,
+            teacher_kind,
+            vt,
+            count_parameters(teacher_config, trust) if teacher_config else None,
+        ),
+        student=ModelInfo(model.student, student_kind, vs, count_parameters(student_config, trust)),
+        train_samples=len(train),
+        eval_samples=len(eval_set),
+        steps_per_epoch=math.ceil(len(train) / t.batch_size),
+        total_steps=total_steps(t, len(train)),
+        micro_batch=micro,
+        seq_len=cfg.data.seq_len,
+        memory=logits_memory(
+            micro, cfg.data.seq_len, vs, vt if teacher_needed and cache is None else None, t.mixed_precision
+        ),
+        notes=notes,
+    )
+    if cache is not None and teacher_needed:  # top-K log-probs (float32) and ids (int64) per position
+        memory = report.memory
+        total = memory.pop("logits total") - memory.pop("teacher logits")
+        memory["teacher top-K rows"] = micro * cfg.data.seq_len * cache.top_k * (4 + 8)
+        memory["logits total"] = total + memory["teacher top-K rows"]
+    if report.student.parameters is not None:
+        report.memory["student weights + grads + AdamW"] = report.student.parameters * 16
+    if report.teacher.parameters is not None and teacher_needed:
+        report.memory["teacher weights"] = report.teacher.parameters * 4
+    if console is not None:
+        print_dry_run(console, cfg, report)
+    return report
+
+
+def _is_dir(source: str) -> bool:
+    from pathlib import Path
+
+    return Path(source).is_dir()
+
+
+def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> None:
+    from rich.markup import escape
+
+    table = Table(title=f"kd run --dry-run: {cfg.strategy.label()} (nothing trained, nothing written)")
+    table.add_column("check")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = list(report.strategies.items())
+    rows.append(("trackers", ", ".join(report.trackers) or "none"))
+    if cfg.output.push_to_hub:
+        rows.append(("push to hub", cfg.output.push_to_hub))
+    for role, info in (("teacher", report.teacher), ("student", report.student)):
+        params = f"{info.parameters:,} parameters" if info.parameters is not None else "parameters unknown"
+        rows.append((role, f"{info.source} ({info.kind}): vocabulary {info.vocab_size:,}, {params}"))
+    rows += [
+        ("tokenizer", f"{report.tokenizer_size:,} tokens: vocabularies ok"),
+        (
+            "data",
+            f"{cfg.data.dataset}: {report.train_samples:,} train / {report.eval_samples:,} eval samples",
+        ),
+        ("steps per epoch", f"{report.steps_per_epoch:,} (batch {cfg.training.batch_size})"),
+        ("total steps", f"{report.total_steps:,}"),
+        ("micro-batch", f"{report.micro_batch} × {report.seq_len} tokens"),
+    ]
+    rows += [(f"memory: {name}", human_bytes(size)) for name, size in report.memory.items()]
+    rows += [("note", note) for note in report.notes]
+    for name, value in rows:
+        table.add_row(escape(name), escape(value))  # paths and sources may hold [brackets]
+    console.print(table)

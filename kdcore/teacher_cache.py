@@ -1,0 +1,440 @@
+"""The teacher cache: run the teacher once, train any number of students without it.
+
+``kd cache-teacher`` packs the training set exactly as ``kd run`` does (same corpus loading, same
+tokenizer, same ``seq_len``, so sample ids match), runs the teacher once without gradient and
+writes, for every position that has a label (``shift_labels(...) != -100``), the teacher's ``K``
+most likely tokens. ``kd run --teacher-cache DIR`` (config ``model.teacher_cache``) then trains
+with no teacher model in memory: :meth:`TeacherCache.topk` hands the trainer a sparse
+:class:`~kdcore.losses.TopKTeacher` and :func:`~kdcore.losses.per_sample_terms` computes the KD
+term over the ``K`` tokens plus one "rest" bucket (see :mod:`kdcore.losses` for the formula and
+why ``K = V`` is the full-vocabulary KD exactly).
+
+What is stored, in ``DIR``:
+
+- ``logprobs.npy`` ``[tokens, K]``: log-probabilities at temperature 1 (``log_softmax`` of the raw
+  logits over the full vocabulary), sorted by decreasing probability; float32 by default, float16
+  with ``--dtype float16`` (half the size, about 1e-3 relative error on each log-probability).
+  Log-probabilities rather than logits: they differ by one constant per token, which a softmax at
+  any temperature ignores, and they give the tail's mass directly. Temperature is applied at train
+  time: ``softmax(log p_k / τ)`` over the K tokens plus the tail bucket.
+- ``indices.npy`` ``[tokens, K]``: the token ids (uint16 when the vocabulary has at most 65,536
+  tokens, else int32).
+- ``tail.npy`` ``[tokens, 2]`` float32: ``log Σ_{j ∉ top-K} p_j^β`` for β = 1 (the tail's
+  log-mass) and β = 1/2 (what τ = 2 needs), computed from the full distribution; absent when
+  ``K = V``.
+- ``offsets.npy`` ``[samples + 1]`` int64: the rows of sample ``i`` are ``offsets[i]:offsets[i+1]``,
+  its labelled positions in order. Only labelled positions are stored (no padding).
+- ``teacher_stats.safetensors``: per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher
+  over the full distribution (what ``teacher-confidence`` needs), from the same pass.
+- ``tokenizer/``: the tokenizer the data was packed with.
+- ``manifest.json``: format, teacher and its identity, tokenizer hash, the packed training and
+  eval sets' fingerprints, ``seq_len``, ``K``, vocabulary size, dtypes, sizes, the teacher's eval
+  perplexity (measured at cache time, so a cached run can report it) and a sha256 per file.
+
+All arrays are plain ``.npy`` files opened with ``numpy.load(mmap_mode="r")``: a run reads only
+the rows of its batches. Size: ``tokens · (K · (4 + 2) + 8)`` bytes with float32 values and uint16
+ids (the demo corpus, 2000 samples of ~60 tokens, K = 32: ~24 MB).
+
+A cache is refused, before training, when the run's teacher, tokenizer, ``seq_len`` or packed
+data differ from the cache's (one sentence naming the field).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from kdcore.errors import KdError
+from kdcore.losses import TopKTeacher
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kdcore.config import ModelConfig, RunConfig, TrainingConfig
+    from kdcore.data import Corpus, PackedDataset
+
+__all__ = ["FORMAT", "TeacherCache", "build_cache", "open_for_run", "teacher_identity", "tokenizer_hash"]
+
+FORMAT = "kdcore-teacher-cache/1"
+MANIFEST = "manifest.json"
+STATS = "teacher_stats.safetensors"
+VALUE_DTYPES = ("float32", "float16")
+#: Rows of [rows, V] float32 processed at once while building: bounds memory at large vocabularies.
+_BUILD_ELEMENTS = 1 << 24
+
+
+# -- identities ------------------------------------------------------------------------------------
+def tokenizer_hash(tokenizer: Any) -> str:
+    """16 hex characters of sha256 over the sorted vocabulary (token -> id) as JSON."""
+    blob = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def teacher_identity(model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig) -> str:
+    """What the teacher is: a hub id or directory as given, or for a from-scratch spec the spec plus
+    the key of its cached training (data, steps, seed, batch, lr), so another training run differs."""
+    from kdcore.models import parse_spec
+    from kdcore.runner import spec_teacher_dir
+
+    if parse_spec(model.teacher) is None:
+        return model.teacher
+    return f"{model.teacher}@{spec_teacher_dir(model, corpus, seq_len, training).name}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _valid_positions(data: PackedDataset) -> torch.Tensor:
+    """``[N, T]`` bool: positions whose next-token label counts (the rows a cache stores)."""
+    from kdcore.data import IGNORE_INDEX, shift_labels
+
+    return shift_labels(data.input_ids, data.attention_mask) != IGNORE_INDEX
+
+
+# -- building --------------------------------------------------------------------------------------
+@torch.no_grad()
+def write_cache(
+    teacher: torch.nn.Module,
+    train: PackedDataset,
+    eval_set: PackedDataset,
+    tokenizer: Any,
+    directory: Path,
+    *,
+    top_k: int,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``teacher`` over ``train`` once and write the cache into ``directory`` (atomically).
+
+    Returns the manifest. ``metadata`` (teacher, teacher_id, ...) is merged into the manifest.
+    """
+    from safetensors.torch import save_file
+
+    from kdcore.data import shift_labels
+    from kdcore.evaluation import perplexity
+    from kdcore.io import atomic_directory, atomic_write_json
+    from kdcore.losses import per_sample_terms
+    from kdcore.models import vocab_size as model_vocab_size
+
+    if dtype not in VALUE_DTYPES:
+        raise KdError(f"cache dtype '{dtype}' is not supported; use one of {', '.join(VALUE_DTYPES)}")
+    if top_k < 1:
+        raise KdError(f"--top-k must be at least 1, got {top_k}")
+    vocab = model_vocab_size(teacher)
+    k = min(top_k, vocab)
+    has_tail = k < vocab
+    index_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
+    valid = _valid_positions(train)
+    counts = valid.sum(1).numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_tokens = int(offsets[-1])
+    if n_tokens == 0:
+        raise KdError("the training set has no token to predict; nothing to cache")
+
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    start = time.perf_counter()
+    with atomic_directory(Path(directory)) as tmp:
+        lp_out = np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", np.dtype(dtype), (n_tokens, k))
+        idx_out = np.lib.format.open_memmap(tmp / "indices.npy", "w+", index_dtype, (n_tokens, k))
+        tail_out = (
+            np.lib.format.open_memmap(tmp / "tail.npy", "w+", np.float32, (n_tokens, 2)) if has_tail else None
+        )
+        np.save(tmp / "offsets.npy", offsets)
+        stats: dict[str, list[torch.Tensor]] = {"ce": [], "confidence": [], "entropy": []}
+        row = 0
+        rows_per_piece = max(1, _BUILD_ELEMENTS // vocab)
+        for first in range(0, len(train), batch_size):
+            ids = train.input_ids[first : first + batch_size].to(device)
+            mask = train.attention_mask[first : first + batch_size].to(device)
+            labels = shift_labels(ids, mask)
+            logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+            terms = per_sample_terms(logits, labels)
+            stats["ce"].append(terms.ce.cpu())
+            stats["confidence"].append(terms.confidence.cpu())
+            keep = labels != -100
+            # the batch's labelled positions in row-major order, a piece at a time (no [n, V] copy)
+            flat_rows = keep.reshape(-1).nonzero().squeeze(1)
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            entropy_sum = torch.zeros(len(ids), dtype=torch.float64)
+            for piece_rows in flat_rows.split(rows_per_piece):
+                owner = torch.div(piece_rows, labels.shape[1], rounding_mode="floor")
+                logp = torch.log_softmax(flat_logits.index_select(0, piece_rows), dim=-1)
+                token_entropy = -(logp.exp() * logp).sum(-1)
+                entropy_sum.index_add_(0, owner.cpu(), token_entropy.double().cpu())
+                values, indices = logp.topk(k, dim=-1)
+                n = piece_rows.numel()
+                lp_out[row : row + n] = values.cpu().numpy().astype(dtype)
+                idx_out[row : row + n] = indices.cpu().numpy().astype(index_dtype)
+                if tail_out is not None:
+                    rest = logp.scatter(-1, indices, float("-inf"))
+                    tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], dim=-1)
+                    tail_out[row : row + n] = tail.cpu().numpy()
+                row += n
+            stats["entropy"].append((entropy_sum / keep.sum(1).cpu().clamp(min=1)).float())
+        assert row == n_tokens, (row, n_tokens)
+        for array in (lp_out, idx_out, tail_out):
+            if array is not None:
+                array.flush()
+        del lp_out, idx_out, tail_out
+        stats_t = {key: torch.cat(parts).contiguous() for key, parts in stats.items()}
+        save_file(stats_t, str(tmp / STATS))
+        cache_seconds = time.perf_counter() - start
+        teacher_ppl = perplexity(teacher, eval_set)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        files = {
+            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            **(metadata or {}),
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "train_fingerprint": train.fingerprint,
+            "eval_fingerprint": eval_set.fingerprint,
+            "seq_len": train.seq_len,
+            "num_samples": len(train),
+            "num_tokens": n_tokens,
+            "top_k": k,
+            "vocab_size": vocab,
+            "dtype": dtype,
+            "index_dtype": np.dtype(index_dtype).name,
+            "has_tail": has_tail,
+            "tail_betas": [1.0, 0.5] if has_tail else [],
+            "teacher_eval_ppl": teacher_ppl,
+            "cache_seconds": cache_seconds,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    teacher.train(was_training)
+    return manifest
+
+
+def build_cache(
+    cfg: RunConfig,
+    output: Path,
+    *,
+    top_k: int = 64,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """``kd cache-teacher``: resolve the teacher and the data exactly as ``kd run`` would, then
+    :func:`write_cache`. Returns the manifest."""
+    from rich.console import Console
+
+    from kdcore.data import load_corpus
+    from kdcore.models import load_pretrained
+    from kdcore.runner import quiet_transformers, resolve_teacher
+
+    console = console or Console(stderr=True)
+    output = Path(output)
+    if (output / MANIFEST).exists():
+        raise KdError(f"'{output}' already holds a teacher cache; choose another --output or remove it")
+    if output.exists() and any(output.iterdir()):
+        raise KdError(f"output directory '{output}' is not empty; choose another --output or remove it")
+    quiet_transformers()
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    torch.manual_seed(cfg.training.seed)
+    corpus = load_corpus(cfg.data, cfg.training.seed)
+    source, tokenizer = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, cfg.training, console)
+    teacher = load_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    metadata = {
+        "teacher": cfg.model.teacher,
+        "teacher_id": teacher_identity(cfg.model, corpus, cfg.data.seq_len, cfg.training),
+        "teacher_source": source,
+        "dataset": cfg.data.dataset,
+        "corpus_fingerprint": corpus.fingerprint,
+    }
+    manifest = write_cache(
+        teacher,
+        train,
+        eval_set,
+        tokenizer,
+        output,
+        top_k=top_k,
+        dtype=dtype,
+        batch_size=batch_size,
+        metadata=metadata,
+    )
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    console.print(
+        f"Cached the teacher's top-{manifest['top_k']} of {manifest['vocab_size']} tokens for "
+        f"{manifest['num_samples']} samples ({manifest['num_tokens']} tokens, {size / 2**20:.1f} MiB) "
+        f"in {output} in {manifest['cache_seconds']:.1f} s; teacher eval perplexity "
+        f"{manifest['teacher_eval_ppl']:.3f}",
+        highlight=False,
+    )
+    return manifest
+
+
+# -- reading ---------------------------------------------------------------------------------------
+class TeacherCache:
+    """A cache directory opened for training: memory-mapped arrays and the manifest."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.top_k = int(manifest["top_k"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self.offsets = np.load(self.directory / "offsets.npy")
+        self._logprobs = np.load(self.directory / "logprobs.npy", mmap_mode="r")
+        self._indices = np.load(self.directory / "indices.npy", mmap_mode="r")
+        self._tail = np.load(self.directory / "tail.npy", mmap_mode="r") if manifest["has_tail"] else None
+        self._stats: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def open(cls, directory: str | Path, *, verify: bool = True) -> TeacherCache:
+        """Open ``directory``; with ``verify``, every file's sha256 is checked against the manifest."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise KdError(
+                f"'{directory}' is not a teacher cache (no {MANIFEST}); write one with kd cache-teacher"
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise KdError(f"teacher cache manifest '{path}' is not valid JSON ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise KdError(
+                f"teacher cache '{directory}' has format {manifest.get('format')!r}, this kdcore reads "
+                f"{FORMAT!r}; rebuild it with kd cache-teacher"
+            )
+        for name, info in manifest["files"].items():
+            file = directory / name
+            if not file.is_file() or file.stat().st_size != info["bytes"]:
+                raise KdError(f"teacher cache '{directory}' is incomplete: '{name}' is missing or truncated")
+            if verify and _sha256(file) != info["sha256"]:
+                raise KdError(
+                    f"teacher cache '{directory}' is corrupt: the checksum of '{name}' does not match"
+                )
+        return cls(directory, manifest)
+
+    @property
+    def teacher_eval_ppl(self) -> float:
+        return float(self.manifest["teacher_eval_ppl"])
+
+    def tokenizer(self) -> Any:
+        from kdcore.models import load_tokenizer
+
+        return load_tokenizer(str(self.directory / "tokenizer"))
+
+    def check(self, field: str, key: str, run_value: Any) -> None:
+        """Refuse the cache with one sentence when the manifest's ``key`` differs from the run's value."""
+        cached = self.manifest.get(key)
+        if cached != run_value:
+            raise KdError(
+                f"teacher cache '{self.directory}' does not match this run: its {field} is {cached!r} but "
+                f"the run's is {run_value!r}; rebuild it with kd cache-teacher and the run's config"
+            )
+
+    def check_data(self, train: PackedDataset, eval_set: PackedDataset) -> None:
+        """Refuse the cache when the packed training or eval set differs from the one it was made on."""
+        self.check("seq_len", "seq_len", train.seq_len)
+        self.check("training data fingerprint", "train_fingerprint", train.fingerprint)
+        self.check("eval data fingerprint", "eval_fingerprint", eval_set.fingerprint)
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The teacher's per-sample ``ce``, ``confidence``, ``entropy`` (``ScorerContext.teacher_stats``)."""
+        if self._stats is None:
+            from safetensors.torch import load_file
+
+            self._stats = load_file(str(self.directory / STATS))
+        return {key: value.clone() for key, value in self._stats.items()}
+
+    def rows(self, sample_ids: torch.Tensor) -> np.ndarray:
+        """Cache rows of ``sample_ids``, concatenated in order (each sample's positions in order)."""
+        ids = np.asarray(torch.as_tensor(sample_ids).cpu().numpy(), dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.offsets) - 1):
+            raise KdError(f"sample id out of range for teacher cache '{self.directory}'")
+        starts = self.offsets[ids]
+        counts = self.offsets[ids + 1] - starts
+        total = int(counts.sum())
+        # row r of the output is starts[s] + (r − first output row of sample s)
+        firsts = np.cumsum(counts) - counts
+        return np.repeat(starts - firsts, counts) + np.arange(total, dtype=np.int64)
+
+    def topk(
+        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> TopKTeacher:
+        """The cached teacher for a batch, as a :class:`TopKTeacher` ``[B, T, K]`` on the batch's device."""
+        from kdcore.data import IGNORE_INDEX, shift_labels
+
+        valid = shift_labels(input_ids, attention_mask) != IGNORE_INDEX
+        rows = self.rows(sample_ids)
+        if rows.size != int(valid.sum()):
+            raise KdError(
+                f"teacher cache '{self.directory}' holds {rows.size} positions for this batch but the batch "
+                f"has {int(valid.sum())}; the cache belongs to other data"
+            )
+        device = input_ids.device
+        shape = (*valid.shape, self.top_k)
+        logprobs = torch.zeros(shape, dtype=torch.float32, device=device)
+        indices = torch.zeros(shape, dtype=torch.long, device=device)
+        logprobs[valid] = torch.from_numpy(self._logprobs[rows].astype(np.float32, copy=False)).to(device)
+        indices[valid] = torch.from_numpy(self._indices[rows].astype(np.int64)).to(device)
+        tail = None
+        if self._tail is not None:
+            tail = torch.zeros((*valid.shape, 2), dtype=torch.float32, device=device)
+            tail[valid] = torch.from_numpy(np.asarray(self._tail[rows])).to(device)
+        return TopKTeacher(logprobs, indices, tail, self.vocab_size)
+
+
+def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[TeacherCache, Any]:
+    """``kd run --teacher-cache``: open the cache and check the run's teacher and tokenizer against it,
+    without loading the teacher model; returns the cache and the tokenizer to pack the data with.
+    (The packed data is checked by :meth:`TeacherCache.check_data` once it exists.)"""
+    from kdcore.data import build_tokenizer
+    from kdcore.models import load_tokenizer, parse_spec
+    from kdcore.runner import spec_teacher_dir
+
+    assert cfg.model.teacher_cache is not None
+    cache = TeacherCache.open(cfg.model.teacher_cache)
+    seq_len = cfg.data.seq_len
+    # Most specific first: a from-scratch teacher's identity includes its data and seq_len.
+    cache.check("seq_len", "seq_len", seq_len)
+    cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
+    cache.check(
+        "teacher (a from-scratch spec includes its training steps, seed, batch size and lr)",
+        "teacher_id",
+        teacher_identity(cfg.model, corpus, seq_len, cfg.training),
+    )
+    if parse_spec(cfg.model.teacher) is None:
+        if cfg.model.tokenizer:
+            raise KdError(
+                f"--tokenizer applies only to from-scratch teachers; '{cfg.model.teacher}' brings its own tokenizer"
+            )
+        run_tokenizer = load_tokenizer(cfg.model.teacher, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        teacher_dir = spec_teacher_dir(cfg.model, corpus, seq_len, cfg.training)
+        if (teacher_dir / "tokenizer_config.json").is_file():
+            run_tokenizer = load_tokenizer(str(teacher_dir))
+        else:  # the teacher model itself is not needed: its tokenizer is built from the data
+            run_tokenizer = build_tokenizer(cfg.model.tokenizer or "byte", corpus.train_texts)
+    cache.check(
+        "tokenizer (sha256 of the sorted vocabulary)", "tokenizer_hash", tokenizer_hash(run_tokenizer)
+    )
+    console.print(
+        f"[dim]Training from the teacher cache {cache.directory} (top-{cache.top_k} of "
+        f"{cache.vocab_size} tokens); no teacher model is loaded[/dim]"
+    )
+    return cache, cache.tokenizer()

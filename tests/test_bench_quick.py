@@ -1,0 +1,55 @@
+"""Each benchmark runs with --quick and prints its ratio lines (the full runs are scripts, see docs/performance.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+#: script -> ratio lines its --quick run must print
+EXPECTED = {
+    "step_time.py": [
+        "ratio live/(ce+teacher-fwd) step time",
+        "ratio live/ce step time",
+        "ratio cache-k32/ce step time",
+    ],
+    "peers.py": ["ratio kdcore/hf-trainer tokens/s", "ratio kdcore-cache/hf-trainer tokens/s"],
+    "loss_memory.py": ["ratio V=8192 [mmap threshold 64 KiB]: naive/chunked peak memory"],
+    "overhead.py": ["ratio snapshot/plain step time", "ratio curriculum/plain step time"],
+    "loss_time.py": ["ratio ce forced-checkpoint/default time", "ratio cache-k32/ce loss time (default)"],
+    "topk_error.py": ["ratio K=8/live student eval ppl", "ratio KD term K=32/full, trained student, τ=2"],
+}
+#: scripts that take --threads
+THREADED = {"step_time.py", "peers.py", "overhead.py"}
+
+
+def test_every_benchmark_runs_quick_and_prints_its_ratios():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    # All at once: most of each run is interpreter and import start-up, which overlaps well.
+    procs = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                str(BENCH / name),
+                "--quick",
+                *(["--threads", "1"] if name in THREADED else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=BENCH,
+        )
+        for name in EXPECTED
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
+        for line in EXPECTED[name]:
+            match = re.search(re.escape(line) + r".*= (\d+\.\d+)x?", out)
+            assert match, f"{name} did not print '{line} = <ratio>':\n{out}"
+            assert float(match.group(1)) > 0

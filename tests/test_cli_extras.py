@@ -1,0 +1,176 @@
+"""Shell completion, kd --version, and kd run --dry-run (checks everything, trains and writes nothing)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import TINY_STUDENT, TINY_TEACHER, run_kd, tiny_overrides
+from typer.testing import CliRunner
+
+import kdcore
+from kdcore.cli import app
+from kdcore.config import resolve_config
+from kdcore.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
+from kdcore.errors import KdError
+from kdcore.models import cache_root
+
+
+@pytest.mark.parametrize(
+    ("shell", "marker"), [("bash", "complete -o default -F _kd_completion kd"), ("zsh", "#compdef kd")]
+)
+def test_show_completion_prints_a_script(shell, marker):
+    # typer 0.29 detects the shell (shellingham); its documented test switch takes the shell as the value instead
+    result = run_kd(
+        "--show-completion", shell, env_extra={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert marker in result.stdout
+    assert "_KD_COMPLETE=complete_" in result.stdout
+
+
+def test_show_completion_detects_the_shell():
+    result = run_kd("--show-completion", env_extra={"SHELL": "/bin/bash"})
+    if result.returncode != 0 and "Shell" in result.stderr:
+        pytest.skip(f"no shell detectable here: {result.stderr.strip()[:120]}")
+    assert result.returncode == 0, result.stderr
+    assert "_KD_COMPLETE=complete_" in result.stdout
+
+
+def test_version():
+    result = run_kd("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"kdcore {kdcore.__version__}"
+
+
+def teacher_dirs() -> set[str]:
+    root = cache_root() / "teachers"
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    before = teacher_dirs()
+    args = [f"--{k}={v}" for k, v in (("teacher", TINY_TEACHER), ("student", TINY_STUDENT))]
+    result = CliRunner().invoke(  # the real typer app, in-process (no second torch import)
+        app,
+        [
+            "run",
+            "--dry-run",
+            *args,
+            "--teacher-steps=13",  # a teacher nobody trains: the dry run must not train it either
+            "--seq-len=48",
+            "--max-steps=12",
+            "--batch-size=8",
+            "--set=data.demo_samples=160",
+            "--output-dir",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    for expected in (
+        "dry-run",
+        "total steps",
+        "steps per epoch",
+        "20 (batch 8)",
+        "teacher logits",
+        "will be trained",
+    ):
+        assert expected in text, expected
+    assert not out.exists()
+    assert teacher_dirs() == before
+
+
+def test_dry_run_numbers(tmp_path):
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 11}))
+    report = dry_run(cfg)
+    assert not (tmp_path / "run").exists()
+    assert report.train_samples == 160 and report.eval_samples == 32  # the demo corpus: one sample per text
+    assert report.steps_per_epoch == math.ceil(160 / 8) == 20
+    assert report.total_steps == 12
+    assert report.tokenizer_size == 259 == report.teacher.vocab_size == report.student.vocab_size
+    tokens = 8 * 48
+    assert report.memory["student logits"] == tokens * 259 * 4
+    assert report.memory["student logits gradient"] == tokens * 259 * 4
+    assert report.memory["teacher logits"] == tokens * 259 * 4
+    assert report.memory["loss softmax copies"] == min(LOSS_CHUNK_TOKENS, tokens) * 259 * 4 * LOSS_COPIES
+    parts = ("student logits", "student logits gradient", "teacher logits", "loss softmax copies")
+    assert report.memory["logits total"] == sum(report.memory[k] for k in parts)
+    from kdcore.models import build_from_spec, parse_spec
+
+    class Tok:  # what build_from_spec reads from a tokenizer
+        pad_token_id, eos_token_id, bos_token_id = 0, 1, None
+
+        def __len__(self):
+            return 259
+
+    student = build_from_spec(parse_spec(TINY_STUDENT), Tok(), 0)
+    assert report.student.parameters == sum(p.numel() for p in student.parameters())
+    assert report.memory["student weights + grads + AdamW"] == 16 * report.student.parameters
+
+
+def test_half_precision_halves_the_student_logits():
+    full = logits_memory(4, 100, 1000, 1000, "no")
+    half = logits_memory(4, 100, 1000, 1000, "bf16")
+    assert half["student logits"] * 2 == full["student logits"]
+    assert half["teacher logits"] == full["teacher logits"]
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A byte-tokenizer model directory and a BPE-tokenizer one (save_pretrained, no training)."""
+    from kdcore.data import build_tokenizer
+    from kdcore.demo import generate_demo_corpus
+    from kdcore.models import build_from_spec, parse_spec
+
+    root = tmp_path_factory.mktemp("models")
+    byte = build_tokenizer("byte")
+    bpe = build_tokenizer("bpe:vocab_size=300", [text for text, _ in generate_demo_corpus(200, 0)])
+    for name, tok in (("byte", byte), ("bpe", bpe)):
+        model = build_from_spec(parse_spec(TINY_STUDENT), tok, 0)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def test_dry_run_reads_directory_configs(saved_models, tmp_path):
+    cfg = resolve_config(
+        None, tiny_overrides(tmp_path / "run", **{"model.teacher": str(saved_models / "byte")})
+    )
+    report = dry_run(cfg)
+    assert report.teacher.kind == "directory" and report.teacher.vocab_size == 259
+    assert report.student.kind == "spec"
+    assert not any("trained" in note for note in report.notes)
+
+
+def test_dry_run_catches_different_tokenizers(saved_models, tmp_path):
+    overrides = {"model.teacher": str(saved_models / "byte"), "model.student": str(saved_models / "bpe")}
+    with pytest.raises(KdError, match="different tokenizers"):
+        dry_run(resolve_config(None, tiny_overrides(tmp_path / "run", **overrides)))
+
+
+def test_dry_run_catches_a_vocabulary_too_small(tmp_path):
+    small = f"{TINY_STUDENT},vocab_size=100"
+    cfg = resolve_config(
+        None, tiny_overrides(tmp_path / "run", **{"model.student": small, "model.teacher_steps": 11})
+    )
+    with pytest.raises(KdError, match="the tokenizer has 259 tokens"):
+        dry_run(cfg)
+
+
+def test_dry_run_with_a_teacher_cache(tmp_path):
+    from rich.console import Console
+
+    from kdcore.teacher_cache import build_cache
+
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run"))
+    build_cache(cfg, tmp_path / "cache", top_k=16, console=Console(quiet=True))
+    cached = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"teacher_cache": tmp_path / "cache"})}
+    )
+    report = dry_run(cached)
+    assert report.teacher.kind == "teacher cache, top-16" and report.teacher.vocab_size == 259
+    assert "teacher logits" not in report.memory
+    assert report.memory["teacher top-K rows"] == 8 * 48 * 16 * 12
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,142 @@
+"""Two processes (torchrun, gloo on CPU) train like one process on the same global batch.
+
+What must be *identical*: the curriculum (per-sample ranks at every re-sort), λ, the batches, the
+token counts; every process's scorer sees the whole global batch through an all-gather. What may
+differ by float rounding: the gradient (DDP's all-reduce sums the two half-batch gradients, a single
+process sums per-sample terms in one reduction) and the eval perplexity (each process scores half
+the eval set, the NLL sums meet in an all-reduce). Each reordering changes a float32 sum by ~1e-7
+relative; over 40 Adam steps on this tiny model that stays ~1e-6 in the weights and ~1e-7 in
+perplexity (measured), so 1e-4 relative on perplexity leaves a wide margin while still catching a
+wrong normalisation (a factor 2 in the loss scale moves perplexity by percents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from kdcore.config import set_path
+
+NO_DROPOUT = "gpt2:n_layer=1,n_embd=16,n_head=2,attn_pdrop=0,resid_pdrop=0,embd_pdrop=0"
+SETTINGS = {
+    # dropout masks are drawn per process, so a 2-process run with dropout is another random draw
+    "model.student": NO_DROPOUT,
+    "strategy.scorer": "student-snapshot",
+    "strategy.pacing": "root",
+    "strategy.reliance": "threshold",
+    "training.max_steps": 40,
+    "training.eval_every": 10,
+    "training.checkpoint_every": 10,
+    "training.threads": 1,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_file(tmp_path, name: str) -> str:
+    tree: dict = {}
+    for dotted, value in {**tiny_overrides(tmp_path / name), **SETTINGS}.items():
+        set_path(tree, dotted, value)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return str(path)
+
+
+def launch(command: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+def torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "kdcore",
+        *args,
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(cached_tiny_teacher, tmp_path_factory):
+    """One process and two processes (torchrun), started together."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    with (tmp / "one.log").open("w") as one_log, (tmp / "two.log").open("w") as two_log:
+        one = launch([sys.executable, "-m", "kdcore", "run", "-c", config_file(tmp, "one")], one_log)
+        two = launch(torchrun("run", "-c", config_file(tmp, "two")), two_log)
+        assert one.wait(timeout=300) == 0, (tmp / "one.log").read_text()[-3000:]
+        assert two.wait(timeout=300) == 0, (tmp / "two.log").read_text()[-3000:]
+    return tmp / "one", tmp / "two"
+
+
+def test_two_processes_train_like_one_on_the_same_global_batch(runs):
+    a, b = (json.loads((run / "summary.json").read_text()) for run in runs)
+    # identical: what the curriculum and the reliance policy decided, and the data seen
+    for key in ("steps", "train_tokens", "mean_lambda", "final_open_share", "strategy"):
+        assert a[key] == b[key], key
+    ta, tb = (pq.read_table(run / "difficulty.parquet") for run in runs)
+    for column in ("sample_id", "step", "rank", "lambda"):
+        assert np.array_equal(ta[column].to_numpy(), tb[column].to_numpy(), equal_nan=True), column
+    np.testing.assert_allclose(ta["score"].to_numpy(), tb["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    # equal up to float summation order
+    assert [s for s, _ in a["eval_curve"]] == [s for s, _ in b["eval_curve"]]
+    for (_, pa), (_, pb) in zip(a["eval_curve"], b["eval_curve"], strict=True):
+        assert pb == pytest.approx(pa, rel=1e-4)
+    wa, wb = (load_file(run / "student" / "model.safetensors") for run in runs)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_main_process_writes(runs):
+    one, two = runs
+
+    def tree(run):
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if "random_states" not in p.name)
+
+    assert tree(two) == tree(one)  # nothing extra, nothing twice
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == len((one / "metrics.jsonl").read_text().splitlines())
+    # a checkpoint holds every process's RNG state, and knows it was written by two processes
+    checkpoint = two / "checkpoints" / "step-40"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_for_bit(runs, tmp_path):
+    import shutil
+
+    _, two = runs
+    copy = tmp_path / "two"
+    shutil.copytree(two, copy)
+    (copy / "summary.json").unlink()
+    shutil.rmtree(copy / "student")
+    shutil.rmtree(copy / "checkpoints" / "step-40")
+    with (tmp_path / "log").open("w") as log:
+        assert launch(torchrun("run", "--resume", str(copy)), log).wait(timeout=300) == 0
+    assert "from " + str(copy / "checkpoints" / "step-30") in (tmp_path / "log").read_text()
+    wa, wb = (load_file(run / "student" / "model.safetensors") for run in (two, copy))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (two, copy))
+    assert a["eval_curve"] == b["eval_curve"] and a["mean_lambda"] == b["mean_lambda"]

@@ -1,0 +1,321 @@
+"""Crash safety: checkpoints, kd run --resume (bit-for-bit), graceful stop, damaged and foreign
+checkpoints, missing plugins, non-finite losses.
+
+The killed and stopped runs are real ``python -m kdcore run`` subprocesses; the reference is an
+uninterrupted subprocess run of the same config, started at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_kd, tiny_overrides
+from safetensors.torch import load_file
+
+from kdcore.config import resolve_config, set_path
+from kdcore.errors import KdError, PluginError
+
+#: A run whose state matters on resume: scores (snapshot), pacing position, λ (threshold), dropout.
+STATEFUL = {
+    "strategy.scorer": "student-snapshot",
+    "strategy.pacing": "root",
+    "strategy.reliance": "threshold",
+    "training.threads": 1,  # the same float reductions in every process
+}
+STEPS = 100  # ~20 ms a step: leaves a second or more between checkpoint 20 and the end for the kill
+#: summary fields that measure the machine, not the run
+TIMING = {"wall_seconds", "tokens_per_second", "train_seconds", "run_dir"}
+
+
+def write_config(path: Path, run_dir: Path, **extra) -> Path:
+    tree: dict = {}
+    for dotted, value in {**tiny_overrides(run_dir), **STATEFUL, **extra}.items():
+        set_path(tree, dotted, value)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def long_config(tmp: Path, name: str) -> Path:
+    return write_config(
+        tmp / f"{name}.yaml",
+        tmp / name,
+        **{"training.max_steps": STEPS, "training.checkpoint_every": 10, "training.eval_every": 50},
+    )
+
+
+def start_kd(*args: str, log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcore", *args], stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ)
+    )
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> int:
+    """Poll until a checkpoint ≥ ``at_least`` exists; its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")]
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before checkpoint {at_least}"
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint {at_least} after {timeout} s")
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """Identical summaries (but for timings), metrics, difficulty history and student weights."""
+    a = json.loads((resumed / "summary.json").read_text())
+    b = json.loads((reference / "summary.json").read_text())
+    assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+
+    def records(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
+
+    assert records(resumed) == records(reference)
+    wa, wb = (
+        load_file(resumed / "student" / "model.safetensors"),
+        load_file(reference / "student" / "model.safetensors"),
+    )
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    ta, tb = (pq.read_table(run / "difficulty.parquet") for run in (resumed, reference))
+    assert ta.column_names == tb.column_names
+    for name in ta.column_names:
+        assert np.array_equal(ta[name].to_numpy(), tb[name].to_numpy(), equal_nan=True), name
+
+
+@pytest.fixture(scope="module")
+def reference(cached_tiny_teacher, tmp_path_factory):
+    """The uninterrupted run, started in the background; tests wait for it when they need it."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = start_kd("run", "-c", str(long_config(tmp, "run")), log=tmp / "log.txt")
+
+    def finished() -> Path:
+        assert proc.wait(timeout=300) == 0, (tmp / "log.txt").read_text()[-3000:]
+        return tmp / "run"
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_result(reference, tmp_path):
+    config = long_config(tmp_path, "run")
+    run_dir = tmp_path / "run"
+    victim = start_kd("run", "-c", str(config), log=tmp_path / "log.txt")
+    wait_for_checkpoint(run_dir, victim, at_least=20)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+
+    resumed = run_kd("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stderr
+    assert_same_run(run_dir, reference())
+    # only the newest output.keep_checkpoints (2) remain, and no half-written one
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-100", "step-90"]
+
+
+def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(reference, tmp_path):
+    from kdcore.checkpoint import resume_config
+    from kdcore.runner import run
+
+    config = long_config(tmp_path, "run")
+    run_dir = tmp_path / "run"
+    victim = start_kd("run", "-c", str(config), log=tmp_path / "log.txt")
+    wait_for_checkpoint(run_dir, victim, at_least=10)
+    os.kill(victim.pid, signal.SIGTERM)
+    assert victim.wait(timeout=60) == 143
+    log = (tmp_path / "log.txt").read_text()
+    stopped = [line for line in log.splitlines() if line.startswith("stopped at step ")]
+    assert stopped, log[-2000:]
+    step = int(stopped[0].split()[3].rstrip(";"))
+    assert stopped[0] == f"stopped at step {step}; resume with: kd run --resume {run_dir}"
+    assert (run_dir / "checkpoints" / f"step-{step}" / "checkpoint.json").is_file()
+    assert "Traceback" not in log
+
+    run(resume_config(run_dir), resume=True, show_progress=False)  # in-process: same numbers
+    assert_same_run(run_dir, reference())
+
+
+# -- refusals and fallbacks, on a short in-process run ------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """12 steps, a checkpoint every 4, the newest 2 kept: step-8 and step-12."""
+    from kdcore.runner import run
+
+    tmp = tmp_path_factory.mktemp("short")
+    overrides = {**tiny_overrides(tmp / "run"), **STATEFUL, "training.checkpoint_every": 4}
+    return run(resolve_config(None, overrides), show_progress=False).run_dir
+
+
+def unfinished_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """The run as a crash after its last checkpoint would leave it: no summary, no student."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "summary.json").unlink()
+    shutil.rmtree(copy / "student")
+    return copy
+
+
+def resume_in_process(run_dir: Path, capsys=None):
+    from rich.console import Console
+
+    from kdcore.checkpoint import resume_config
+    from kdcore.runner import run
+
+    console = Console(stderr=True, soft_wrap=True, width=400)
+    return run(resume_config(run_dir), resume=True, show_progress=False, console=console)
+
+
+def test_only_the_newest_checkpoints_are_kept(short_run):
+    assert sorted(p.name for p in (short_run / "checkpoints").iterdir()) == ["step-12", "step-8"]
+
+
+def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used(short_run, tmp_path, capsys):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    weights = run_dir / "checkpoints" / "step-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    resume_in_process(run_dir)
+    err = capsys.readouterr().err
+    assert f"checkpoint {weights.parent} is damaged: model.safetensors has" in err
+    assert "trying the previous checkpoint" in err
+    assert f"Resuming {run_dir} from {run_dir / 'checkpoints' / 'step-8'} (step 8)" in err
+    assert_same_run(run_dir, short_run)  # step-8 + 4 steps = the uninterrupted 12
+
+
+def test_a_checkpoint_with_a_missing_file_is_damaged(short_run, tmp_path):
+    from kdcore.checkpoint import CheckpointDamaged, verify
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    (run_dir / "checkpoints" / "step-8" / "optimizer.bin").unlink()
+    with pytest.raises(CheckpointDamaged, match=r"step-8 is damaged: optimizer.bin is missing"):
+        verify(run_dir / "checkpoints" / "step-8")
+    (run_dir / "checkpoints" / "step-12" / "checkpoint.json").unlink()
+    with pytest.raises(
+        KdError, match=r"no valid checkpoint in .*checkpoint.json is missing.*optimizer.bin is missing"
+    ):
+        resume_in_process(run_dir)
+
+
+def test_a_checkpoint_from_another_config_is_refused(short_run, tmp_path):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["training"]["lr"] = 0.001
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(KdError, match=r"step-12 was written with training.lr=0.003, the run has 0.001"):
+        resume_in_process(run_dir)
+
+
+def test_resuming_without_the_plugin_names_the_package(short_run, tmp_path, monkeypatch):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["strategy"]["scorer"] = {"name": "loss-trend", "params": {}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    meta = yaml.safe_load((run_dir / "strategies.yaml").read_text())
+    meta["scorer"] = {
+        "name": "loss-trend",
+        "params": {},
+        "distribution": "kd-plugin-loss-trend",
+        "version": "0.1.0",
+    }
+    (run_dir / "strategies.yaml").write_text(yaml.safe_dump(meta))
+    monkeypatch.setenv("KD_DISABLE_PLUGINS", "kd-plugin-loss-trend")
+    with pytest.raises(
+        PluginError,
+        match=r"scorer 'loss-trend' from kd-plugin-loss-trend 0.1.0.*pip install kd-plugin-loss-trend",
+    ):
+        resume_in_process(run_dir)
+
+
+def test_resume_takes_no_other_option_and_no_finished_run(short_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["run", "--resume", str(short_run), "--lr", "0.1", "--set", "training.seed=1"]
+    )
+    assert result.exit_code == 2
+    assert "--resume continues the run exactly as" in result.output and "drop --lr, --set" in result.output
+    result = runner.invoke(app, ["run", "--resume", str(short_run)])
+    assert result.exit_code == 2 and "holds a finished run" in result.output
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a run directory" in result.output
+
+
+# -- non-finite losses ------------------------------------------------------------------------------------------
+@pytest.fixture
+def nan_at_step_3(monkeypatch):
+    """The loss of the second sample of step 3's batch becomes NaN (and with it every gradient).
+
+    Yields the sample ids of every forward pass (one per step: grad_accum is 1).
+    """
+    import kdcore.engine
+
+    real, seen = kdcore.engine.Trainer.forward, []
+
+    def poisoned(self, sample_ids, lam, temperature):
+        terms = real(self, sample_ids, lam, temperature)
+        seen.append(sample_ids.clone())
+        if len(seen) == 3:
+            poison = torch.ones_like(terms.ce)
+            poison[1] = float("nan")
+            terms.ce = terms.ce * poison
+        return terms
+
+    monkeypatch.setattr(kdcore.engine.Trainer, "forward", poisoned)
+    return seen
+
+
+def test_a_nan_loss_stops_the_run_naming_step_samples_and_checkpoint(nan_at_step_3, tmp_path):
+    from kdcore.runner import run
+
+    overrides = {**tiny_overrides(tmp_path / "run"), **STATEFUL, "training.checkpoint_every": 2}
+    with pytest.raises(KdError) as caught:
+        run(resolve_config(None, overrides), show_progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"non-finite loss at step 3 (sample ids [{int(nan_at_step_3[2][1])}]); ")
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-2'}" in message
+    assert "training.on_nonfinite: skip" in message
+    assert not (tmp_path / "run" / "checkpoints" / "step-3").exists()
+
+
+def test_skip_drops_the_update_of_a_nan_batch_and_logs_it(nan_at_step_3, tmp_path):
+    from kdcore.runner import run
+
+    overrides = {
+        **tiny_overrides(tmp_path / "run"),
+        **STATEFUL,
+        "training.checkpoint_every": 1,
+        "training.on_nonfinite": "skip",
+        "training.max_steps": 4,
+        "output.keep_checkpoints": 10,
+    }
+    result = run(resolve_config(None, overrides), show_progress=False)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if "skipped" in r]
+    assert len(skipped) == 1 and skipped[0]["step"] == 3 and skipped[0]["skipped"] == "non-finite loss"
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN averaged in
+    checkpoints = result.run_dir / "checkpoints"
+    before, after = (load_file(checkpoints / f"step-{n}" / "model.safetensors") for n in (2, 3))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # step 3 changed no weight
+    last = load_file(checkpoints / "step-4" / "model.safetensors")
+    assert not all(torch.equal(after[k], last[k]) for k in after)  # step 4 trained again
+    assert all(bool(torch.isfinite(v).all()) for v in last.values())
