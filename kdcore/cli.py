@@ -502,6 +502,10 @@ def compare(
     resume: Annotated[
         Path | None, Opt(help="Finish the comparison in DIR: reuse finished runs, redo the rest.")
     ] = None,
+    table_only: Annotated[
+        bool,
+        Opt("--table-only", help="With --resume DIR: rebuild the table from the finished runs, run nothing."),
+    ] = False,
 ) -> None:
     """Compare strategies × seeds against one teacher at equal compute: a table with error bars and paired tests."""
     options = dict(locals())
@@ -514,15 +518,20 @@ def compare(
         err.print(line, highlight=False, markup=False)
 
     if resume is not None:
-        given = [n for n, v in options.items() if n not in ("resume", "jobs") and v is not None]
+        given = [n for n, v in options.items() if n not in ("resume", "jobs", "table_only") and v is not None]
         if given:
             raise KdError(
                 f"--resume takes every setting from {resume}/compare.yaml; drop --{given[0].replace('_', '-')} "
                 "(only --jobs may be given)"
             )
         _offline_hint()
-        data = cmp.resume(resume, jobs=jobs, log=log, console=err)
+        if table_only:
+            data = cmp.table_only(resume, log=log)
+        else:
+            data = cmp.resume(resume, jobs=jobs, log=log, console=err)
     else:
+        if table_only:
+            raise KdError("--table-only rebuilds an existing comparison's table; give it with --resume DIR")
         names = {
             "teacher": "model.teacher",
             "student": "model.student",

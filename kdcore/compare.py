@@ -1111,11 +1111,39 @@ class Comparison:
                     self._release(task, ready)
 
     # -- the table -----------------------------------------------------------------------------------
+    def collect(self) -> dict[str, Any]:
+        """The table from the runs that have finished so far; runs nothing (``--table-only``)."""
+        self.table_only = True
+        self._done, self._total = 0, 0
+        for seed in self.plan.seeds:
+            for arm in self.plan.arms:
+                tasks = [Task(arm, seed)]
+                if self.plan.matched and arm.role == "arm" and arm.varies_lambda():
+                    tasks.append(Task(self.matched_arm(arm), seed))
+                for task in tasks:
+                    summary = run_dir_for(self.out_dir, task.arm.name, task.seed) / SUMMARY
+                    if summary.is_file():
+                        data = json.loads(summary.read_text())
+                        self.outcomes[task.key] = RunOutcome(
+                            task.arm.name, task.seed, "ok", str(summary.parent), data, reused=True
+                        )
+        self.describe_models()
+        return self.finish()
+
+    def planned_runs(self) -> int:
+        matched = len(self.plan.reliance_arms()) if self.plan.matched else 0
+        return (len(self.plan.arms) + matched) * len(self.plan.seeds)
+
     def finish(self) -> dict[str, Any]:
         data = summarise(self.plan, list(self.matched_arms.values()), self.outcomes, self.teacher)
         data["output_dir"] = str(self.out_dir)
-        data["wall_seconds"] = time.perf_counter() - getattr(self, "started", time.perf_counter())
-        data["jobs"] = self.jobs
+        data["runs_planned"] = self.planned_runs()
+        data["runs_finished"] = sum(o.status == "ok" for o in self.outcomes.values())
+        if getattr(self, "table_only", False):
+            data["table_only"] = True
+        else:
+            data["wall_seconds"] = time.perf_counter() - getattr(self, "started", time.perf_counter())
+            data["jobs"] = self.jobs
         write_json(self.out_dir / "comparison.json", data)
         (self.out_dir / "comparison.md").write_text(render_markdown(data))
         try:
@@ -1159,7 +1187,15 @@ def summarise(
     ok_runs = [o for o in outcomes.values() if o.status == "ok"]
     teacher_ppls = [float(o.summary["teacher_eval_ppl"]) for o in ok_runs]
     teacher_ppl, teacher_sd = mean_sd(teacher_ppls)
-    ce_ppl = mean_sd(list(ppl_by_seed(plan.ce.name).values()))[0]
+    ce_by_seed = ppl_by_seed(plan.ce.name)
+
+    def gap(by_seed: Mapping[int, float]) -> float | None:
+        """Gap closed on the means over the seeds both this arm and the CE arm finished."""
+        common = sorted(set(by_seed) & set(ce_by_seed))
+        if not common:
+            return None
+        ce_mean = mean_sd([ce_by_seed[s] for s in common])[0]
+        return gap_closed(ce_mean, mean_sd([by_seed[s] for s in common])[0], teacher_ppl)
 
     # the best fixed λ: the sweep points plus the kd arm (its own λ)
     sweep_points = [(plan.kd.fixed_lambda(), plan.kd.name)] + [
@@ -1203,7 +1239,7 @@ def summarise(
             "n_seeds": len(plan.seeds),
             "ppl_mean": mean,
             "ppl_sd": sd,
-            "gap_closed": None if arm.role == "ce" else gap_closed(ce_ppl, mean, teacher_ppl),
+            "gap_closed": None if arm.role == "ce" else gap(ppl),
             "mean_lambda": lam_mean,
             "mean_lambda_sd": lam_sd,
             "wall_seconds_mean": wall,
@@ -1315,6 +1351,15 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     ]
     if data.get("command"):
         lines.append(f"- command: `{data['command']}`")
+    if data.get("runs_planned") and data.get("runs_finished") != data["runs_planned"]:
+        lines.append(
+            f"- **incomplete**: {data['runs_finished']} of {data['runs_planned']} runs finished"
+            + (
+                " (table rebuilt from the finished runs only, nothing was run)"
+                if data.get("table_only")
+                else ""
+            )
+        )
     if data.get("wall_seconds") is not None:
         extra = [
             f"{label} {t[key] / 60:.1f} min"
@@ -1330,7 +1375,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     lines += [
         "",
         "Student eval perplexity, mean ± sd over seeds (lower is better). Gap closed = "
-        "(ppl_ce − ppl_arm)/(ppl_ce − ppl_teacher) on the means. Δ = arm − reference, paired over seeds, "
+        "(ppl_ce − ppl_arm)/(ppl_ce − ppl_teacher) on the means over the seeds both finished. Δ = arm − reference, paired over seeds, "
         "mean [95% CI], paired t-test p; negative Δ means the arm is better.",
         "",
         "| arm | role | strategy | seeds | student ppl | gap closed | mean λ | Δ vs kd | Δ vs matched λ | wall s | tokens/s | status |",
@@ -1452,6 +1497,8 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
         steps = [step for step, _ in curves[0]]
         common = [c for c in curves if [s for s, _ in c] == steps]
         values = np.array([[v for _, v in c] for c in common], dtype=float)
+        if len(steps) > 2:  # the untrained model's perplexity (step 0) would flatten every difference
+            steps, values = steps[1:], values[:, 1:]
         mean = values.mean(axis=0)
         sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
         style = "--" if row["role"] in ("sweep", "matched") else "-"
@@ -1459,7 +1506,11 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
         ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.15)
     if teacher:
         ax.axhline(teacher, ls=":", color="grey", lw=1, label="teacher")
-    ax.set(xlabel="step", ylabel="eval perplexity", yscale="log", title="eval curves (mean ± sd over seeds)")
+    ax.set(
+        xlabel="step",
+        ylabel="eval perplexity",
+        title="eval curves (mean ± sd over seeds; step 0 left out)",
+    )
     ax.legend(fontsize="x-small", ncol=2)
     path = out_dir / "curves.png"
     _save(fig, path)
@@ -1507,3 +1558,13 @@ def resume(
     plan = Plan.load(path)
     validate_plan(plan)
     return Comparison(plan, out_dir, jobs=jobs, log=log, console=console).run()
+
+
+def table_only(out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Rebuild comparison.json/.md and the plots from the runs finished so far, running nothing."""
+    path = out_dir / PLAN
+    if not path.is_file():
+        raise KdError(
+            f"'{out_dir}' is not a kd compare directory (no {PLAN}); pass the directory kd compare wrote"
+        )
+    return Comparison(Plan.load(path), out_dir, log=log).collect()

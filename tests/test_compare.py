@@ -348,3 +348,27 @@ def test_one_teacher_cache_serves_every_arm_and_seed(tmp_path):
     assert json.loads((cache / "manifest.json").read_text())["top_k"] == 259  # the whole byte vocabulary
     for path in (tmp_path / "cmp" / "runs").glob("*/seed-*/config.yaml"):
         assert yaml.safe_load(path.read_text())["model"]["teacher_cache"] == str(cache)
+
+
+def test_table_only_rebuilds_from_finished_runs_and_runs_nothing(tiny_comparison, monkeypatch):
+    out, full, _ = tiny_comparison
+    copy = out.parent / "table-only"
+    shutil.copytree(out, copy)
+    (copy / "runs" / "sr" / "seed-1" / "summary.json").unlink()
+    from kdcore import runner
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("--table-only must not run anything")
+
+    monkeypatch.setattr(runner, "run", no_runs)
+    data = cmp.table_only(copy, log=lambda line: None)
+    assert (data["runs_finished"], data["runs_planned"]) == (7, 8)
+    rows = {r["name"]: r for r in data["arms"]}
+    assert rows["sr"]["status"] == "partial" and rows["sr"]["n_ok"] == 1
+    assert rows["kd"]["ppl_mean"] == pytest.approx({r["name"]: r for r in full["arms"]}["kd"]["ppl_mean"])
+    # gap closed on the seed both finished: seed 0 only
+    ce0 = json.loads((copy / "runs" / "ce" / "seed-0" / "summary.json").read_text())["student_eval_ppl"]
+    sr0 = json.loads((copy / "runs" / "sr" / "seed-0" / "summary.json").read_text())["student_eval_ppl"]
+    assert rows["sr"]["gap_closed"] == pytest.approx((ce0 - sr0) / (ce0 - data["teacher"]["eval_ppl"]))
+    assert "**incomplete**: 7 of 8 runs finished" in (copy / "comparison.md").read_text()
+    assert not (copy / "runs" / "sr" / "seed-1" / "summary.json").exists()
