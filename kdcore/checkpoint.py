@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kdcore.errors import KdError, PluginError
+from kdcore.io import file_sha256
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -128,14 +129,6 @@ def first_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> st
 
 
 # -- files ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -172,7 +165,7 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointDamaged(
                 f"checkpoint {path} is damaged: {name} has {size} bytes, {info['bytes']} were written"
             )
-        if _sha256(file) != info["sha256"]:
+        if file_sha256(file) != info["sha256"]:
             raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} does not match its checksum")
     return meta
 
@@ -300,7 +293,7 @@ class Checkpointer:
             files = {}
             for file in sorted(p for p in tmp.iterdir() if p.is_file()):
                 _fsync(file)
-                files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
             meta = {
                 "format": FORMAT,
                 "step": step,

@@ -132,7 +132,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.data import build_tokenizer, load_corpus
     from kdcore.engine import total_steps
     from kdcore.model_card import check_push
-    from kdcore.models import load_tokenizer, parse_spec, same_tokenizer
+    from kdcore.models import check_shared_tokenizer, check_vocab_sizes, load_tokenizer, parse_spec
     from kdcore.plugins import instantiate_strategies
     from kdcore.runner import quiet_transformers, spec_teacher_dir
     from kdcore.trackers import resolve_trackers
@@ -188,23 +188,12 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
             student_tokenizer = load_tokenizer(model.student, trust_remote_code=trust)
         except KdError:
             student_tokenizer = None
-        if student_tokenizer is not None and not same_tokenizer(tokenizer, student_tokenizer):
-            raise KdError(
-                f"teacher '{model.teacher}' and student '{model.student}' use different tokenizers "
-                f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); distillation needs one shared tokenizer, "
-                "so pick a student from the teacher's family or a from-scratch spec"
-            )
+        check_shared_tokenizer(tokenizer, student_tokenizer, model.teacher, model.student)
     vt = cache.vocab_size if cache is not None else int(teacher_config.vocab_size)
     vs = int(student_config.vocab_size)
-    if len(tokenizer) > min(vt, vs):
-        raise KdError(
-            f"the tokenizer has {len(tokenizer)} tokens but teacher '{model.teacher}' has {vt} and student "
-            f"'{model.student}' has {vs} output rows; use models built for this tokenizer"
-        )
-    if vt != vs:
-        notes.append(
-            f"vocabularies padded differently ({vt} vs {vs}): distilling over the first {min(vt, vs)}"
-        )
+    note = check_vocab_sizes(len(tokenizer), vt, vs, model.teacher, model.student)
+    if note:
+        notes.append(note)
 
     train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
     if cache is not None:

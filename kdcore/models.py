@@ -118,6 +118,31 @@ def same_tokenizer(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
+def check_shared_tokenizer(tokenizer: Any, student_tokenizer: Any | None, teacher: str, student: str) -> None:
+    """Distillation compares token distributions, so both models must use one tokenizer."""
+    if student_tokenizer is not None and not same_tokenizer(tokenizer, student_tokenizer):
+        raise KdError(
+            f"teacher '{teacher}' and student '{student}' use different tokenizers "
+            f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); distillation needs one shared tokenizer, "
+            "so pick a student from the teacher's family or a from-scratch spec"
+        )
+
+
+def check_vocab_sizes(n_tokens: int, vt: int, vs: int, teacher: str, student: str) -> str | None:
+    """Refuse output layers smaller than the tokenizer; describe a padded-vocabulary mismatch, if any."""
+    if n_tokens > min(vt, vs):
+        raise KdError(
+            f"the tokenizer has {n_tokens} tokens but teacher '{teacher}' has {vt} and student "
+            f"'{student}' has {vs} output rows; use models built for this tokenizer"
+        )
+    if vt != vs:
+        return (
+            f"Teacher and student vocabularies are padded to different sizes ({vt} vs {vs}); "
+            f"distilling over the shared first {min(vt, vs)} tokens."
+        )
+    return None
+
+
 def cache_root() -> Path:
     """Where trained spec teachers are cached (``KD_CACHE_DIR`` overrides the user cache dir)."""
     env = os.environ.get("KD_CACHE_DIR")

@@ -38,10 +38,11 @@ from kdcore.models import (
     build_from_spec,
     cache_key,
     cache_root,
+    check_shared_tokenizer,
+    check_vocab_sizes,
     load_pretrained,
     load_tokenizer,
     parse_spec,
-    same_tokenizer,
     vocab_size,
 )
 from kdcore.plugins import instantiate_strategies
@@ -161,12 +162,7 @@ def resolve_student(model: ModelConfig, tokenizer: Any, seed: int) -> Any:
         student_tokenizer = load_tokenizer(model.student, trust_remote_code=model.trust_remote_code)
     except KdError:
         student_tokenizer = None  # a bare checkpoint: the vocabulary check below still applies
-    if student_tokenizer is not None and not same_tokenizer(tokenizer, student_tokenizer):
-        raise KdError(
-            f"teacher '{model.teacher}' and student '{model.student}' use different tokenizers "
-            f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); distillation needs one shared tokenizer, "
-            "so pick a student from the teacher's family or a from-scratch spec"
-        )
+    check_shared_tokenizer(tokenizer, student_tokenizer, model.teacher, model.student)
     return student
 
 
@@ -174,17 +170,9 @@ def check_vocabularies(
     teacher: Any, student: Any, tokenizer: Any, names: tuple[str, str], console: Console
 ) -> None:
     vt = teacher if isinstance(teacher, int) else vocab_size(teacher)  # an int: a teacher cache's vocabulary
-    vs = vocab_size(student)
-    if len(tokenizer) > min(vt, vs):
-        raise KdError(
-            f"the tokenizer has {len(tokenizer)} tokens but teacher '{names[0]}' has {vt} and student "
-            f"'{names[1]}' has {vs} output rows; use models built for this tokenizer"
-        )
-    if vt != vs:
-        console.print(
-            f"[yellow]Teacher and student vocabularies are padded to different sizes ({vt} vs {vs}); "
-            f"distilling over the shared first {min(vt, vs)} tokens.[/yellow]"
-        )
+    note = check_vocab_sizes(len(tokenizer), vt, vocab_size(student), *names)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
 
 
 def train_causal_lm(

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from kdcore.errors import KdError
+from kdcore.io import file_sha256
 from kdcore.losses import TopKTeacher
 
 if TYPE_CHECKING:
@@ -86,14 +87,6 @@ def teacher_identity(model: ModelConfig, corpus: Corpus, seq_len: int, training:
     if parse_spec(model.teacher) is None:
         return model.teacher
     return f"{model.teacher}@{spec_teacher_dir(model, corpus, seq_len, training).name}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _valid_positions(data: PackedDataset) -> torch.Tensor:
@@ -197,7 +190,7 @@ def write_cache(
         teacher_ppl = perplexity(teacher, eval_set)
         tokenizer.save_pretrained(tmp / "tokenizer")
         files = {
-            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
@@ -323,7 +316,7 @@ class TeacherCache:
             file = directory / name
             if not file.is_file() or file.stat().st_size != info["bytes"]:
                 raise KdError(f"teacher cache '{directory}' is incomplete: '{name}' is missing or truncated")
-            if verify and _sha256(file) != info["sha256"]:
+            if verify and file_sha256(file) != info["sha256"]:
                 raise KdError(
                     f"teacher cache '{directory}' is corrupt: the checksum of '{name}' does not match"
                 )
