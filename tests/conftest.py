@@ -40,6 +40,17 @@ def tiny_overrides(output_dir: Path, **extra) -> dict:
     return base
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (a lot of it on a busy 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory) -> Path:
     """Spec teachers are cached per test session, never in the user's cache."""

@@ -113,14 +113,7 @@ def test_a_short_run_on_tinyshakespeare(tmp_path):
         str(SHARED_DATA / "tinyshakespeare.txt"),
         "--output-dir",
         str(tmp_path / "run"),
-        "--set",
-        "data.max_eval_samples=16",
-        "--seq-len",
-        "48",
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "8",
+        *TINY_RUN,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

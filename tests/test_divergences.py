@@ -13,14 +13,7 @@ import torch
 from kdcore.errors import PluginError
 from kdcore.plugins import get_registry
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (a lot of it on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NAMES = ["forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-reverse-kl", "tvd"]

@@ -12,13 +12,7 @@ from kdcore.plugins import get_registry
 B, T, V = 4, 9, 17
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (a lot of it on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def divergence(name: str = "forward-kl", **params):
