@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kdcore.errors import KdError, PluginError
-from kdcore.io import file_sha256
+from kdcore.files import file_sha256
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -63,6 +63,7 @@ from kdcore.config import (
     set_path,
 )
 from kdcore.errors import KdError
+from kdcore.files import atomic_write_json, atomic_write_text
 from kdcore.stats import gap_closed, mean_sd, paired_difference
 
 PLAN = "compare.yaml"
@@ -989,7 +990,7 @@ class Comparison:
         self.started = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         teacher_dir = self.resolve_teacher()
-        (self.out_dir / PLAN).write_text(self.plan.to_yaml())
+        atomic_write_text(self.out_dir / PLAN, self.plan.to_yaml())
         self.log(f"teacher: {teacher_dir}")
         self.describe_models()
         self.cache_dir = self.prepare_teacher_cache()
@@ -1144,19 +1145,13 @@ class Comparison:
         else:
             data["wall_seconds"] = time.perf_counter() - getattr(self, "started", time.perf_counter())
             data["jobs"] = self.jobs
-        write_json(self.out_dir / "comparison.json", data)
-        (self.out_dir / "comparison.md").write_text(render_markdown(data))
+        atomic_write_json(self.out_dir / "comparison.json", data)
+        atomic_write_text(self.out_dir / "comparison.md", render_markdown(data))
         try:
             write_comparison_plots(self.out_dir, data)
         except Exception as exc:  # plots never lose the table
             self.log(f"plots failed: {exc}")
         return data
-
-
-def write_json(path: Path, data: Any) -> None:
-    from kdcore.io import atomic_write_json
-
-    atomic_write_json(path, data)
 
 
 # =============================================================================================
@@ -1465,7 +1460,7 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from kdcore.report import _save
+    from kdcore.report import save_figure
 
     rows = [r for r in data["arms"] if r["ppl_mean"] is not None]
     written = []
@@ -1485,7 +1480,7 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
     ax.set_xticks(xs, [r["name"] for r in rows], rotation=30, ha="right")
     ax.set(ylabel="student eval perplexity", title="eval perplexity per arm (mean ± sd over seeds)")
     path = out_dir / "ppl.png"
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     written.append(path)
 
@@ -1513,7 +1508,7 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
     )
     ax.legend(fontsize="x-small", ncol=2)
     path = out_dir / "curves.png"
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     written.append(path)
     return written
@@ -1542,7 +1537,7 @@ def compare(
     """Run a new comparison into ``out_dir`` (which must be new or empty)."""
     prepare_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / PLAN).write_text(plan.to_yaml())
+    atomic_write_text(out_dir / PLAN, plan.to_yaml())
     return Comparison(plan, out_dir, jobs=jobs, log=log, console=console).run()
 
 

@@ -41,6 +41,7 @@ import yaml
 
 from kdcore import __version__
 from kdcore.errors import KdError
+from kdcore.files import atomic_write_text
 
 REPORT = "report.html"
 RUN_PLOTS = (
@@ -755,7 +756,5 @@ def build_report(directory: Path, output: Path | None = None) -> Path:
             "(comparison.json, runs/<arm>/seed-<s>/); pass the directory kd run or kd compare wrote"
         )
     target = Path(output) if output else directory / REPORT
-    from kdcore.io import atomic_write_text
-
     atomic_write_text(target, text)
     return target

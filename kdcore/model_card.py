@@ -25,6 +25,7 @@ import yaml
 
 from kdcore import __version__
 from kdcore.errors import KdError
+from kdcore.files import atomic_write_text
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -236,7 +237,7 @@ def write_model_card(
     except ImportError:  # pragma: no cover
         pass
     path = Path(directory) / CARD
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return path
 
 

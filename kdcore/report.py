@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from kdcore.files import atomic_path
 
 
 class MetricsWriter:
@@ -113,17 +113,14 @@ def write_history(path: Path, difficulty: list[dict[str, Any]]) -> None:
             for key, parts in columns.items()
         }
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
-def _save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as the PNG ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def write_plots(run_dir: Path, records: list[dict[str, Any]], difficulty: list[dict[str, Any]]) -> list[Path]:
@@ -145,7 +142,7 @@ def write_plots(run_dir: Path, records: list[dict[str, Any]], difficulty: list[d
     ax_train.legend()
     ax_eval.plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], marker="o")
     ax_eval.set(xlabel="step", ylabel="perplexity", title="eval perplexity", yscale="log")
-    _save(fig, run_dir / "loss.png")
+    save_figure(fig, run_dir / "loss.png")
     plt.close(fig)
     written.append(run_dir / "loss.png")
 
@@ -154,7 +151,7 @@ def write_plots(run_dir: Path, records: list[dict[str, Any]], difficulty: list[d
     ax.plot([r["step"] for r in train], [r["open_share"] for r in train], label="open share")
     ax.set(xlabel="step", ylim=(0, 1.05), title="reliance and pacing")
     ax.legend()
-    _save(fig, run_dir / "lambda_pacing.png")
+    save_figure(fig, run_dir / "lambda_pacing.png")
     plt.close(fig)
     written.append(run_dir / "lambda_pacing.png")
 
@@ -167,7 +164,7 @@ def write_plots(run_dir: Path, records: list[dict[str, Any]], difficulty: list[d
             ax.hist(scores, bins=30, histtype="step", label=f"step {step}")
         ax.set(xlabel="difficulty score", ylabel="samples", title="difficulty at each re-sort")
         ax.legend(fontsize="small")
-        _save(fig, run_dir / "difficulty.png")
+        save_figure(fig, run_dir / "difficulty.png")
         plt.close(fig)
         written.append(run_dir / "difficulty.png")
     return written

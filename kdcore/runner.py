@@ -32,7 +32,7 @@ from kdcore.data import build_tokenizer, load_corpus
 from kdcore.engine import Strategies, Trainer
 from kdcore.errors import KdError
 from kdcore.evaluation import perplexity
-from kdcore.io import atomic_directory, atomic_write_json, atomic_write_text
+from kdcore.files import atomic_directory, atomic_write_json, atomic_write_text
 from kdcore.model_card import check_push, push_to_hub, write_model_card
 from kdcore.models import (
     build_from_spec,

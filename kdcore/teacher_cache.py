@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from kdcore.errors import KdError
-from kdcore.io import file_sha256
+from kdcore.files import file_sha256
 from kdcore.losses import TopKTeacher
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def write_cache(
 
     from kdcore.data import shift_labels
     from kdcore.evaluation import perplexity
-    from kdcore.io import atomic_directory, atomic_write_json
+    from kdcore.files import atomic_directory, atomic_write_json
     from kdcore.losses import per_sample_terms
     from kdcore.models import vocab_size as model_vocab_size
 

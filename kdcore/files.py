@@ -1,4 +1,9 @@
-"""Atomic file output: a killed run never leaves a file (or directory) that lies."""
+"""Atomic file output and checksums: a killed run never leaves a file (or directory) that lies.
+
+Every file kdcore writes for a user goes through here: text and JSON (:func:`atomic_write_text`,
+:func:`atomic_write_json`), files written by a library that takes a file name, such as plots and
+parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,30 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that is renamed to ``path`` only when the block succeeds.
+
+    The temporary name keeps ``path``'s suffix (``.loss.x1y2.tmp.png``), so a writer that picks
+    its format from the file name (matplotlib's ``savefig``) writes the right one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it into place."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
