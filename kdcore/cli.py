@@ -17,6 +17,7 @@ from rich.table import Table
 from kdcore import __version__
 from kdcore.config import parse_assignment, resolve_config
 from kdcore.errors import KdError
+from kdcore.strategies import KINDS
 
 app = typer.Typer(
     name="kd",
@@ -402,8 +403,8 @@ def list_plugins(
     table = Table(title="kdcore plugins")
     for column in ("kind", "name", "description", "distribution", "status"):
         table.add_column(column, overflow="fold")
-    order = {"scorer": 0, "pacing": 1, "reliance": 2, "divergence": 3, "plugin": 4}
-    for e in sorted(entries, key=lambda e: (order.get(e.kind, 9), e.name)):
+    order = {kind: i for i, kind in enumerate(KINDS)}  # the plugins that failed to load come last
+    for e in sorted(entries, key=lambda e: (order.get(e.kind, len(order)), e.name)):
         status = "[green]ok[/green]" if e.status == "ok" else f"[red]{e.status}[/red]: {e.error}"
         table.add_row(e.kind, e.name, e.description, f"{e.distribution} {e.version}", status)
     out.print(table)

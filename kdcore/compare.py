@@ -65,10 +65,10 @@ from kdcore.config import (
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_json, atomic_write_text
 from kdcore.stats import gap_closed, mean_sd, paired_difference
+from kdcore.strategies import KINDS
 
 PLAN = "compare.yaml"
 SUMMARY = "summary.json"
-KINDS = ("scorer", "pacing", "reliance", "divergence")
 STRATEGY_FIELDS = set(StrategyConfig.model_fields)
 DEFAULT_SWEEP = (0.1, 0.5, 0.9)
 #: reliance policies that give every sample the same λ (all others get a matched-λ baseline)

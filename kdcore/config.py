@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdcore.errors import KdError
+from kdcore.strategies import KINDS
 
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
@@ -79,7 +80,7 @@ class StrategyConfig(_Section):
     )
 
     def names(self) -> dict[str, str]:
-        return {k: getattr(self, k).name for k in ("scorer", "pacing", "reliance", "divergence")}
+        return {kind: getattr(self, kind).name for kind in KINDS}
 
     def label(self) -> str:
         n = self.names()

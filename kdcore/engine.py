@@ -27,7 +27,14 @@ from kdcore.data import PackedDataset, shift_labels
 from kdcore.errors import KdError, RunInterrupted
 from kdcore.evaluation import nll_totals, perplexity, sample_stats
 from kdcore.losses import SampleTerms, TopKTeacher, per_sample_terms
-from kdcore.strategies import DifficultyScorer, Divergence, PacingFunction, ReliancePolicy, ScorerContext
+from kdcore.strategies import (
+    DifficultyScorer,
+    Divergence,
+    PacingFunction,
+    ReliancePolicy,
+    ScorerContext,
+    Strategy,
+)
 
 if TYPE_CHECKING:
     from kdcore.teacher_cache import TeacherCache
@@ -35,12 +42,30 @@ if TYPE_CHECKING:
 
 @dataclass
 class Strategies:
-    scorer: DifficultyScorer
-    pacing: PacingFunction
-    reliance: ReliancePolicy
-    divergence: Divergence
+    """The run's strategies, one per kind of :data:`~kdcore.strategies.KINDS`, and the curriculum options.
+
+    Checkpoints save and restore every kind in ``by_kind``; the properties name the ones the step uses.
+    """
+
+    by_kind: dict[str, Strategy]
     reverse: bool = False
     refresh_every: int | None = None
+
+    @property
+    def scorer(self) -> DifficultyScorer:
+        return self.by_kind["scorer"]
+
+    @property
+    def pacing(self) -> PacingFunction:
+        return self.by_kind["pacing"]
+
+    @property
+    def reliance(self) -> ReliancePolicy:
+        return self.by_kind["reliance"]
+
+    @property
+    def divergence(self) -> Divergence:
+        return self.by_kind["divergence"]
 
 
 @dataclass
@@ -58,9 +83,6 @@ class History:
     train_seconds: float = 0.0  # eval and checkpoint time excluded
     tokens: float = 0.0
     skipped_steps: list[int] = field(default_factory=list)  # non-finite loss, training.on_nonfinite=skip
-
-
-STRATEGY_KINDS = ("scorer", "pacing", "reliance", "divergence")
 
 
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
@@ -374,15 +396,15 @@ class Trainer:
         return {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
-            "strategies": {kind: getattr(self.s, kind).state_dict() for kind in STRATEGY_KINDS},
+            "strategies": {kind: strategy.state_dict() for kind, strategy in self.s.by_kind.items()},
             "history": dict(vars(self.history)),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        for kind in STRATEGY_KINDS:
-            getattr(self.s, kind).load_state_dict(state["strategies"].get(kind, {}))
+        for kind, strategy in self.s.by_kind.items():
+            strategy.load_state_dict(state["strategies"].get(kind, {}))
         self.history = History(**state["history"])
 
     def refresh(self, step: int) -> None:

@@ -26,11 +26,11 @@ import yaml
 from kdcore import __version__
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_text
+from kdcore.strategies import KINDS
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
-KINDS = ("scorer", "pacing", "reliance", "divergence")
 
 
 def hub_model_id(source: str | None) -> str | None:

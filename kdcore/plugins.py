@@ -29,18 +29,10 @@ from pydantic import BaseModel, ValidationError
 
 from kdcore import hookspecs
 from kdcore.errors import PluginError
-from kdcore.strategies import DifficultyScorer, Divergence, PacingFunction, ReliancePolicy, Strategy
+from kdcore.strategies import KINDS, Strategy
 
 ENTRY_POINT_GROUP = "kdcore"
 CORE_DISTRIBUTION = "kdcore"
-
-#: kind -> (registration hook, base class every registered class must subclass)
-KINDS: dict[str, tuple[str, type[Strategy]]] = {
-    "scorer": ("kd_register_scorers", DifficultyScorer),
-    "pacing": ("kd_register_pacings", PacingFunction),
-    "reliance": ("kd_register_reliances", ReliancePolicy),
-    "divergence": ("kd_register_divergences", Divergence),
-}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -220,7 +212,7 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint] | None 
         provenance[plugin_name] = (dist, version)
 
     by_key: dict[tuple[str, str], PluginEntry] = {}
-    for kind, (hook_name, base) in KINDS.items():
+    for kind, hook_name, base in ((k.name, k.hook, k.base) for k in KINDS.values()):
         for plugin_name, plugin in pm.list_name_plugin():
             if plugin is None or plugin_name not in provenance:
                 continue

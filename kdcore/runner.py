@@ -62,9 +62,7 @@ def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     """The run's strategies, and their names, parameters and providing packages for the metadata."""
     built = instantiate_strategies(cfg)
     strategies = Strategies(
-        **{kind: pair[0] for kind, pair in built.items()},
-        reverse=cfg.reverse,
-        refresh_every=cfg.refresh_every,
+        {kind: pair[0] for kind, pair in built.items()}, reverse=cfg.reverse, refresh_every=cfg.refresh_every
     )
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from string import Template
 
 from kdcore.errors import KdError
+from kdcore.strategies import KINDS
 
 __all__ = ["KIND_CHOICES", "PluginNames", "plugin_names", "write_plugin"]
 
-KIND_CHOICES = ("scorer", "pacing", "reliance", "divergence")
 
 _VALID = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _MAX_LENGTH = 30
@@ -125,7 +125,7 @@ def render(names: PluginNames) -> dict[str, str]:
     """The generated files, relative path -> text."""
     from kdcore import __version__
 
-    kind = KINDS[names.kind]
+    kind, template = KINDS[names.kind], _TEMPLATES[names.kind]
     values = {
         "name": names.name,
         "kind": names.kind,
@@ -133,22 +133,22 @@ def render(names: PluginNames) -> dict[str, str]:
         "module": names.module,
         "cls": names.cls,
         "test_module": names.test_module,
-        "base": kind.base,
+        "base": kind.base.__name__,
         "hook": kind.hook,
         "what": kind.what,
-        "summary": kind.summary,
+        "summary": template.summary,
         "kdcore_version": __version__,
     }
 
     def fill(template: str) -> str:
         return Template(template).substitute(values).lstrip("\n")
 
-    values["strategy"] = fill(kind.strategy).rstrip("\n")
-    values["tests"] = fill(kind.tests).rstrip("\n")
-    values["readme_params"] = kind.readme_params.strip("\n")
-    values["imports"] = fill(kind.imports).strip("\n")
-    values["test_imports"] = fill(kind.test_imports).strip("\n")
-    values["test_setup"] = "torch.set_num_threads(1)\n" if "import torch" in kind.test_imports else ""
+    values["strategy"] = fill(template.strategy).rstrip("\n")
+    values["tests"] = fill(template.tests).rstrip("\n")
+    values["readme_params"] = template.readme_params.strip("\n")
+    values["imports"] = fill(template.imports).strip("\n")
+    values["test_imports"] = fill(template.test_imports).strip("\n")
+    values["test_setup"] = "torch.set_num_threads(1)\n" if "import torch" in template.test_imports else ""
     return {
         "pyproject.toml": fill(PYPROJECT),
         "README.md": fill(README),
@@ -312,9 +312,6 @@ def test_the_entry_point_is_installed():
 
 @dataclass(frozen=True)
 class _Kind:
-    base: str
-    hook: str
-    what: str
     summary: str
     strategy: str
     tests: str
@@ -324,9 +321,6 @@ class _Kind:
 
 
 SCORER = _Kind(
-    base="DifficultyScorer",
-    hook="kd_register_scorers",
-    what="difficulty scorer",
     summary="""kdcore calls
    ``prepare(ctx)`` once before training, ``observe(sample_ids, stats)`` after every
    micro-batch (``stats``: ``ce``, ``kd``, ``confidence``, ``tokens``, float CPU tensors of
@@ -474,9 +468,6 @@ from pydantic import ValidationError
 )
 
 PACING = _Kind(
-    base="PacingFunction",
-    hook="kd_register_pacings",
-    what="pacing function",
     summary="""kdcore calls
    ``fraction(step, total_steps)`` at every step: the share in ``(0, 1]`` of the easy-to-hard
    ordering that is open. It must be non-decreasing in ``step``, give 1 from ``total_steps`` on
@@ -543,9 +534,6 @@ from pydantic import ValidationError
 )
 
 RELIANCE = _Kind(
-    base="ReliancePolicy",
-    hook="kd_register_reliances",
-    what="reliance policy",
     summary="""kdcore calls
    ``weights(rank, score, progress)`` for every micro-batch: λ (the weight of the teacher term)
    per sample as a float32 tensor of ``rank``'s shape, in ``[0, 1]``. ``rank`` is the difficulty
@@ -620,9 +608,6 @@ from pydantic import ValidationError
 )
 
 DIVERGENCE = _Kind(
-    base="Divergence",
-    hook="kd_register_divergences",
-    what="divergence",
     summary="""kdcore calls
    ``per_token(student_logp, teacher_logp)`` with log-probabilities already softened by the
    temperature, shape ``[tokens, vocab]``; return one value per token, shape ``[tokens]``,
@@ -698,4 +683,11 @@ from pydantic import ValidationError
 """,
 )
 
-KINDS: dict[str, _Kind] = {"scorer": SCORER, "pacing": PACING, "reliance": RELIANCE, "divergence": DIVERGENCE}
+_TEMPLATES: dict[str, _Kind] = {
+    "scorer": SCORER,
+    "pacing": PACING,
+    "reliance": RELIANCE,
+    "divergence": DIVERGENCE,
+}
+#: The kinds ``kd new-plugin`` has a template for.
+KIND_CHOICES = tuple(kind for kind in KINDS if kind in _TEMPLATES)

@@ -8,6 +8,11 @@ import (``kd --help`` and ``kd list-plugins`` never load torch).
 - :class:`PacingFunction` says which share of the easy-to-hard ordering is open at a step.
 - :class:`ReliancePolicy` maps a sample's difficulty percentile to its KD weight λ.
 - :class:`Divergence` compares teacher and student token distributions.
+
+:data:`KINDS` is the one table of strategy kinds: each kind's base class, registration hook
+(:mod:`kdcore.hookspecs`) and what a user calls it. Everything that lists kinds (the registry,
+the engine's checkpoints, ``kd compare``'s arm grammar, the model card, ``kd list-plugins``,
+``kd new-plugin``) reads it from here.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "KINDS",
     "DifficultyScorer",
     "Divergence",
+    "Kind",
     "NoParams",
     "PacingFunction",
     "ReliancePolicy",
@@ -152,3 +159,25 @@ class Divergence(Strategy):
     @abstractmethod
     def per_token(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
         """Divergence of the student from the teacher at each token."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One strategy kind: the config field and CLI option it is chosen with, its base class, its hook."""
+
+    name: str  # strategy.<name> in a config, --<name> on the command line
+    base: type[Strategy]
+    hook: str  # the registration hook in kdcore.hookspecs
+    what: str  # what a user calls one, e.g. "difficulty scorer"
+
+
+#: Every strategy kind, in the order kdcore lists them.
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("scorer", DifficultyScorer, "kd_register_scorers", "difficulty scorer"),
+        Kind("pacing", PacingFunction, "kd_register_pacings", "pacing function"),
+        Kind("reliance", ReliancePolicy, "kd_register_reliances", "reliance policy"),
+        Kind("divergence", Divergence, "kd_register_divergences", "divergence"),
+    )
+}

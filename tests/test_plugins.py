@@ -240,3 +240,24 @@ def test_duplicate_marks_both_entries(tmp_path, monkeypatch):
         ("kd-clash", "duplicate"),
         ("kdcore", "duplicate"),
     ]
+
+
+def test_one_table_of_strategy_kinds():
+    """Each kind of kdcore.strategies.KINDS has its hook, its config field, and no module lists kinds again."""
+    import re
+    from pathlib import Path
+
+    from kdcore import hookspecs
+    from kdcore.config import StrategyConfig
+    from kdcore.strategies import KINDS, Strategy
+
+    hooks = {name for name in dir(hookspecs) if name.startswith("kd_register_")}
+    assert hooks == {kind.hook for kind in KINDS.values()}
+    for name, kind in KINDS.items():
+        assert kind.name == name and issubclass(kind.base, Strategy) and kind.base is not Strategy
+        assert name in StrategyConfig.model_fields
+    assert list(StrategyConfig().names()) == list(KINDS)
+    listing = re.compile(r"[\"']" + r"[\"'],\s*[\"']".join(KINDS) + r"[\"']")
+    package = Path(hookspecs.__file__).parent
+    again = [str(p.relative_to(package)) for p in package.rglob("*.py") if listing.search(p.read_text())]
+    assert again == [], f"list the strategy kinds through kdcore.strategies.KINDS, not literally: {again}"
