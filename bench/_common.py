@@ -58,8 +58,9 @@ def setup(quick: bool, tokenizer_spec: str = "byte", threads: int | None = None)
     """The demo corpus packed like ``kd run`` packs it, a randomly initialised teacher (timing only)."""
     from transformers.utils import logging as hf_logging
 
-    from kdcore.data import build_tokenizer, load_corpus
-    from kdcore.models import build_from_spec, parse_spec
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import build_from_spec, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
@@ -75,7 +76,7 @@ def setup(quick: bool, tokenizer_spec: str = "byte", threads: int | None = None)
 
 
 def student(s: Setup, seed: int = 0) -> torch.nn.Module:
-    from kdcore.models import build_from_spec, parse_spec
+    from kdcore.inputs.models import build_from_spec, parse_spec
 
     return build_from_spec(parse_spec(s.student_spec), s.tokenizer, seed)
 

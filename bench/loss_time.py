@@ -31,7 +31,7 @@ def main() -> None:
     repeat = args.repeat or (5 if args.quick else 100)
 
     import kdcore.losses as losses
-    from kdcore.data import shift_labels
+    from kdcore.inputs.packing import shift_labels
     from kdcore.plugins import get_registry
     from kdcore.teacher_cache import TeacherCache, write_cache
 

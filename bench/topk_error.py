@@ -40,7 +40,7 @@ def bucket_kl(s_logits, t_logits, indices, labels, tau: float) -> torch.Tensor:
 def kd_mean(student, teacher, cache, data, tau: float, divergence) -> tuple[float, float, float]:
     """Token-weighted mean KD term over ``data``: full teacher, cached top-K, and top-K with the
     tail's exact mass at τ (what the cache would give if it stored f(1/τ) for this τ)."""
-    from kdcore.data import shift_labels
+    from kdcore.inputs.packing import shift_labels
     from kdcore.losses import per_sample_terms
 
     full = sparse = exact = tokens = 0.0
@@ -68,8 +68,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from kdcore.config import resolve_config
-    from kdcore.data import load_corpus
-    from kdcore.models import build_from_spec, load_pretrained, parse_spec
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import build_from_spec, load_pretrained, parse_spec
     from kdcore.plugins import get_registry
     from kdcore.runner import run
     from kdcore.teacher_cache import TeacherCache, build_cache

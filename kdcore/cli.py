@@ -335,8 +335,9 @@ def train_teacher(
         },
     )
     _offline_hint()
-    from kdcore.data import build_tokenizer, load_corpus
-    from kdcore.models import load_tokenizer, parse_spec
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import load_tokenizer, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
     from kdcore.runner import train_causal_lm
 
     corpus = load_corpus(cfg.data, seed)

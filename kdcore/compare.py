@@ -878,8 +878,8 @@ class Comparison:
             return self.plan.teacher_dir
         from rich.console import Console
 
-        from kdcore.data import load_corpus
-        from kdcore.models import parse_spec
+        from kdcore.inputs.corpus import load_corpus
+        from kdcore.inputs.models import parse_spec
         from kdcore.runner import quiet_transformers, resolve_teacher
 
         quiet_transformers()
@@ -919,7 +919,7 @@ class Comparison:
         cfg = RunConfig.model_validate(self.plan.base)
         k = self.plan.teacher_cache_k
         if k is None:
-            from kdcore.models import load_tokenizer
+            from kdcore.inputs.models import load_tokenizer
 
             vocab = len(load_tokenizer(self.plan.teacher_dir))
             k = vocab if vocab <= 512 else 64
@@ -940,7 +940,7 @@ class Comparison:
     def describe_models(self) -> None:
         """Parameter counts of the teacher and the student (for the table's header)."""
         try:
-            from kdcore.models import build_from_spec, load_pretrained, load_tokenizer, parse_spec
+            from kdcore.inputs.models import build_from_spec, load_pretrained, load_tokenizer, parse_spec
 
             cfg = RunConfig.model_validate(self.plan.base)
             teacher = load_pretrained(self.plan.teacher_dir or cfg.model.teacher)

@@ -113,7 +113,7 @@ def _pretrained_config(source: str, trust_remote_code: bool) -> Any:
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        from kdcore.models import _not_found
+        from kdcore.inputs.models import _not_found
 
         raise KdError(_not_found(source, exc, what="model config")) from None
 
@@ -129,10 +129,11 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
-    from kdcore.data import build_tokenizer, load_corpus
     from kdcore.engine import total_steps
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import check_shared_tokenizer, check_vocab_sizes, load_tokenizer, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
     from kdcore.model_card import check_push
-    from kdcore.models import check_shared_tokenizer, check_vocab_sizes, load_tokenizer, parse_spec
     from kdcore.plugins import instantiate_strategies
     from kdcore.runner import quiet_transformers, spec_teacher_dir
     from kdcore.trackers import resolve_trackers

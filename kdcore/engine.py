@@ -23,9 +23,9 @@ from transformers import get_cosine_schedule_with_warmup
 from kdcore.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.config import TrainingConfig
 from kdcore.curriculum import CurriculumSampler
-from kdcore.data import PackedDataset, shift_labels
 from kdcore.errors import KdError, RunInterrupted
 from kdcore.evaluation import nll_totals, perplexity, sample_stats
+from kdcore.inputs.packing import PackedDataset, shift_labels
 from kdcore.losses import SampleTerms, TopKTeacher, per_sample_terms
 from kdcore.strategies import (
     DifficultyScorer,

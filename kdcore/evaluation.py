@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kdcore.data import PackedDataset, shift_labels
+from kdcore.inputs.packing import PackedDataset, shift_labels
 from kdcore.losses import per_sample_terms, token_nll_sum
 
 

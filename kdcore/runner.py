@@ -28,13 +28,12 @@ from kdcore.checkpoint import (
     truncate_metrics,
 )
 from kdcore.config import ModelConfig, RunConfig, StrategyConfig, TrainingConfig
-from kdcore.data import build_tokenizer, load_corpus
 from kdcore.engine import Strategies, Trainer
 from kdcore.errors import KdError
 from kdcore.evaluation import perplexity
 from kdcore.files import atomic_directory, atomic_write_json, atomic_write_text
-from kdcore.model_card import check_push, push_to_hub, write_model_card
-from kdcore.models import (
+from kdcore.inputs.corpus import load_corpus
+from kdcore.inputs.models import (
     build_from_spec,
     cache_key,
     cache_root,
@@ -45,6 +44,8 @@ from kdcore.models import (
     parse_spec,
     vocab_size,
 )
+from kdcore.inputs.tokenization import build_tokenizer
+from kdcore.model_card import check_push, push_to_hub, write_model_card
 from kdcore.plugins import instantiate_strategies
 from kdcore.report import MetricsWriter, TrainingProgress, print_summary, write_history, write_plots
 from kdcore.trackers import Tracking, resolve_trackers

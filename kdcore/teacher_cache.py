@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from kdcore.config import ModelConfig, RunConfig, TrainingConfig
-    from kdcore.data import Corpus, PackedDataset
+    from kdcore.inputs.corpus import Corpus
+    from kdcore.inputs.packing import PackedDataset
 
 __all__ = ["FORMAT", "TeacherCache", "build_cache", "open_for_run", "teacher_identity", "tokenizer_hash"]
 
@@ -81,7 +82,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
 def teacher_identity(model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig) -> str:
     """What the teacher is: a hub id or directory as given, or for a from-scratch spec the spec plus
     the key of its cached training (data, steps, seed, batch, lr), so another training run differs."""
-    from kdcore.models import parse_spec
+    from kdcore.inputs.models import parse_spec
     from kdcore.runner import spec_teacher_dir
 
     if parse_spec(model.teacher) is None:
@@ -91,7 +92,7 @@ def teacher_identity(model: ModelConfig, corpus: Corpus, seq_len: int, training:
 
 def _valid_positions(data: PackedDataset) -> torch.Tensor:
     """``[N, T]`` bool: positions whose next-token label counts (the rows a cache stores)."""
-    from kdcore.data import IGNORE_INDEX, shift_labels
+    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
 
     return shift_labels(data.input_ids, data.attention_mask) != IGNORE_INDEX
 
@@ -116,11 +117,11 @@ def write_cache(
     """
     from safetensors.torch import save_file
 
-    from kdcore.data import shift_labels
     from kdcore.evaluation import perplexity
     from kdcore.files import atomic_directory, atomic_write_json
+    from kdcore.inputs.models import vocab_size as model_vocab_size
+    from kdcore.inputs.packing import shift_labels
     from kdcore.losses import per_sample_terms
-    from kdcore.models import vocab_size as model_vocab_size
 
     if dtype not in VALUE_DTYPES:
         raise KdError(f"cache dtype '{dtype}' is not supported; use one of {', '.join(VALUE_DTYPES)}")
@@ -232,8 +233,8 @@ def build_cache(
     :func:`write_cache`. Returns the manifest."""
     from rich.console import Console
 
-    from kdcore.data import load_corpus
-    from kdcore.models import load_pretrained
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import load_pretrained
     from kdcore.runner import quiet_transformers, resolve_teacher
 
     console = console or Console(stderr=True)
@@ -327,7 +328,7 @@ class TeacherCache:
         return float(self.manifest["teacher_eval_ppl"])
 
     def tokenizer(self) -> Any:
-        from kdcore.models import load_tokenizer
+        from kdcore.inputs.models import load_tokenizer
 
         return load_tokenizer(str(self.directory / "tokenizer"))
 
@@ -370,7 +371,7 @@ class TeacherCache:
         self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> TopKTeacher:
         """The cached teacher for a batch, as a :class:`TopKTeacher` ``[B, T, K]`` on the batch's device."""
-        from kdcore.data import IGNORE_INDEX, shift_labels
+        from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
 
         valid = shift_labels(input_ids, attention_mask) != IGNORE_INDEX
         rows = self.rows(sample_ids)
@@ -396,8 +397,8 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     """``kd run --teacher-cache``: open the cache and check the run's teacher and tokenizer against it,
     without loading the teacher model; returns the cache and the tokenizer to pack the data with.
     (The packed data is checked by :meth:`TeacherCache.check_data` once it exists.)"""
-    from kdcore.data import build_tokenizer
-    from kdcore.models import load_tokenizer, parse_spec
+    from kdcore.inputs.models import load_tokenizer, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
     from kdcore.runner import spec_teacher_dir
 
     assert cfg.model.teacher_cache is not None

@@ -93,7 +93,7 @@ def cached_tiny_teacher(isolated_cache, tmp_path_factory) -> None:
     from rich.console import Console
 
     from kdcore.config import resolve_config
-    from kdcore.data import load_corpus
+    from kdcore.inputs.corpus import load_corpus
     from kdcore.runner import resolve_teacher
 
     cfg = resolve_config(None, tiny_overrides(tmp_path_factory.mktemp("teacher")))

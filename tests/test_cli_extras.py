@@ -13,7 +13,7 @@ from kdcore.cli import app
 from kdcore.config import resolve_config
 from kdcore.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
 from kdcore.errors import KdError
-from kdcore.models import cache_root
+from kdcore.inputs.models import cache_root
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_dry_run_numbers(tmp_path):
     assert report.memory["loss softmax copies"] == min(LOSS_CHUNK_TOKENS, tokens) * 259 * 4 * LOSS_COPIES
     parts = ("student logits", "student logits gradient", "teacher logits", "loss softmax copies")
     assert report.memory["logits total"] == sum(report.memory[k] for k in parts)
-    from kdcore.models import build_from_spec, parse_spec
+    from kdcore.inputs.models import build_from_spec, parse_spec
 
     class Tok:  # what build_from_spec reads from a tokenizer
         pad_token_id, eos_token_id, bos_token_id = 0, 1, None
@@ -120,9 +120,9 @@ def test_half_precision_halves_the_student_logits():
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """A byte-tokenizer model directory and a BPE-tokenizer one (save_pretrained, no training)."""
-    from kdcore.data import build_tokenizer
-    from kdcore.demo import generate_demo_corpus
-    from kdcore.models import build_from_spec, parse_spec
+    from kdcore.inputs.demo import generate_demo_corpus
+    from kdcore.inputs.models import build_from_spec, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     byte = build_tokenizer("byte")

@@ -1,4 +1,4 @@
-"""Loading, tokenizers and packing (kdcore.data)."""
+"""Loading, tokenizers and packing (kdcore.inputs.corpus)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,11 @@ import pytest
 import torch
 
 from kdcore.config import DataConfig
-from kdcore.data import (
-    Corpus,
-    PackedDataset,
-    build_tokenizer,
-    encode_texts,
-    load_corpus,
-    load_splits,
-    load_texts,
-    pack,
-    shift_labels,
-    split_tail,
-)
-from kdcore.demo import generate_demo_corpus
 from kdcore.errors import KdError
+from kdcore.inputs.corpus import Corpus, load_corpus, load_splits, load_texts, split_tail
+from kdcore.inputs.demo import generate_demo_corpus
+from kdcore.inputs.packing import PackedDataset, pack, shift_labels
+from kdcore.inputs.tokenization import build_tokenizer, encode_texts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from scipy.stats import spearmanr
 
-from kdcore.demo import LEVEL_NAMES, LEVELS, generate_demo_corpus
+from kdcore.inputs.demo import LEVEL_NAMES, LEVELS, generate_demo_corpus
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,8 @@ def test_a_run_writes_every_output(finished):
 def test_the_student_is_saved_in_hugging_face_format_and_learned(finished):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdcore.data import load_corpus
     from kdcore.evaluation import perplexity
+    from kdcore.inputs.corpus import load_corpus
 
     student_dir = finished.run_dir / "student"
     model = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -89,9 +89,10 @@ def test_same_config_and_seed_give_identical_numbers(tmp_path, finished):
 
 
 def test_gradient_accumulation_4x2_equals_batch_8(tmp_path):
-    from kdcore.data import build_tokenizer, load_corpus
     from kdcore.engine import Trainer
-    from kdcore.models import build_from_spec, parse_spec
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import build_from_spec, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
     from kdcore.runner import make_strategies
 
     cfg = resolve_config(
@@ -131,7 +132,7 @@ def test_missing_dataset_file_is_one_sentence(tmp_path):
 
 
 def _save_model(path, spec, tokenizer, vocab=None):
-    from kdcore.models import build_from_spec, parse_spec
+    from kdcore.inputs.models import build_from_spec, parse_spec
 
     spec = parse_spec(spec + (f",vocab_size={vocab}" if vocab else ""))
     model = build_from_spec(spec, tokenizer, 0)
@@ -141,7 +142,8 @@ def _save_model(path, spec, tokenizer, vocab=None):
 
 
 def test_mismatched_tokenizers_fail_before_training(tmp_path):
-    from kdcore.data import build_tokenizer, load_corpus
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.tokenization import build_tokenizer
 
     texts = load_corpus(resolve_config(None, tiny_overrides(tmp_path)).data, 0).train_texts
     teacher = _save_model(tmp_path / "teacher", TINY_TEACHER, build_tokenizer("byte"))
@@ -155,7 +157,7 @@ def test_mismatched_tokenizers_fail_before_training(tmp_path):
 
 
 def test_too_small_vocabulary_is_refused(tmp_path):
-    from kdcore.data import build_tokenizer
+    from kdcore.inputs.tokenization import build_tokenizer
 
     teacher = _save_model(tmp_path / "teacher", TINY_TEACHER, build_tokenizer("byte"))
     overrides = tiny_overrides(
@@ -168,7 +170,7 @@ def test_too_small_vocabulary_is_refused(tmp_path):
 def test_padded_vocabularies_distil_over_the_shared_prefix(tmp_path, capsys):
     from rich.console import Console
 
-    from kdcore.data import build_tokenizer
+    from kdcore.inputs.tokenization import build_tokenizer
 
     teacher = _save_model(tmp_path / "teacher", TINY_TEACHER, build_tokenizer("byte"), vocab=272)
     overrides = tiny_overrides(tmp_path / "out", **{"model.teacher": str(teacher), "training.max_steps": 2})

@@ -169,9 +169,9 @@ def test_manifest_records_what_the_cache_is(caches):
 
 
 def test_cached_rows_are_the_teachers_top_k_and_stats_match_a_teacher_pass(caches):
-    from kdcore.data import load_corpus
     from kdcore.evaluation import perplexity, sample_stats
-    from kdcore.models import load_pretrained
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import load_pretrained
 
     root, full, _ = caches
     cfg = _cfg(root / "unused")
@@ -243,7 +243,7 @@ def test_teacher_confidence_scores_come_from_the_cache(tmp_path, caches):
 
 
 def test_a_cache_that_does_not_match_the_run_is_refused_naming_the_field(tmp_path, caches):
-    from kdcore.data import load_corpus
+    from kdcore.inputs.corpus import load_corpus
 
     root, full, _ = caches
     cache_dir = str(root / "full")
