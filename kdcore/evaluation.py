@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kdcore.inputs.packing import PackedDataset, shift_labels
+from kdcore.inputs.packing import IGNORE_INDEX, PackedDataset, shift_labels
 from kdcore.losses import per_sample_terms, token_nll_sum
 
 
@@ -55,7 +55,7 @@ def sample_stats(
     for ids, mask, labels in _batches(data, batch_size, device):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         terms = per_sample_terms(logits, labels)
-        valid = (labels != -100).float()
+        valid = (labels != IGNORE_INDEX).float()
         logp = torch.log_softmax(logits, dim=-1)
         token_entropy = -(logp.exp() * logp).sum(-1)
         entropy = (token_entropy * valid).sum(-1) / valid.sum(-1).clamp(min=1)

@@ -15,7 +15,7 @@ Conventions, stated because peers disagree on them:
 - **Reduction**: mean over each sample's valid tokens, then (by the caller) mean over samples;
   a long sample does not weigh more than a short one. A token-weighted mean can be recovered
   from ``tokens``.
-- **Padding excluded**: positions whose label is ``-100`` count nowhere (not in CE, KD,
+- **Padding excluded**: positions labelled ``IGNORE_INDEX`` (-100) count nowhere (not in CE, KD,
   confidence nor the token count). A sample with no valid token gets ``ce = kd = 0``,
   ``tokens = 0`` and no NaN.
 - **CE at temperature 1**, whatever τ is; ``confidence`` (mean gold-token probability) too.
@@ -67,13 +67,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kdcore.inputs.packing import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from kdcore.strategies import Divergence
 
 __all__ = ["IGNORE_INDEX", "SampleTerms", "TopKTeacher", "per_sample_terms", "token_nll_sum"]
-
-#: Label value marking positions that count nowhere (padding, prompt tokens...).
-IGNORE_INDEX = -100
 
 #: A chunk whose ``[tokens, vocab]`` tensors hold fewer elements than this is not checkpointed.
 CHECKPOINT_MIN_ELEMENTS = 1 << 22

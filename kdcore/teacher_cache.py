@@ -2,7 +2,7 @@
 
 ``kd cache-teacher`` packs the training set exactly as ``kd run`` does (same corpus loading, same
 tokenizer, same ``seq_len``, so sample ids match), runs the teacher once without gradient and
-writes, for every position that has a label (``shift_labels(...) != -100``), the teacher's ``K``
+writes, for every position that has a label (``shift_labels(...) != IGNORE_INDEX``), the teacher's ``K``
 most likely tokens. ``kd run --teacher-cache DIR`` (config ``model.teacher_cache``) then trains
 with no teacher model in memory: :meth:`TeacherCache.topk` hands the trainer a sparse
 :class:`~kdcore.losses.TopKTeacher` and :func:`~kdcore.losses.per_sample_terms` computes the KD
@@ -120,7 +120,7 @@ def write_cache(
     from kdcore.evaluation import perplexity
     from kdcore.files import atomic_directory, atomic_write_json
     from kdcore.inputs.models import vocab_size as model_vocab_size
-    from kdcore.inputs.packing import shift_labels
+    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
     from kdcore.losses import per_sample_terms
 
     if dtype not in VALUE_DTYPES:
@@ -160,7 +160,7 @@ def write_cache(
             terms = per_sample_terms(logits, labels)
             stats["ce"].append(terms.ce.cpu())
             stats["confidence"].append(terms.confidence.cpu())
-            keep = labels != -100
+            keep = labels != IGNORE_INDEX
             # the batch's labelled positions in row-major order, a piece at a time (no [n, V] copy)
             flat_rows = keep.reshape(-1).nonzero().squeeze(1)
             flat_logits = logits.reshape(-1, logits.shape[-1])
