@@ -92,9 +92,8 @@ def trainer(
     steps: int = 1000,
     reliance_params: dict | None = None,
 ):
-    """An engine :class:`~kdcore.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped."""
-    from kdcore.engine import Trainer
-    from kdcore.runner import make_strategies
+    """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped."""
+    from kdcore.training.engine import Trainer, make_strategies
 
     strategy = StrategyConfig(
         reliance={"name": reliance, "params": reliance_params or {}}, scorer=scorer, pacing=pacing

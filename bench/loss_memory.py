@@ -8,7 +8,7 @@ to a CPU): the student's hidden states ``[N, H]`` and LM head ``[V, H]`` (traina
 teacher's logits ``[N, V]`` (given, no gradient), forward KL at τ = 2.
 
 - ``naive``: student logits = hidden @ Wᵀ, then ``log_softmax`` of both and ``F.kl_div``, whole.
-- ``chunked``: the same student logits, then :func:`kdcore.losses.per_sample_terms` (what the
+- ``chunked``: the same student logits, then :func:`kdcore.training.losses.per_sample_terms` (what the
   engine runs): chunks of ``--chunk`` tokens under activation checkpointing.
 - ``fused``: the LM-head projection is chunked too (hidden rows × W per chunk, inside the
   checkpoint), so the ``[N, V]`` student logits and their gradient never exist at once. A
@@ -43,8 +43,8 @@ def worker(variant: str, vocab: int, tokens: int, hidden: int, chunk: int) -> di
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from kdcore.losses import per_sample_terms
     from kdcore.plugins import get_registry
+    from kdcore.training.losses import per_sample_terms
 
     div = get_registry().create("divergence", "forward-kl", {})
     torch.set_num_threads(1)

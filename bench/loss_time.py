@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     repeat = args.repeat or (5 if args.quick else 100)
 
-    import kdcore.losses as losses
+    import kdcore.training.losses as losses
     from kdcore.inputs.packing import shift_labels
     from kdcore.plugins import get_registry
     from kdcore.teacher_cache import TeacherCache, write_cache

@@ -41,7 +41,7 @@ def kd_mean(student, teacher, cache, data, tau: float, divergence) -> tuple[floa
     """Token-weighted mean KD term over ``data``: full teacher, cached top-K, and top-K with the
     tail's exact mass at τ (what the cache would give if it stored f(1/τ) for this τ)."""
     from kdcore.inputs.packing import shift_labels
-    from kdcore.losses import per_sample_terms
+    from kdcore.training.losses import per_sample_terms
 
     full = sparse = exact = tokens = 0.0
     with torch.no_grad():

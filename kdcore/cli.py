@@ -279,7 +279,7 @@ def _resume(run_dir: Path, options: dict[str, Any]) -> None:
             f"--resume continues the run exactly as {run_dir / 'config.yaml'} describes; drop "
             f"{', '.join(extra)} (see docs/resume.md)"
         )
-    from kdcore.checkpoint import resume_config
+    from kdcore.training.checkpoint import resume_config
 
     cfg = resume_config(run_dir)
     _offline_hint()

@@ -36,7 +36,7 @@ from rich.table import Table
 from kdcore.config import RunConfig
 from kdcore.errors import KdError
 
-LOSS_CHUNK_TOKENS = 2048  # kdcore.losses.per_sample_terms' default chunk_tokens
+LOSS_CHUNK_TOKENS = 2048  # kdcore.training.losses.per_sample_terms' default chunk_tokens
 LOSS_COPIES = 4
 
 
@@ -129,7 +129,6 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
-    from kdcore.engine import total_steps
     from kdcore.inputs.corpus import load_corpus
     from kdcore.inputs.models import check_shared_tokenizer, check_vocab_sizes, load_tokenizer, parse_spec
     from kdcore.inputs.tokenization import build_tokenizer
@@ -137,6 +136,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.plugins import instantiate_strategies
     from kdcore.runner import quiet_transformers, spec_teacher_dir
     from kdcore.trackers import resolve_trackers
+    from kdcore.training.engine import total_steps
 
     quiet_transformers()
     built = instantiate_strategies(cfg.strategy)

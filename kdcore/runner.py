@@ -20,17 +20,8 @@ import yaml
 from accelerate import PartialState
 from rich.console import Console
 
-from kdcore.checkpoint import (
-    Checkpointer,
-    check_plugins,
-    check_resumable,
-    find_checkpoint,
-    truncate_metrics,
-)
 from kdcore.config import ModelConfig, RunConfig, StrategyConfig, TrainingConfig
-from kdcore.engine import Strategies, Trainer
 from kdcore.errors import KdError
-from kdcore.evaluation import perplexity
 from kdcore.files import atomic_directory, atomic_write_json, atomic_write_text
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
@@ -46,9 +37,18 @@ from kdcore.inputs.models import (
 )
 from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.model_card import check_push, push_to_hub, write_model_card
-from kdcore.plugins import instantiate_strategies
-from kdcore.report import MetricsWriter, TrainingProgress, print_summary, write_history, write_plots
+from kdcore.report import MetricsWriter, print_summary, write_history, write_plots
 from kdcore.trackers import Tracking, resolve_trackers
+from kdcore.training.checkpoint import (
+    Checkpointer,
+    check_plugins,
+    check_resumable,
+    find_checkpoint,
+    truncate_metrics,
+)
+from kdcore.training.engine import Trainer, make_strategies
+from kdcore.training.evaluation import perplexity
+from kdcore.training.progress import TrainingProgress
 
 SUMMARY = "summary.json"
 
@@ -57,15 +57,6 @@ SUMMARY = "summary.json"
 class RunResult:
     summary: dict[str, Any]
     run_dir: Path
-
-
-def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
-    """The run's strategies, and their names, parameters and providing packages for the metadata."""
-    built = instantiate_strategies(cfg)
-    strategies = Strategies(
-        {kind: pair[0] for kind, pair in built.items()}, reverse=cfg.reverse, refresh_every=cfg.refresh_every
-    )
-    return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

@@ -5,8 +5,8 @@ tokenizer, same ``seq_len``, so sample ids match), runs the teacher once without
 writes, for every position that has a label (``shift_labels(...) != IGNORE_INDEX``), the teacher's ``K``
 most likely tokens. ``kd run --teacher-cache DIR`` (config ``model.teacher_cache``) then trains
 with no teacher model in memory: :meth:`TeacherCache.topk` hands the trainer a sparse
-:class:`~kdcore.losses.TopKTeacher` and :func:`~kdcore.losses.per_sample_terms` computes the KD
-term over the ``K`` tokens plus one "rest" bucket (see :mod:`kdcore.losses` for the formula and
+:class:`~kdcore.training.losses.TopKTeacher` and :func:`~kdcore.training.losses.per_sample_terms` computes the KD
+term over the ``K`` tokens plus one "rest" bucket (see :mod:`kdcore.training.losses` for the formula and
 why ``K = V`` is the full-vocabulary KD exactly).
 
 What is stored, in ``DIR``:
@@ -53,7 +53,7 @@ import torch
 
 from kdcore.errors import KdError
 from kdcore.files import file_sha256
-from kdcore.losses import TopKTeacher
+from kdcore.training.losses import TopKTeacher
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -117,11 +117,11 @@ def write_cache(
     """
     from safetensors.torch import save_file
 
-    from kdcore.evaluation import perplexity
     from kdcore.files import atomic_directory, atomic_write_json
     from kdcore.inputs.models import vocab_size as model_vocab_size
     from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
-    from kdcore.losses import per_sample_terms
+    from kdcore.training.evaluation import perplexity
+    from kdcore.training.losses import per_sample_terms
 
     if dtype not in VALUE_DTYPES:
         raise KdError(f"cache dtype '{dtype}' is not supported; use one of {', '.join(VALUE_DTYPES)}")

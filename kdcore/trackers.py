@@ -1,7 +1,7 @@
 """Experiment trackers (TensorBoard, Weights & Biases, MLflow) through accelerate's integrations.
 
 ``output.report_to`` (``kd run --report-to``) names the tracker, ``all`` every one installed, ``none``
-(the default) nothing. The run's :class:`~kdcore.engine.Trainer` creates its ``Accelerator`` with
+(the default) nothing. The run's :class:`~kdcore.training.engine.Trainer` creates its ``Accelerator`` with
 ``log_with`` and ``project_dir=run_dir``; :class:`Tracking` then calls ``init_trackers`` with the
 resolved config flattened into hyper-parameters, sends every metrics record to ``accelerator.log``
 and closes the trackers with ``end_training``. Metric names:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kdcore import PacingFunction
-from kdcore.curriculum import CurriculumSampler, difficulty_ranks
 from kdcore.errors import KdError
 from kdcore.plugins import get_registry
+from kdcore.training.curriculum import CurriculumSampler, difficulty_ranks
 
 NAN = math.nan
 

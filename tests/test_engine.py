@@ -65,8 +65,8 @@ def test_a_run_writes_every_output(finished):
 def test_the_student_is_saved_in_hugging_face_format_and_learned(finished):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdcore.evaluation import perplexity
     from kdcore.inputs.corpus import load_corpus
+    from kdcore.training.evaluation import perplexity
 
     student_dir = finished.run_dir / "student"
     model = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -89,11 +89,10 @@ def test_same_config_and_seed_give_identical_numbers(tmp_path, finished):
 
 
 def test_gradient_accumulation_4x2_equals_batch_8(tmp_path):
-    from kdcore.engine import Trainer
     from kdcore.inputs.corpus import load_corpus
     from kdcore.inputs.models import build_from_spec, parse_spec
     from kdcore.inputs.tokenization import build_tokenizer
-    from kdcore.runner import make_strategies
+    from kdcore.training.engine import Trainer, make_strategies
 
     cfg = resolve_config(
         None, tiny_overrides(tmp_path, **{"training.max_steps": 3, "training.max_grad_norm": None})

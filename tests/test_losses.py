@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcore.losses import SampleTerms, per_sample_terms, token_nll_sum
 from kdcore.plugins import get_registry
+from kdcore.training.losses import SampleTerms, per_sample_terms, token_nll_sum
 
 B, T, V = 4, 9, 17
 
@@ -123,7 +123,9 @@ def test_chunking_gives_identical_values_and_gradients(pad, name):
 
 def test_chunks_save_only_views_of_the_logits_for_backward(monkeypatch):
     """Nothing of size [tokens, vocab] is kept for the backward except views of the inputs."""
-    monkeypatch.setattr("kdcore.losses.CHECKPOINT_MIN_ELEMENTS", 0)  # checkpoint even these tiny chunks
+    monkeypatch.setattr(
+        "kdcore.training.losses.CHECKPOINT_MIN_ELEMENTS", 0
+    )  # checkpoint even these tiny chunks
     student, teacher, labels = batch(4, vs=64, vt=64)
     inputs = {student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
     big: list[torch.Tensor] = []

@@ -132,8 +132,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(reference, tmp_path)
 
 
 def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(reference, tmp_path):
-    from kdcore.checkpoint import resume_config
     from kdcore.runner import run
+    from kdcore.training.checkpoint import resume_config
 
     config = long_config(tmp_path, "run")
     run_dir = tmp_path / "run"
@@ -176,8 +176,8 @@ def unfinished_copy(run_dir: Path, tmp_path: Path) -> Path:
 def resume_in_process(run_dir: Path, capsys=None):
     from rich.console import Console
 
-    from kdcore.checkpoint import resume_config
     from kdcore.runner import run
+    from kdcore.training.checkpoint import resume_config
 
     console = Console(stderr=True, soft_wrap=True, width=400)
     return run(resume_config(run_dir), resume=True, show_progress=False, console=console)
@@ -200,7 +200,7 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used(short_run, tm
 
 
 def test_a_checkpoint_with_a_missing_file_is_damaged(short_run, tmp_path):
-    from kdcore.checkpoint import CheckpointDamaged, verify
+    from kdcore.training.checkpoint import CheckpointDamaged, verify
 
     run_dir = unfinished_copy(short_run, tmp_path)
     (run_dir / "checkpoints" / "step-8" / "optimizer.bin").unlink()
@@ -267,9 +267,9 @@ def nan_at_step_3(monkeypatch):
 
     Yields the sample ids of every forward pass (one per step: grad_accum is 1).
     """
-    import kdcore.engine
+    import kdcore.training.engine
 
-    real, seen = kdcore.engine.Trainer.forward, []
+    real, seen = kdcore.training.engine.Trainer.forward, []
 
     def poisoned(self, sample_ids, lam, temperature):
         terms = real(self, sample_ids, lam, temperature)
@@ -280,7 +280,7 @@ def nan_at_step_3(monkeypatch):
             terms.ce = terms.ce * poison
         return terms
 
-    monkeypatch.setattr(kdcore.engine.Trainer, "forward", poisoned)
+    monkeypatch.setattr(kdcore.training.engine.Trainer, "forward", poisoned)
     return seen
 
 

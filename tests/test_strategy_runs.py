@@ -11,12 +11,12 @@ import torch
 from conftest import TINY_STUDENT, TINY_TEACHER, tiny_overrides
 
 from kdcore.config import StrategyConfig, resolve_config
-from kdcore.engine import Trainer
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import build_from_spec, parse_spec
 from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.plugins import get_registry
-from kdcore.runner import make_strategies, run
+from kdcore.runner import run
+from kdcore.training.engine import Trainer, make_strategies
 
 REGISTRY = get_registry()
 BUILTIN = {

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
-from kdcore.losses import TopKTeacher, per_sample_terms
 from kdcore.plugins import get_registry
 from kdcore.runner import run
 from kdcore.teacher_cache import TeacherCache, build_cache
+from kdcore.training.losses import TopKTeacher, per_sample_terms
 
 B, T, V = 3, 7, 40
 
@@ -169,9 +169,9 @@ def test_manifest_records_what_the_cache_is(caches):
 
 
 def test_cached_rows_are_the_teachers_top_k_and_stats_match_a_teacher_pass(caches):
-    from kdcore.evaluation import perplexity, sample_stats
     from kdcore.inputs.corpus import load_corpus
     from kdcore.inputs.models import load_pretrained
+    from kdcore.training.evaluation import perplexity, sample_stats
 
     root, full, _ = caches
     cfg = _cfg(root / "unused")
@@ -314,7 +314,7 @@ def test_cli_cache_teacher_and_a_refused_run(tmp_path, caches):
 
 def test_only_chunks_above_the_size_threshold_are_checkpointed(monkeypatch):
     """Small [tokens, vocab] chunks keep their softmaxes (faster); large ones are recomputed; same numbers."""
-    import kdcore.losses as losses
+    import kdcore.training.losses as losses
 
     student, teacher, labels = data(5)
     div = divergence("forward-kl")

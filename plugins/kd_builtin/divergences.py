@@ -2,7 +2,7 @@
 
 Every divergence receives log-probabilities already softened by the temperature, shape
 ``[tokens, vocab]``, and returns one value per token, shape ``[tokens]``; kdcore applies the τ²
-factor, the padding mask and the per-sample mean (see :mod:`kdcore.losses`).
+factor, the padding mask and the per-sample mean (see :mod:`kdcore.training.losses`).
 
 Mixtures such as ``β·P_T + (1−β)·P_S`` are formed in log space with ``logaddexp`` (a two-term
 logsumexp), so nothing underflows when a probability is tiny.

@@ -8,7 +8,7 @@ process never leaves a checkpoint that looks whole. It holds:
   LR scheduler, the gradient scaler (fp16) and one RNG file per process (``random_states_R.pkl``:
   python, numpy and torch generators, so dropout continues with the same masks);
 - ``trainer_state.pt``: the step, the curriculum sampler, every strategy's ``state_dict()``
-  (scorer scores, pacing, reliance, divergence), the :class:`~kdcore.engine.History` (difficulty
+  (scorer scores, pacing, reliance, divergence), the :class:`~kdcore.training.engine.History` (difficulty
   snapshots, λ sums, eval curve, token and time counters, the partly filled log window);
 - ``checkpoint.json``, written last: the step, the number of processes, the resolved run config and
   its fingerprint, the size of ``metrics.jsonl`` at that step, and the size and SHA-256 of every

@@ -13,20 +13,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
-from kdcore.checkpoint import Checkpointer, GracefulStop, read_state
-from kdcore.config import TrainingConfig
-from kdcore.curriculum import CurriculumSampler
+from kdcore.config import StrategyConfig, TrainingConfig
 from kdcore.errors import KdError, RunInterrupted
-from kdcore.evaluation import nll_totals, perplexity, sample_stats
 from kdcore.inputs.packing import PackedDataset, shift_labels
-from kdcore.losses import SampleTerms, TopKTeacher, per_sample_terms
+from kdcore.plugins import instantiate_strategies
 from kdcore.strategies import (
     DifficultyScorer,
     Divergence,
@@ -35,9 +32,22 @@ from kdcore.strategies import (
     ScorerContext,
     Strategy,
 )
+from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
+from kdcore.training.curriculum import CurriculumSampler
+from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
+from kdcore.training.losses import SampleTerms, TopKTeacher, per_sample_terms
 
-if TYPE_CHECKING:
-    from kdcore.teacher_cache import TeacherCache
+
+class CachedTeacher(Protocol):
+    """A teacher known from disk instead of a model (:class:`kdcore.teacher_cache.TeacherCache`)."""
+
+    def topk(
+        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> TopKTeacher:
+        """The teacher's top-K log-probabilities at a micro-batch's labelled positions."""
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
 
 
 @dataclass
@@ -85,6 +95,15 @@ class History:
     skipped_steps: list[int] = field(default_factory=list)  # non-finite loss, training.on_nonfinite=skip
 
 
+def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
+    """The run's strategies, and their names, parameters and providing packages for the metadata."""
+    built = instantiate_strategies(cfg)
+    strategies = Strategies(
+        {kind: pair[0] for kind, pair in built.items()}, reverse=cfg.reverse, refresh_every=cfg.refresh_every
+    )
+    return strategies, {kind: pair[1] for kind, pair in built.items()}
+
+
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -110,7 +129,7 @@ class Trainer:
         on_progress: Callable[[int, dict[str, float]], None] | None = None,
         log_with: list[str] | None = None,
         project_dir: Path | None = None,
-        teacher_cache: TeacherCache | None = None,
+        teacher_cache: CachedTeacher | None = None,
         checkpoints: Checkpointer | None = None,
     ) -> None:
         self.cfg = training

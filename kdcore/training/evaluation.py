@@ -7,7 +7,7 @@ import math
 import torch
 
 from kdcore.inputs.packing import IGNORE_INDEX, PackedDataset, shift_labels
-from kdcore.losses import per_sample_terms, token_nll_sum
+from kdcore.training.losses import per_sample_terms, token_nll_sum
 
 
 def _batches(data: PackedDataset, batch_size: int, device: torch.device):
