@@ -33,7 +33,7 @@ def main() -> None:
     import kdcore.training.losses as losses
     from kdcore.inputs.packing import shift_labels
     from kdcore.plugins import get_registry
-    from kdcore.teacher_cache import TeacherCache, write_cache
+    from kdcore.teachers.cache import TeacherCache, write_cache
 
     s = C.setup(args.quick, "byte", 1)
     div = get_registry().create("divergence", "forward-kl", {})

@@ -192,7 +192,7 @@ def main() -> None:
         has_trl = False
         print(f"trl arm skipped: {exc} (pip install -e '.[bench]')")
 
-    from kdcore.teacher_cache import TeacherCache, write_cache
+    from kdcore.teachers.cache import TeacherCache, write_cache
 
     times: dict[str, list[float]] = {}
     tokens: dict[str, list[float]] = {}

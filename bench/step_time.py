@@ -38,7 +38,7 @@ def main() -> None:
     vocab = int(s.teacher.get_output_embeddings().weight.shape[0])
     top_ks = args.top_k or [32, vocab]
 
-    from kdcore.teacher_cache import TeacherCache, write_cache
+    from kdcore.teachers.cache import TeacherCache, write_cache
 
     arms = {}
     ce = C.trainer(s, reliance="none")

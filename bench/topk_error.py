@@ -72,7 +72,7 @@ def main() -> None:
     from kdcore.inputs.models import build_from_spec, load_pretrained, parse_spec
     from kdcore.plugins import get_registry
     from kdcore.runner import run
-    from kdcore.teacher_cache import TeacherCache, build_cache
+    from kdcore.teachers.cache import TeacherCache, build_cache
 
     torch.set_num_threads(1)
     overrides = {"training.log_every": 1}

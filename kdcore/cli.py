@@ -335,17 +335,9 @@ def train_teacher(
         },
     )
     _offline_hint()
-    from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import load_tokenizer, parse_spec
-    from kdcore.inputs.tokenization import build_tokenizer
-    from kdcore.runner import train_causal_lm
+    from kdcore.teachers.train import train_teacher
 
-    corpus = load_corpus(cfg.data, seed)
-    if parse_spec(model) is not None:
-        tok = build_tokenizer(tokenizer or "byte", corpus.train_texts)
-    else:
-        tok = load_tokenizer(model)
-    train_causal_lm(model, tok, corpus, seq_len, cfg.training, output_dir, err)
+    train_teacher(model, tokenizer, cfg, output_dir, err)
 
 
 @app.command("cache-teacher")
@@ -384,7 +376,7 @@ def cache_teacher(
         overrides[key] = value
     cfg = resolve_config(config, overrides)
     _offline_hint()
-    from kdcore.teacher_cache import build_cache
+    from kdcore.teachers.cache import build_cache
 
     build_cache(cfg, output, top_k=top_k, dtype=dtype, batch_size=batch_size, console=err)
 

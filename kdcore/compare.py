@@ -879,8 +879,8 @@ class Comparison:
         from rich.console import Console
 
         from kdcore.inputs.corpus import load_corpus
-        from kdcore.inputs.models import parse_spec
-        from kdcore.runner import quiet_transformers, resolve_teacher
+        from kdcore.inputs.models import parse_spec, quiet_transformers
+        from kdcore.teachers.resolve import resolve_teacher
 
         quiet_transformers()
         cfg = RunConfig.model_validate(self.plan.base)
@@ -914,7 +914,7 @@ class Comparison:
             return str(directory.resolve())
         from rich.console import Console
 
-        from kdcore.teacher_cache import build_cache
+        from kdcore.teachers.cache import build_cache
 
         cfg = RunConfig.model_validate(self.plan.base)
         k = self.plan.teacher_cache_k

@@ -43,7 +43,7 @@ LOSS_COPIES = 4
 @dataclass
 class ModelInfo:
     source: str
-    kind: str  # "spec", "directory", "hub", "cached teacher", "teacher (to be trained)"
+    kind: str  # "spec", "directory", "hub", "cached teacher", "spec (to be trained)", "teacher cache, top-K"
     vocab_size: int
     parameters: int | None
 
@@ -130,11 +130,9 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import check_shared_tokenizer, check_vocab_sizes, load_tokenizer, parse_spec
-    from kdcore.inputs.tokenization import build_tokenizer
+    from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers
     from kdcore.model_card import check_push
     from kdcore.plugins import instantiate_strategies
-    from kdcore.runner import quiet_transformers, spec_teacher_dir
     from kdcore.trackers import resolve_trackers
     from kdcore.training.engine import total_steps
 
@@ -145,54 +143,16 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     }
     trackers = resolve_trackers(cfg.output.report_to)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
-    model, trust = cfg.model, cfg.model.trust_remote_code
-    teacher_spec, student_spec = parse_spec(model.teacher), parse_spec(model.student)
+    for source in (cfg.model.teacher, cfg.model.student):
+        parse_spec(source)  # a typo in a spec fails now, before the data loads
     notes: list[str] = []
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
-    cache = None
-    if model.teacher_cache is not None:  # kd run --teacher-cache: no teacher model is loaded
-        from kdcore.teacher_cache import open_for_run
-
-        cache, tokenizer = open_for_run(cfg, corpus, Console(quiet=True))
-        teacher_config, teacher_kind = None, f"teacher cache, top-{cache.top_k}"
-        notes.append(
-            f"the teacher's top-{cache.top_k} come from {cache.directory}; no teacher model is loaded"
-        )
-    elif teacher_spec is not None:
-        cached = spec_teacher_dir(model, corpus, cfg.data.seq_len, cfg.training)
-        if (cached / "config.json").is_file():
-            tokenizer = load_tokenizer(str(cached))
-            teacher_config, teacher_kind = _pretrained_config(str(cached), False), "cached teacher"
-            notes.append(f"the teacher is cached in {cached}")
-        else:
-            tokenizer = build_tokenizer(model.tokenizer or "byte", corpus.train_texts)
-            teacher_config, teacher_kind = _spec_config(teacher_spec, tokenizer), "spec (to be trained)"
-            notes.append(
-                f"the teacher will be trained for {model.teacher_steps} steps, then cached in {cached}"
-            )
-    else:
-        if model.tokenizer:
-            raise KdError(
-                f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
-            )
-        tokenizer = load_tokenizer(model.teacher, trust_remote_code=trust)
-        teacher_config = _pretrained_config(model.teacher, trust)
-        teacher_kind = "directory" if _is_dir(model.teacher) else "hub"
-
-    if student_spec is not None:
-        student_config, student_kind = _spec_config(student_spec, tokenizer), "spec"
-    else:
-        student_config = _pretrained_config(model.student, trust)
-        student_kind = "directory" if _is_dir(model.student) else "hub"
-        try:
-            student_tokenizer = load_tokenizer(model.student, trust_remote_code=trust)
-        except KdError:
-            student_tokenizer = None
-        check_shared_tokenizer(tokenizer, student_tokenizer, model.teacher, model.student)
-    vt = cache.vocab_size if cache is not None else int(teacher_config.vocab_size)
-    vs = int(student_config.vocab_size)
-    note = check_vocab_sizes(len(tokenizer), vt, vs, model.teacher, model.student)
+    tokenizer, teacher, cache = _check_teacher(cfg, corpus, notes)
+    student = _check_student(cfg.model, tokenizer)
+    note = check_vocab_sizes(
+        len(tokenizer), teacher.vocab_size, student.vocab_size, cfg.model.teacher, cfg.model.student
+    )
     if note:
         notes.append(note)
 
@@ -200,42 +160,96 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     if cache is not None:
         cache.check_data(train, eval_set)
     t = cfg.training
-    micro = t.batch_size // t.grad_accum
-    teacher_needed = cfg.strategy.reliance.name != "none"
     report = DryRunReport(
         strategies=strategies,
         trackers=trackers,
         tokenizer_size=len(tokenizer),
-        teacher=ModelInfo(
-            model.teacher,
-            teacher_kind,
-            vt,
-            count_parameters(teacher_config, trust) if teacher_config else None,
-        ),
-        student=ModelInfo(model.student, student_kind, vs, count_parameters(student_config, trust)),
+        teacher=teacher,
+        student=student,
         train_samples=len(train),
         eval_samples=len(eval_set),
         steps_per_epoch=math.ceil(len(train) / t.batch_size),
         total_steps=total_steps(t, len(train)),
-        micro_batch=micro,
+        micro_batch=t.batch_size // t.grad_accum,
         seq_len=cfg.data.seq_len,
-        memory=logits_memory(
-            micro, cfg.data.seq_len, vs, vt if teacher_needed and cache is None else None, t.mixed_precision
-        ),
+        memory=_memory(cfg, teacher, student, cache.top_k if cache is not None else None),
         notes=notes,
     )
-    if cache is not None and teacher_needed:  # top-K log-probs (float32) and ids (int64) per position
-        memory = report.memory
-        total = memory.pop("logits total") - memory.pop("teacher logits")
-        memory["teacher top-K rows"] = micro * cfg.data.seq_len * cache.top_k * (4 + 8)
-        memory["logits total"] = total + memory["teacher top-K rows"]
-    if report.student.parameters is not None:
-        report.memory["student weights + grads + AdamW"] = report.student.parameters * 16
-    if report.teacher.parameters is not None and teacher_needed:
-        report.memory["teacher weights"] = report.teacher.parameters * 4
     if console is not None:
         print_dry_run(console, cfg, report)
     return report
+
+
+def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, ModelInfo, Any]:
+    """The tokenizer, what is known of the teacher, and the teacher cache (if any); no weights are
+    loaded and no teacher is trained."""
+    from kdcore.teachers.resolve import locate_teacher
+
+    model = cfg.model
+    if model.teacher_cache is not None:  # kd run --teacher-cache: no teacher model is loaded
+        from kdcore.teachers.cache import open_for_run
+
+        cache, tokenizer = open_for_run(cfg, corpus, Console(quiet=True))
+        notes.append(
+            f"the teacher's top-{cache.top_k} come from {cache.directory}; no teacher model is loaded"
+        )
+        return (
+            tokenizer,
+            ModelInfo(model.teacher, f"teacher cache, top-{cache.top_k}", cache.vocab_size, None),
+            cache,
+        )
+    teacher = locate_teacher(model, corpus, cfg.data.seq_len, cfg.training)
+    tokenizer = teacher.tokenizer(corpus)
+    if not teacher.trained:
+        config = _spec_config(teacher.spec, tokenizer)
+        notes.append(
+            f"the teacher will be trained for {model.teacher_steps} steps, then cached in {teacher.directory}"
+        )
+    elif teacher.spec is not None:
+        config = _pretrained_config(teacher.source, False)
+        notes.append(f"the teacher is cached in {teacher.directory}")
+    else:
+        config = _pretrained_config(teacher.source, model.trust_remote_code)
+    info = ModelInfo(
+        model.teacher, teacher.kind, int(config.vocab_size), count_parameters(config, model.trust_remote_code)
+    )
+    return tokenizer, info, None
+
+
+def _check_student(model: Any, tokenizer: Any) -> ModelInfo:
+    """What is known of the student from its config; a pretrained one must share the teacher's tokenizer."""
+    from kdcore.inputs.models import check_student_tokenizer, parse_spec
+
+    spec, trust = parse_spec(model.student), model.trust_remote_code
+    if spec is not None:
+        config, kind = _spec_config(spec, tokenizer), "spec"
+    else:
+        config = _pretrained_config(model.student, trust)
+        kind = "directory" if _is_dir(model.student) else "hub"
+        check_student_tokenizer(tokenizer, model)
+    return ModelInfo(model.student, kind, int(config.vocab_size), count_parameters(config, trust))
+
+
+def _memory(
+    cfg: RunConfig, teacher: ModelInfo, student: ModelInfo, cache_top_k: int | None
+) -> dict[str, int]:
+    """The memory estimate of the module docstring, by item."""
+    t, seq_len = cfg.training, cfg.data.seq_len
+    micro = t.batch_size // t.grad_accum
+    teacher_needed = cfg.strategy.reliance.name != "none"
+    live = teacher_needed and cache_top_k is None
+    memory = logits_memory(
+        micro, seq_len, student.vocab_size, teacher.vocab_size if live else None, t.mixed_precision
+    )
+    if cache_top_k is not None and teacher_needed:  # top-K log-probs (float32) and ids (int64) per position
+        total = memory.pop("logits total") - memory.pop("teacher logits")
+        memory["teacher top-K rows"] = micro * seq_len * cache_top_k * (4 + 8)
+        memory["logits total"] = total + memory["teacher top-K rows"]
+    if student.parameters is not None:
+        memory["student weights + grads + AdamW"] = student.parameters * 16
+    if teacher.parameters is not None and teacher_needed:
+        memory["teacher weights"] = teacher.parameters * 4
+    return memory
 
 
 def _is_dir(source: str) -> bool:

@@ -20,24 +20,22 @@ import yaml
 from accelerate import PartialState
 from rich.console import Console
 
-from kdcore.config import ModelConfig, RunConfig, StrategyConfig, TrainingConfig
+from kdcore.config import ModelConfig, RunConfig
 from kdcore.errors import KdError
 from kdcore.files import atomic_directory, atomic_write_json, atomic_write_text
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
     build_from_spec,
-    cache_key,
-    cache_root,
-    check_shared_tokenizer,
+    check_student_tokenizer,
     check_vocab_sizes,
     load_pretrained,
-    load_tokenizer,
     parse_spec,
+    quiet_transformers,
     vocab_size,
 )
-from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.model_card import check_push, push_to_hub, write_model_card
 from kdcore.report import MetricsWriter, print_summary, write_history, write_plots
+from kdcore.teachers.resolve import resolve_teacher
 from kdcore.trackers import Tracking, resolve_trackers
 from kdcore.training.checkpoint import (
     Checkpointer,
@@ -103,56 +101,12 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
 
 
 # -- teacher and student ---------------------------------------------------------------------------
-def spec_teacher_dir(model: ModelConfig, corpus: Any, seq_len: int, training: TrainingConfig) -> Path:
-    """Where the from-scratch teacher ``model.teacher`` trained for this data and config is cached."""
-    key = cache_key(
-        teacher=model.teacher,
-        tokenizer=model.tokenizer or "byte",
-        data=corpus.fingerprint,
-        seq_len=seq_len,
-        steps=model.teacher_steps,
-        seed=training.seed,
-        batch=training.batch_size,
-        lr=training.lr,
-    )
-    return cache_root() / "teachers" / key
-
-
-def resolve_teacher(
-    model: ModelConfig, corpus: Any, seq_len: int, training: TrainingConfig, console: Console
-) -> tuple[str, Any]:
-    """The teacher's source (directory or hub id) and tokenizer; trains a spec teacher once and caches it."""
-    spec = parse_spec(model.teacher)
-    if spec is None:
-        if model.tokenizer:
-            raise KdError(
-                f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
-            )
-        return model.teacher, load_tokenizer(model.teacher, trust_remote_code=model.trust_remote_code)
-    tokenizer_spec = model.tokenizer or "byte"
-    directory = spec_teacher_dir(model, corpus, seq_len, training)
-    if (directory / "config.json").is_file():
-        console.print(f"[dim]Using the cached teacher in {directory}[/dim]")
-        return str(directory), load_tokenizer(str(directory))
-    console.print(
-        f"Training the teacher [bold]{model.teacher}[/bold] once ({model.teacher_steps} steps); it is cached in {directory}"
-    )
-    tokenizer = build_tokenizer(tokenizer_spec, corpus.train_texts)
-    teacher_training = training.model_copy(update={"max_steps": model.teacher_steps, "epochs": None})
-    train_causal_lm(model.teacher, tokenizer, corpus, seq_len, teacher_training, directory, console)
-    return str(directory), load_tokenizer(str(directory))
-
-
 def resolve_student(model: ModelConfig, tokenizer: Any, seed: int) -> Any:
     spec = parse_spec(model.student)
     if spec is not None:
         return build_from_spec(spec, tokenizer, seed)
     student = load_pretrained(model.student, trust_remote_code=model.trust_remote_code)
-    try:
-        student_tokenizer = load_tokenizer(model.student, trust_remote_code=model.trust_remote_code)
-    except KdError:
-        student_tokenizer = None  # a bare checkpoint: the vocabulary check below still applies
-    check_shared_tokenizer(tokenizer, student_tokenizer, model.teacher, model.student)
+    check_student_tokenizer(tokenizer, model)
     return student
 
 
@@ -165,46 +119,7 @@ def check_vocabularies(
         console.print(f"[yellow]{note}[/yellow]")
 
 
-def train_causal_lm(
-    source: str,
-    tokenizer: Any,
-    corpus: Any,
-    seq_len: int,
-    training: TrainingConfig,
-    out_dir: Path,
-    console: Console,
-) -> dict[str, Any]:
-    """Plain CE training of a from-scratch model, saved with save_pretrained (``kd train-teacher``)."""
-    spec = parse_spec(source)
-    model = build_from_spec(spec, tokenizer, training.seed) if spec else load_pretrained(source)
-    train, eval_set = corpus.pack(tokenizer, seq_len)
-    strategies, _ = make_strategies(StrategyConfig(reliance="none"))
-    trainer = Trainer(model, None, train, eval_set, strategies, training, 1.0)
-    with TrainingProgress(console, trainer.total_steps, "teacher") as progress:
-        trainer.on_progress = progress.update
-        result = trainer.fit()
-    if trainer.accelerator.is_main_process:  # several processes train it together; one writes it
-        with atomic_directory(out_dir) as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            atomic_write_json(
-                tmp / "kdcore_teacher.json",
-                {"source": source, "eval_ppl": result["student_eval_ppl"], "steps": result["steps"]},
-            )
-    trainer.accelerator.wait_for_everyone()
-    console.print(f"Teacher eval perplexity {result['student_eval_ppl']:.3f}, saved to {out_dir}")
-    return result
-
-
 # -- the run ---------------------------------------------------------------------------------------
-def quiet_transformers() -> None:
-    """kdcore shows its own progress; transformers' per-shard bars and config notes are noise here."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def run(
     cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True, resume: bool = False
 ) -> RunResult:
@@ -227,7 +142,7 @@ def run(
     corpus = load_corpus(cfg.data, cfg.training.seed)
     cache = None  # --teacher-cache: the teacher's top-K come from disk and no teacher model is loaded
     if cfg.model.teacher_cache is not None:
-        from kdcore.teacher_cache import open_for_run
+        from kdcore.teachers.cache import open_for_run
 
         cache, tokenizer = open_for_run(cfg, corpus, console)
         teacher = None

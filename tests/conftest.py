@@ -94,7 +94,7 @@ def cached_tiny_teacher(isolated_cache, tmp_path_factory) -> None:
 
     from kdcore.config import resolve_config
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.runner import resolve_teacher
+    from kdcore.teachers.resolve import resolve_teacher
 
     cfg = resolve_config(None, tiny_overrides(tmp_path_factory.mktemp("teacher")))
     resolve_teacher(cfg.model, load_corpus(cfg.data, 0), cfg.data.seq_len, cfg.training, Console(quiet=True))

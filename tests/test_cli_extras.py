@@ -13,7 +13,7 @@ from kdcore.cli import app
 from kdcore.config import resolve_config
 from kdcore.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
 from kdcore.errors import KdError
-from kdcore.inputs.models import cache_root
+from kdcore.teachers.resolve import cache_root
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_dry_run_catches_a_vocabulary_too_small(tmp_path):
 def test_dry_run_with_a_teacher_cache(tmp_path):
     from rich.console import Console
 
-    from kdcore.teacher_cache import build_cache
+    from kdcore.teachers.cache import build_cache
 
     cfg = resolve_config(None, tiny_overrides(tmp_path / "run"))
     build_cache(cfg, tmp_path / "cache", top_k=16, console=Console(quiet=True))

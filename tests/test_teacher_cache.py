@@ -15,7 +15,7 @@ from kdcore.config import resolve_config
 from kdcore.errors import KdError
 from kdcore.plugins import get_registry
 from kdcore.runner import run
-from kdcore.teacher_cache import TeacherCache, build_cache
+from kdcore.teachers.cache import TeacherCache, build_cache
 from kdcore.training.losses import TopKTeacher, per_sample_terms
 
 B, T, V = 3, 7, 40

@@ -7,9 +7,6 @@ e.g. ``gpt2:n_layer=2,n_embd=64,n_head=2``. Hub loading is the ordinary
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +125,16 @@ def check_shared_tokenizer(tokenizer: Any, student_tokenizer: Any | None, teache
         )
 
 
+def check_student_tokenizer(tokenizer: Any, model: Any) -> None:
+    """A pretrained student (``model.student``, a directory or hub id) must use the teacher's tokenizer;
+    a bare checkpoint without one is left to the vocabulary-size check."""
+    try:
+        student_tokenizer = load_tokenizer(model.student, trust_remote_code=model.trust_remote_code)
+    except KdError:
+        student_tokenizer = None
+    check_shared_tokenizer(tokenizer, student_tokenizer, model.teacher, model.student)
+
+
 def check_vocab_sizes(n_tokens: int, vt: int, vs: int, teacher: str, student: str) -> str | None:
     """Refuse output layers smaller than the tokenizer; describe a padded-vocabulary mismatch, if any."""
     if n_tokens > min(vt, vs):
@@ -143,16 +150,9 @@ def check_vocab_sizes(n_tokens: int, vt: int, vs: int, teacher: str, student: st
     return None
 
 
-def cache_root() -> Path:
-    """Where trained spec teachers are cached (``KD_CACHE_DIR`` overrides the user cache dir)."""
-    env = os.environ.get("KD_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
+def quiet_transformers() -> None:
+    """kdcore shows its own progress; transformers' per-shard bars and config notes are noise here."""
+    from transformers.utils import logging as hf_logging
 
-    return Path(user_cache_dir("kdcore"))
-
-
-def cache_key(**parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

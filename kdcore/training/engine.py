@@ -39,7 +39,7 @@ from kdcore.training.losses import SampleTerms, TopKTeacher, per_sample_terms
 
 
 class CachedTeacher(Protocol):
-    """A teacher known from disk instead of a model (:class:`kdcore.teacher_cache.TeacherCache`)."""
+    """A teacher known from disk instead of a model (:class:`kdcore.teachers.cache.TeacherCache`)."""
 
     def topk(
         self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

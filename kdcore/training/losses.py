@@ -35,7 +35,7 @@ than the memory is worth (checkpointed, the loss's forward + backward is ~1.65x 
 vocabulary 259, ``bench/loss_time.py``). Chunks are views into the logits
 made by one ``split``, so the backward pass writes the logits' gradient once, not once per chunk.
 
-Sparse teacher (:class:`TopKTeacher`, read from a teacher cache, see :mod:`kdcore.teacher_cache`):
+Sparse teacher (:class:`TopKTeacher`, read from a teacher cache, see :mod:`kdcore.teachers.cache`):
 the teacher is known only by its ``K`` most likely tokens per position, as log-probabilities at
 temperature 1, plus the log-mass of the rest (the *tail*). The KD term is then the divergence over
 ``K + 1`` categories: the ``K`` cached tokens and one "rest" bucket.

@@ -53,6 +53,7 @@ import torch
 
 from kdcore.errors import KdError
 from kdcore.files import file_sha256
+from kdcore.teachers.resolve import locate_teacher, resolve_teacher
 from kdcore.training.losses import TopKTeacher
 
 if TYPE_CHECKING:
@@ -82,12 +83,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
 def teacher_identity(model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig) -> str:
     """What the teacher is: a hub id or directory as given, or for a from-scratch spec the spec plus
     the key of its cached training (data, steps, seed, batch, lr), so another training run differs."""
-    from kdcore.inputs.models import parse_spec
-    from kdcore.runner import spec_teacher_dir
-
-    if parse_spec(model.teacher) is None:
-        return model.teacher
-    return f"{model.teacher}@{spec_teacher_dir(model, corpus, seq_len, training).name}"
+    return locate_teacher(model, corpus, seq_len, training).identity
 
 
 def _valid_positions(data: PackedDataset) -> torch.Tensor:
@@ -234,8 +230,7 @@ def build_cache(
     from rich.console import Console
 
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import load_pretrained
-    from kdcore.runner import quiet_transformers, resolve_teacher
+    from kdcore.inputs.models import load_pretrained, quiet_transformers
 
     console = console or Console(stderr=True)
     output = Path(output)
@@ -397,35 +392,23 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     """``kd run --teacher-cache``: open the cache and check the run's teacher and tokenizer against it,
     without loading the teacher model; returns the cache and the tokenizer to pack the data with.
     (The packed data is checked by :meth:`TeacherCache.check_data` once it exists.)"""
-    from kdcore.inputs.models import load_tokenizer, parse_spec
-    from kdcore.inputs.tokenization import build_tokenizer
-    from kdcore.runner import spec_teacher_dir
-
     assert cfg.model.teacher_cache is not None
     cache = TeacherCache.open(cfg.model.teacher_cache)
     seq_len = cfg.data.seq_len
     # Most specific first: a from-scratch teacher's identity includes its data and seq_len.
     cache.check("seq_len", "seq_len", seq_len)
     cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
+    teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training)
     cache.check(
         "teacher (a from-scratch spec includes its training steps, seed, batch size and lr)",
         "teacher_id",
-        teacher_identity(cfg.model, corpus, seq_len, cfg.training),
+        teacher.identity,
     )
-    if parse_spec(cfg.model.teacher) is None:
-        if cfg.model.tokenizer:
-            raise KdError(
-                f"--tokenizer applies only to from-scratch teachers; '{cfg.model.teacher}' brings its own tokenizer"
-            )
-        run_tokenizer = load_tokenizer(cfg.model.teacher, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        teacher_dir = spec_teacher_dir(cfg.model, corpus, seq_len, cfg.training)
-        if (teacher_dir / "tokenizer_config.json").is_file():
-            run_tokenizer = load_tokenizer(str(teacher_dir))
-        else:  # the teacher model itself is not needed: its tokenizer is built from the data
-            run_tokenizer = build_tokenizer(cfg.model.tokenizer or "byte", corpus.train_texts)
+    # the teacher model itself is not needed: a spec teacher not trained yet gets its tokenizer from the data
     cache.check(
-        "tokenizer (sha256 of the sorted vocabulary)", "tokenizer_hash", tokenizer_hash(run_tokenizer)
+        "tokenizer (sha256 of the sorted vocabulary)",
+        "tokenizer_hash",
+        tokenizer_hash(teacher.tokenizer(corpus)),
     )
     console.print(
         f"[dim]Training from the teacher cache {cache.directory} (top-{cache.top_k} of "

@@ -1,0 +1,144 @@
+"""Which teacher a run distils from, and the tokenizer its data is packed with: decided here, once.
+
+A teacher is a hub id or a local ``save_pretrained`` directory, which brings its own tokenizer, or a
+from-scratch spec (``gpt2:n_layer=4,n_embd=128``) that is trained once on the run's data and cached
+in ``<cache root>/teachers/<key>``. The key covers the spec, the tokenizer, the data, the sequence
+length and the training settings, so a teacher trained another way gets another directory.
+
+:func:`locate_teacher` makes the decision without loading or training anything (``kd run
+--dry-run`` and ``kd run --teacher-cache`` stop there); :func:`resolve_teacher` then trains a spec
+teacher the first time and returns what ``from_pretrained`` loads (``kd run``, ``kd cache-teacher``,
+``kd compare``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcore.errors import KdError
+from kdcore.inputs.models import ModelSpec, load_tokenizer, parse_spec
+from kdcore.inputs.tokenization import build_tokenizer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kdcore.config import ModelConfig, TrainingConfig
+    from kdcore.inputs.corpus import Corpus
+
+
+def cache_root() -> Path:
+    """Where trained spec teachers are cached (``KD_CACHE_DIR`` overrides the user cache dir)."""
+    env = os.environ.get("KD_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("kdcore"))
+
+
+def cache_key(**parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def spec_teacher_dir(model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig) -> Path:
+    """Where the from-scratch teacher ``model.teacher`` trained for this data and config is cached."""
+    key = cache_key(
+        teacher=model.teacher,
+        tokenizer=model.tokenizer or "byte",
+        data=corpus.fingerprint,
+        seq_len=seq_len,
+        steps=model.teacher_steps,
+        seed=training.seed,
+        batch=training.batch_size,
+        lr=training.lr,
+    )
+    return cache_root() / "teachers" / key
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """A run's teacher, located but not loaded: a hub id or directory, or a spec and its cache directory."""
+
+    name: str  # model.teacher, as given
+    spec: ModelSpec | None  # a from-scratch spec, else None
+    directory: Path | None  # where the spec teacher is (or will be) cached
+    tokenizer_spec: str  # the tokenizer a spec teacher is trained with
+    trust_remote_code: bool = False
+
+    @property
+    def trained(self) -> bool:
+        """Whether its weights exist: always for a hub id or directory, for a spec once it is cached."""
+        return self.directory is None or (self.directory / "config.json").is_file()
+
+    @property
+    def source(self) -> str:
+        """What ``from_pretrained`` loads: the name, or a spec teacher's cache directory."""
+        return self.name if self.directory is None else str(self.directory)
+
+    @property
+    def identity(self) -> str:
+        """The name, and for a spec the key of its cached training (another training run differs)."""
+        return self.name if self.directory is None else f"{self.name}@{self.directory.name}"
+
+    @property
+    def kind(self) -> str:
+        if self.spec is None:
+            return "directory" if Path(self.name).is_dir() else "hub"
+        return "cached teacher" if self.trained else "spec (to be trained)"
+
+    def tokenizer(self, corpus: Corpus) -> Any:
+        """The tokenizer the run's data is packed with: the teacher's own, or for a spec teacher that is
+        not trained yet the one it will be trained with (built from the corpus, no model needed)."""
+        if self.spec is None:
+            return load_tokenizer(self.name, trust_remote_code=self.trust_remote_code)
+        if self.trained:
+            return load_tokenizer(self.source)
+        return build_tokenizer(self.tokenizer_spec, corpus.train_texts)
+
+
+def locate_teacher(
+    model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig
+) -> TeacherSource:
+    """The teacher ``model`` names, for this data and training config; loads and trains nothing."""
+    spec = parse_spec(model.teacher)
+    if spec is None and model.tokenizer:
+        raise KdError(
+            f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
+        )
+    directory = None if spec is None else spec_teacher_dir(model, corpus, seq_len, training)
+    return TeacherSource(model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code)
+
+
+def resolve_teacher(
+    model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig, console: Console
+) -> tuple[str, Any]:
+    """The teacher's source (directory or hub id) and tokenizer; trains a spec teacher once and caches it."""
+    teacher = locate_teacher(model, corpus, seq_len, training)
+    if teacher.spec is None:
+        return teacher.source, teacher.tokenizer(corpus)
+    if teacher.trained:
+        console.print(f"[dim]Using the cached teacher in {teacher.directory}[/dim]")
+        return teacher.source, teacher.tokenizer(corpus)
+    console.print(
+        f"Training the teacher [bold]{model.teacher}[/bold] once ({model.teacher_steps} steps); "
+        f"it is cached in {teacher.directory}"
+    )
+    from kdcore.teachers.train import train_causal_lm
+
+    teacher_training = training.model_copy(update={"max_steps": model.teacher_steps, "epochs": None})
+    train_causal_lm(
+        model.teacher,
+        teacher.tokenizer(corpus),
+        corpus,
+        seq_len,
+        teacher_training,
+        teacher.directory,
+        console,
+    )
+    return teacher.source, load_tokenizer(teacher.source)
