@@ -71,7 +71,7 @@ def main() -> None:
     from kdcore.inputs.corpus import load_corpus
     from kdcore.inputs.models import build_from_spec, load_pretrained, parse_spec
     from kdcore.plugins import get_registry
-    from kdcore.runner import run
+    from kdcore.runs.runner import run
     from kdcore.teachers.cache import TeacherCache, build_cache
 
     torch.set_num_threads(1)

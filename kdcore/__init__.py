@@ -21,7 +21,7 @@ from kdcore.strategies import (
 )
 
 if TYPE_CHECKING:
-    from kdcore.runner import RunResult
+    from kdcore.runs.runner import RunResult
 
 __version__ = "0.1.0"
 
@@ -59,9 +59,9 @@ def run(config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> RunR
     """Run one distillation and return its result (summary and run directory).
 
     ``config`` is a :class:`RunConfig` or a mapping in its YAML shape; keyword arguments are passed
-    on to :func:`kdcore.runner.run` (``console``, ``show_progress``).
+    on to :func:`kdcore.runs.runner.run` (``console``, ``show_progress``).
     """
-    from kdcore.runner import run as _run
+    from kdcore.runs.runner import run as _run
 
     if config is None or isinstance(config, dict):
         config = RunConfig.model_validate(config or {})

@@ -259,7 +259,7 @@ def run(
         out.print(cfg.to_yaml(), highlight=False, end="")
         return
     if dry_run:
-        from kdcore.dry_run import dry_run as check_run
+        from kdcore.runs.dry_run import dry_run as check_run
 
         check_run(cfg, console=out)
         return
@@ -289,7 +289,7 @@ def _resume(run_dir: Path, options: dict[str, Any]) -> None:
 def _launch(cfg: Any, resume: bool = False) -> None:
     """Run; SIGINT/SIGTERM end it after a checkpoint with exit code 130/143 and the resume command."""
     from kdcore.errors import RunInterrupted
-    from kdcore.runner import run as run_distillation
+    from kdcore.runs.runner import run as run_distillation
 
     try:
         run_distillation(cfg, console=err, resume=resume)

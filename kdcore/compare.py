@@ -788,7 +788,7 @@ def execute_in_process(cfg_dict: dict[str, Any], log_path: str, resume: bool = F
     """
     from rich.console import Console
 
-    from kdcore import runner
+    from kdcore.runs import runner
 
     cfg = RunConfig.model_validate(cfg_dict)
     run_dir = Path(cfg.output.dir)
@@ -1460,7 +1460,7 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from kdcore.report import save_figure
+    from kdcore.runs.outputs import save_figure
 
     rows = [r for r in data["arms"] if r["ppl_mean"] is not None]
     written = []

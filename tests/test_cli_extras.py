@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 import kdcore
 from kdcore.cli import app
 from kdcore.config import resolve_config
-from kdcore.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
 from kdcore.errors import KdError
+from kdcore.runs.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
 from kdcore.teachers.resolve import cache_root
 
 

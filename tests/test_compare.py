@@ -248,7 +248,7 @@ def test_resume_skips_finished_runs_and_redoes_partial_ones(tiny_comparison, mon
     shutil.copytree(out, copy)
     (copy / "runs" / "sr" / "seed-1" / "summary.json").unlink()  # a run killed before it finished
     shutil.rmtree(copy / "runs" / "kd@matched-sr" / "seed-1")
-    from kdcore import runner
+    from kdcore.runs import runner
 
     calls = []
     real_run = runner.run
@@ -272,7 +272,7 @@ def test_resume_skips_finished_runs_and_redoes_partial_ones(tiny_comparison, mon
 
 
 def test_a_failed_run_is_reported_and_does_not_lose_the_others(tmp_path, monkeypatch):
-    from kdcore import runner
+    from kdcore.runs import runner
 
     real_run = runner.run
 
@@ -355,7 +355,7 @@ def test_table_only_rebuilds_from_finished_runs_and_runs_nothing(tiny_comparison
     copy = out.parent / "table-only"
     shutil.copytree(out, copy)
     (copy / "runs" / "sr" / "seed-1" / "summary.json").unlink()
-    from kdcore import runner
+    from kdcore.runs import runner
 
     def no_runs(*args, **kwargs):
         raise AssertionError("--table-only must not run anything")

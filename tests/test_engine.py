@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
-from kdcore.runner import run
+from kdcore.runs.runner import run
 
 
 def tiny_run(tmp_path, name="run", **extra):

@@ -17,7 +17,7 @@ from kdcore.cli import app
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
 from kdcore.html_report import build_report
-from kdcore.runner import run
+from kdcore.runs.runner import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

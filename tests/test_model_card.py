@@ -11,14 +11,14 @@ from conftest import tiny_overrides
 
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
-from kdcore.model_card import (
+from kdcore.runs.model_card import (
     check_push,
     hub_dataset_id,
     hub_model_id,
     refresh_model_card,
     render_model_card,
 )
-from kdcore.runner import run
+from kdcore.runs.runner import run
 
 
 def front_matter(text: str) -> dict:

@@ -132,7 +132,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(reference, tmp_path)
 
 
 def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(reference, tmp_path):
-    from kdcore.runner import run
+    from kdcore.runs.runner import run
     from kdcore.training.checkpoint import resume_config
 
     config = long_config(tmp_path, "run")
@@ -157,7 +157,7 @@ def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(reference, tmp_pat
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """12 steps, a checkpoint every 4, the newest 2 kept: step-8 and step-12."""
-    from kdcore.runner import run
+    from kdcore.runs.runner import run
 
     tmp = tmp_path_factory.mktemp("short")
     overrides = {**tiny_overrides(tmp / "run"), **STATEFUL, "training.checkpoint_every": 4}
@@ -176,7 +176,7 @@ def unfinished_copy(run_dir: Path, tmp_path: Path) -> Path:
 def resume_in_process(run_dir: Path, capsys=None):
     from rich.console import Console
 
-    from kdcore.runner import run
+    from kdcore.runs.runner import run
     from kdcore.training.checkpoint import resume_config
 
     console = Console(stderr=True, soft_wrap=True, width=400)
@@ -285,7 +285,7 @@ def nan_at_step_3(monkeypatch):
 
 
 def test_a_nan_loss_stops_the_run_naming_step_samples_and_checkpoint(nan_at_step_3, tmp_path):
-    from kdcore.runner import run
+    from kdcore.runs.runner import run
 
     overrides = {**tiny_overrides(tmp_path / "run"), **STATEFUL, "training.checkpoint_every": 2}
     with pytest.raises(KdError) as caught:
@@ -298,7 +298,7 @@ def test_a_nan_loss_stops_the_run_naming_step_samples_and_checkpoint(nan_at_step
 
 
 def test_skip_drops_the_update_of_a_nan_batch_and_logs_it(nan_at_step_3, tmp_path):
-    from kdcore.runner import run
+    from kdcore.runs.runner import run
 
     overrides = {
         **tiny_overrides(tmp_path / "run"),

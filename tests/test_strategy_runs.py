@@ -15,7 +15,7 @@ from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import build_from_spec, parse_spec
 from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.plugins import get_registry
-from kdcore.runner import run
+from kdcore.runs.runner import run
 from kdcore.training.engine import Trainer, make_strategies
 
 REGISTRY = get_registry()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
 from kdcore.plugins import get_registry
-from kdcore.runner import run
+from kdcore.runs.runner import run
 from kdcore.teachers.cache import TeacherCache, build_cache
 from kdcore.training.losses import TopKTeacher, per_sample_terms
 

@@ -10,11 +10,11 @@ import yaml
 from conftest import tiny_overrides
 from typer.testing import CliRunner
 
-from kdcore import trackers
 from kdcore.cli import app
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
-from kdcore.runner import run
+from kdcore.runs import trackers
+from kdcore.runs.runner import run
 
 
 def tiny_run(path, **extra):

@@ -146,7 +146,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=training.mixed_precision,
             cpu=not torch.cuda.is_available(),
-            log_with=log_with,  # experiment trackers (kdcore.trackers), None = no tracking
+            log_with=log_with,  # experiment trackers (kdcore.runs.trackers), None = no tracking
             project_dir=project_dir,
             # one scheduler step per optimizer step: every process steps on the same global batch
             step_scheduler_with_optimizer=False,

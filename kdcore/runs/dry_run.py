@@ -131,9 +131,9 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
     from kdcore.inputs.corpus import load_corpus
     from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers
-    from kdcore.model_card import check_push
     from kdcore.plugins import instantiate_strategies
-    from kdcore.trackers import resolve_trackers
+    from kdcore.runs.model_card import check_push
+    from kdcore.runs.trackers import resolve_trackers
     from kdcore.training.engine import total_steps
 
     quiet_transformers()

@@ -4,7 +4,7 @@ The card is YAML front matter (``library_name: transformers``, ``tags``, ``base_
 ``teacher`` when they are hub ids, ``datasets`` when the data is a hub dataset, a ``model-index``
 with the student's eval perplexity) followed by Markdown: the strategy and its parameters, the training
 set-up, the eval perplexity of the teacher, of the CE baseline when known, and of the student, and
-how to load and reproduce it. :func:`kdcore.runner.run` writes it right after saving the student;
+how to load and reproduce it. :func:`kdcore.runs.runner.run` writes it right after saving the student;
 :func:`refresh_model_card` rewrites it from a finished run directory, e.g. once ``kd compare`` knows
 the CE baseline's perplexity.
 

@@ -33,10 +33,10 @@ from kdcore.inputs.models import (
     quiet_transformers,
     vocab_size,
 )
-from kdcore.model_card import check_push, push_to_hub, write_model_card
-from kdcore.report import MetricsWriter, print_summary, write_history, write_plots
+from kdcore.runs.model_card import check_push, push_to_hub, write_model_card
+from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, write_plots
+from kdcore.runs.trackers import Tracking, resolve_trackers
 from kdcore.teachers.resolve import resolve_teacher
-from kdcore.trackers import Tracking, resolve_trackers
 from kdcore.training.checkpoint import (
     Checkpointer,
     check_plugins,
