@@ -7,6 +7,7 @@ line per field (``training.batch_size: Input should be greater than 0``), never 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -225,7 +226,12 @@ def load_file(path: Path) -> dict[str, Any]:
 
 def resolve_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """File (if any), then dotted overrides (``{'training.seed': 3}``), validated as a whole."""
-    tree = load_file(path) if path else {}
+    return resolve_tree(load_file(path) if path else {}, overrides)
+
+
+def resolve_tree(tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """A config tree already read (a copy is taken), then dotted overrides, validated as a whole."""
+    tree = copy.deepcopy(dict(tree))
     # Strategy defaults first, so that '--reliance-arg k=v' alone keeps the default policy's name.
     tree["strategy"] = deep_merge(StrategyConfig().model_dump(mode="json"), tree.get("strategy") or {})
     for dotted, value in (overrides or {}).items():

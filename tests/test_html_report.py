@@ -169,7 +169,7 @@ def test_kd_report_command(finished, tmp_path):
 
 
 def kd_compare_json(run_dir):
-    """A comparison.json in kd compare's shape (kdcore/compare.py, version 1), around one real run."""
+    """A comparison.json in kd compare's shape (kdcore/compare/results.py, version 1), around one real run."""
     summary = json.loads((run_dir / "summary.json").read_text())
     run_entry = {
         "seed": 0,

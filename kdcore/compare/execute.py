@@ -1,0 +1,438 @@
+"""Running a plan: every arm and seed as an ordinary ``kd run``, in this process or as subprocesses.
+
+Runs that finished before (``summary.json``) are reused, partial ones continued from their last
+checkpoint; a matched-λ baseline is queued as soon as its reliance arm's run for the seed is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcore.compare.arms import Arm, matched_strategy
+from kdcore.compare.plan import PLAN, Plan, arm_config
+from kdcore.compare.render import render_markdown, write_comparison_plots
+from kdcore.compare.results import RunOutcome, summarise
+from kdcore.config import RunConfig
+from kdcore.files import atomic_write_json, atomic_write_text
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class Task:
+    arm: Arm
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.arm.name, self.seed
+
+
+def run_dir_for(out_dir: Path, arm: str, seed: int) -> Path:
+    return out_dir / "runs" / arm / f"seed-{seed}"
+
+
+def first_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:") :].strip()
+    return lines[-1] if lines else "unknown error"
+
+
+def resumable(run_dir: Path) -> bool:
+    """A partial run the engine can continue (``kd run --resume``): it wrote config.yaml, not summary.json."""
+    return (run_dir / "config.yaml").is_file() and not (run_dir / SUMMARY).exists()
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return {"status": "failed", "error": f"{type(exc).__name__}: {message}".rstrip(": ")}
+
+
+def execute_in_process(cfg_dict: dict[str, Any], log_path: str, resume: bool = False) -> dict[str, Any]:
+    """Run one arm-seed in this process; never raises (the outcome says ok or failed).
+
+    ``resume``: continue the partial run in ``output.dir`` from its last checkpoint; if that fails,
+    remove the directory and run it from scratch.
+    """
+    from rich.console import Console
+
+    from kdcore.runs import runner
+
+    cfg = RunConfig.model_validate(cfg_dict)
+    run_dir = Path(cfg.output.dir)
+    with open(log_path, "a" if resume else "w") as handle:
+        console = Console(file=handle, width=120, soft_wrap=True)
+        if resume and resumable(run_dir):
+            try:
+                return {
+                    "status": "ok",
+                    "summary": runner.run(cfg, console=console, show_progress=False, resume=True).summary,
+                }
+            except Exception:
+                handle.write(traceback.format_exc())
+                handle.write("\nresume failed; running from scratch\n")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        try:
+            result = runner.run(cfg, console=console, show_progress=False)
+        except Exception as exc:
+            handle.write(traceback.format_exc())
+            return _failure(exc)
+    return {"status": "ok", "summary": result.summary}
+
+
+def execute_subprocess(
+    cfg_dict: dict[str, Any], log_path: str, threads: int, resume: bool = False
+) -> dict[str, Any]:
+    """Run one arm-seed as ``python -m kdcore run --config <yaml>`` (for --jobs > 1).
+
+    ``resume``: first ``python -m kdcore run --resume <run dir>``; if that fails, from scratch.
+    """
+    run_dir = Path(cfg_dict["output"]["dir"])
+    config_path = Path(log_path).with_suffix(".yaml")
+    config_path.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    summary_path = run_dir / SUMMARY
+    attempts = []
+    if resume and resumable(run_dir):
+        attempts.append(["run", "--resume", str(run_dir)])
+    attempts.append(["run", "--config", str(config_path)])
+    proc = None
+    with open(log_path, "a" if resume else "w") as handle:
+        for i, args in enumerate(attempts):
+            if args[1] == "--config" and run_dir.exists():
+                shutil.rmtree(run_dir)
+            if i:
+                handle.write("\nresume failed; running from scratch\n")
+                handle.flush()
+            proc = subprocess.run(
+                [sys.executable, "-m", "kdcore", *args], stdout=handle, stderr=subprocess.STDOUT, env=env
+            )
+            if proc.returncode == 0 and summary_path.is_file():
+                return {"status": "ok", "summary": json.loads(summary_path.read_text())}
+    text = Path(log_path).read_text(errors="replace")
+    code = proc.returncode if proc is not None else "?"
+    return {"status": "failed", "error": first_error_line(text) + f" (exit code {code})"}
+
+
+class Comparison:
+    """Runs a :class:`Plan` into ``out_dir`` and writes the table."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        out_dir: Path,
+        *,
+        jobs: int = 1,
+        log: Callable[[str], None] = print,
+        console: Any = None,
+    ) -> None:
+        self.plan, self.out_dir, self.jobs = plan, out_dir, max(1, jobs)
+        self.log = log
+        self.console = console
+        self.outcomes: dict[tuple[str, int], RunOutcome] = {}
+        self.matched_arms: dict[str, Arm] = {}
+        self.teacher: dict[str, Any] = {}
+        self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        self.cache_dir: str | None = None
+        self._resume: set[tuple[str, int]] = set()
+
+    # -- teacher -----------------------------------------------------------------------------------
+    def resolve_teacher(self) -> str:
+        """The teacher as a directory (or hub id): trained once with the teacher seed if it is a spec."""
+        if self.plan.teacher_dir and Path(self.plan.teacher_dir).is_dir():
+            return self.plan.teacher_dir
+        from rich.console import Console
+
+        from kdcore.inputs.corpus import load_corpus
+        from kdcore.inputs.models import parse_spec, quiet_transformers
+        from kdcore.teachers.resolve import resolve_teacher
+
+        quiet_transformers()
+        cfg = RunConfig.model_validate(self.plan.base)
+        source = cfg.model.teacher
+        if parse_spec(source) is None:
+            self.plan.teacher_dir = source
+            return source
+        import torch
+
+        threads = cfg.training.threads or (os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+        training = cfg.training.model_copy(update={"seed": self.plan.teacher_seed})
+        corpus = load_corpus(cfg.data, self.plan.teacher_seed)
+        start = time.perf_counter()
+        console = self.console or Console(stderr=True)
+        directory, _ = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, training, console)
+        self.teacher["resolve_seconds"] = time.perf_counter() - start
+        self.plan.teacher_dir = directory
+        return directory
+
+    def prepare_teacher_cache(self) -> str | None:
+        """One teacher cache for every arm: an existing directory, or built once in ``out_dir``."""
+        option = self.plan.teacher_cache
+        if option is None:
+            return None
+        if option != "auto":
+            return option
+        directory = self.out_dir / "teacher-cache"
+        if (directory / "manifest.json").is_file():
+            self.log(f"teacher cache: {directory} (built before)")
+            return str(directory.resolve())
+        from rich.console import Console
+
+        from kdcore.teachers.cache import build_cache
+
+        cfg = RunConfig.model_validate(self.plan.base)
+        k = self.plan.teacher_cache_k
+        if k is None:
+            from kdcore.inputs.models import load_tokenizer
+
+            vocab = len(load_tokenizer(self.plan.teacher_dir))
+            k = vocab if vocab <= 512 else 64
+        model = cfg.model.model_copy(update={"teacher": self.plan.teacher_dir, "tokenizer": None})
+        training = cfg.training.model_copy(
+            update={"seed": self.plan.teacher_seed, "threads": cfg.training.threads or (os.cpu_count() or 1)}
+        )
+        cache_cfg = cfg.model_copy(update={"model": model, "training": training})
+        start = time.perf_counter()
+        manifest = build_cache(
+            cache_cfg, directory, top_k=int(k), console=self.console or Console(stderr=True)
+        )
+        self.teacher["cache_seconds"] = time.perf_counter() - start
+        self.teacher["cache_top_k"] = manifest.get("top_k")
+        self.log(f"teacher cache: {directory} (top-{manifest.get('top_k')})")
+        return str(directory.resolve())
+
+    def describe_models(self) -> None:
+        """Parameter counts of the teacher and the student (for the table's header)."""
+        try:
+            from kdcore.inputs.models import build_from_spec, load_pretrained, load_tokenizer, parse_spec
+
+            cfg = RunConfig.model_validate(self.plan.base)
+            teacher = load_pretrained(self.plan.teacher_dir or cfg.model.teacher)
+            self.teacher["params"] = sum(p.numel() for p in teacher.parameters())
+            spec = parse_spec(cfg.model.student)
+            if spec is not None:
+                tokenizer = load_tokenizer(self.plan.teacher_dir)
+                student = build_from_spec(spec, tokenizer, 0)
+            else:
+                student = load_pretrained(cfg.model.student)
+            self.teacher["student_params"] = sum(p.numel() for p in student.parameters())
+            info = Path(self.plan.teacher_dir or "") / "kdcore_teacher.json"
+            if info.is_file():
+                self.teacher["training"] = json.loads(info.read_text())
+        except Exception as exc:  # counts are informative only
+            self.teacher["params_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    # -- tasks ---------------------------------------------------------------------------------------
+    def matched_arm(self, source: Arm) -> Arm:
+        name = f"kd@matched-{source.name}"
+        if name not in self.matched_arms:
+            self.matched_arms[name] = Arm(
+                name,
+                matched_strategy(source.strategy, 0.5),
+                role="matched",
+                spec=f"reliance:fixed(value=<mean λ of {source.name}>)",
+                matched_to=source.name,
+                auto=True,
+            )
+        return self.matched_arms[name]
+
+    def config_for(self, task: Task, lam: float | None = None) -> RunConfig:
+        arm = task.arm
+        if lam is not None:
+            arm = Arm(arm.name, matched_strategy(arm.strategy, lam), role=arm.role)
+        return arm_config(
+            self.plan,
+            arm,
+            task.seed,
+            run_dir_for(self.out_dir, task.arm.name, task.seed),
+            threads=self.threads,
+            teacher=self.plan.teacher_dir,
+            teacher_cache=self.cache_dir,
+        )
+
+    def run(self) -> dict[str, Any]:
+        self.started = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        teacher_dir = self.resolve_teacher()
+        atomic_write_text(self.out_dir / PLAN, self.plan.to_yaml())
+        self.log(f"teacher: {teacher_dir}")
+        self.describe_models()
+        self.cache_dir = self.prepare_teacher_cache()
+        primary = [Task(arm, seed) for seed in self.plan.seeds for arm in self.plan.arms]
+        total = len(primary) + (
+            len(self.plan.reliance_arms()) * len(self.plan.seeds) if self.plan.matched else 0
+        )
+        self._done = 0
+        self._total = total
+        ready: deque[tuple[Task, float | None]] = deque()
+        for task in primary:
+            if not self._reuse(task):
+                ready.append((task, None))
+            else:
+                self._release(task, ready)
+        self._drain(ready)
+        return self.finish()
+
+    def _reuse(self, task: Task) -> bool:
+        """A run directory with summary.json is done; a partial one is removed (and redone)."""
+        run_dir = run_dir_for(self.out_dir, task.arm.name, task.seed)
+        summary = run_dir / SUMMARY
+        if summary.is_file():
+            try:
+                data = json.loads(summary.read_text())
+            except json.JSONDecodeError:
+                data = None
+            if data is not None:
+                self.outcomes[task.key] = RunOutcome(
+                    task.arm.name, task.seed, "ok", str(run_dir), data, reused=True
+                )
+                self._done += 1
+                self.log(
+                    f"[{self._done}/{self._total}] {task.arm.name} seed {task.seed}: finished before, reused"
+                )
+                return True
+        if resumable(run_dir):
+            self._resume.add(task.key)
+            self.log(
+                f"{task.arm.name} seed {task.seed}: a partial run, continuing it from its last checkpoint"
+            )
+        elif run_dir.exists():
+            shutil.rmtree(run_dir)
+            self.log(f"{task.arm.name} seed {task.seed}: removed a partial run directory, redoing it")
+        return False
+
+    def _release(self, task: Task, ready: deque) -> None:
+        """After a reliance arm's run: queue its matched-λ baseline for the same seed (first in line)."""
+        if not (self.plan.matched and task.arm.role == "arm" and task.arm.varies_lambda()):
+            return
+        outcome = self.outcomes[task.key]
+        matched = self.matched_arm(task.arm)
+        follow = Task(matched, task.seed)
+        if outcome.status != "ok":
+            self.outcomes[follow.key] = RunOutcome(
+                matched.name,
+                task.seed,
+                "skipped",
+                str(run_dir_for(self.out_dir, matched.name, task.seed)),
+                error=f"{task.arm.name} seed {task.seed} failed, so its mean λ is unknown",
+            )
+            self._done += 1
+            return
+        if self._reuse(follow):
+            return
+        lam = round(float(outcome.summary["mean_lambda"]), 4)
+        ready.appendleft((follow, lam))
+
+    def _record(self, task: Task, result: dict[str, Any], seconds: float) -> None:
+        run_dir = str(run_dir_for(self.out_dir, task.arm.name, task.seed))
+        outcome = RunOutcome(
+            task.arm.name, task.seed, result["status"], run_dir, result.get("summary"), result.get("error")
+        )
+        self.outcomes[task.key] = outcome
+        self._done += 1
+        if outcome.status == "ok":
+            s = outcome.summary
+            detail = (
+                f"student ppl {s['student_eval_ppl']:.3f}, mean λ {s['mean_lambda']:.3f}, {seconds:.0f} s"
+            )
+        else:
+            detail = f"FAILED: {outcome.error}"
+        self.log(f"[{self._done}/{self._total}] {task.arm.name} seed {task.seed}: {detail}")
+
+    def _log_path(self, task: Task) -> str:
+        path = run_dir_for(self.out_dir, task.arm.name, task.seed).with_suffix(".log")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def _drain(self, ready: deque) -> None:
+        if self.jobs == 1:
+            while ready:
+                task, lam = ready.popleft()
+                start = time.perf_counter()
+                result = execute_in_process(
+                    self.config_for(task, lam).to_dict(), self._log_path(task), task.key in self._resume
+                )
+                self._record(task, result, time.perf_counter() - start)
+                self._release(task, ready)
+            return
+        running: dict[Future, tuple[Task, float]] = {}
+        with ThreadPoolExecutor(self.jobs) as pool:
+            while ready or running:
+                while ready and len(running) < self.jobs:
+                    task, lam = ready.popleft()
+                    cfg = self.config_for(task, lam).to_dict()
+                    future = pool.submit(
+                        execute_subprocess, cfg, self._log_path(task), self.threads, task.key in self._resume
+                    )
+                    running[future] = (task, time.perf_counter())
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task, start = running.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # the launcher itself failed
+                        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                    self._record(task, result, time.perf_counter() - start)
+                    self._release(task, ready)
+
+    # -- the table -----------------------------------------------------------------------------------
+    def collect(self) -> dict[str, Any]:
+        """The table from the runs that have finished so far; runs nothing (``--table-only``)."""
+        self.table_only = True
+        self._done, self._total = 0, 0
+        for seed in self.plan.seeds:
+            for arm in self.plan.arms:
+                tasks = [Task(arm, seed)]
+                if self.plan.matched and arm.role == "arm" and arm.varies_lambda():
+                    tasks.append(Task(self.matched_arm(arm), seed))
+                for task in tasks:
+                    summary = run_dir_for(self.out_dir, task.arm.name, task.seed) / SUMMARY
+                    if summary.is_file():
+                        data = json.loads(summary.read_text())
+                        self.outcomes[task.key] = RunOutcome(
+                            task.arm.name, task.seed, "ok", str(summary.parent), data, reused=True
+                        )
+        self.describe_models()
+        return self.finish()
+
+    def planned_runs(self) -> int:
+        matched = len(self.plan.reliance_arms()) if self.plan.matched else 0
+        return (len(self.plan.arms) + matched) * len(self.plan.seeds)
+
+    def finish(self) -> dict[str, Any]:
+        data = summarise(self.plan, list(self.matched_arms.values()), self.outcomes, self.teacher)
+        data["output_dir"] = str(self.out_dir)
+        data["runs_planned"] = self.planned_runs()
+        data["runs_finished"] = sum(o.status == "ok" for o in self.outcomes.values())
+        if getattr(self, "table_only", False):
+            data["table_only"] = True
+        else:
+            data["wall_seconds"] = time.perf_counter() - getattr(self, "started", time.perf_counter())
+            data["jobs"] = self.jobs
+        atomic_write_json(self.out_dir / "comparison.json", data)
+        atomic_write_text(self.out_dir / "comparison.md", render_markdown(data))
+        try:
+            write_comparison_plots(self.out_dir, data)
+        except Exception as exc:  # plots never lose the table
+            self.log(f"plots failed: {exc}")
+        return data

@@ -1,0 +1,237 @@
+"""``comparison.md`` and the comparison plots, from the numbers of ``comparison.json``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(mean: float | None, sd: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{mean:.{digits}f}"
+
+
+def format_paired(p: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not p or p.get("mean_diff") is None:
+        return (p or {}).get("note") or "–"
+    text = f"{p['mean_diff']:+.{digits}f}"
+    if p.get("ci_low") is not None:
+        text += f" [{p['ci_low']:+.{digits}f}, {p['ci_high']:+.{digits}f}]"
+    if p.get("p_value") is not None:
+        text += f", p={p['p_value']:.3g} {p['verdict']}"
+    else:
+        text += f" ({p.get('note') or 'n/a'})"
+    return text
+
+
+ROLE_LABEL = {
+    "ce": "CE-only reference",
+    "kd": "vanilla KD reference",
+    "sweep": "fixed-λ sweep",
+    "matched": "matched-λ baseline",
+    "arm": "arm",
+}
+
+
+def role_text(row: Mapping[str, Any]) -> str:
+    text = ROLE_LABEL.get(row["role"], row["role"])
+    if row["role"] == "matched":
+        text += f" of {row['matched_to']}"
+    if row["role"] == "kd" and row.get("fixed_lambda") is not None:
+        text += f" (λ={row['fixed_lambda']:g})"
+    if row.get("best_fixed"):
+        text += ", **best fixed λ**"
+    if row.get("auto"):
+        text += " (added)"
+    return text
+
+
+def render_markdown(data: Mapping[str, Any]) -> str:
+    t, st = data["teacher"], data["student"]
+    base = data["base_config"]
+    lines = ["# kd compare", ""]
+    teacher_params = f", {t['params']:,} parameters" if t.get("params") else ""
+    student_params = f", {st['params']:,} parameters" if st.get("params") else ""
+    lines += [
+        f"- teacher: `{t['source']}`{teacher_params}, eval ppl {_num(t.get('eval_ppl'))}"
+        f" (trained once, teacher seed {data['teacher_seed']}; `{t.get('dir')}`)",
+        f"- student: `{st['source']}`{student_params}",
+        f"- data: `{base['data']['dataset']}`, eval `{base['data'].get('eval_dataset') or 'held-out tail'}`, "
+        f"seq len {base['data']['seq_len']}, max eval samples {base['data'].get('max_eval_samples')}",
+        f"- training (every arm): {base['training']['max_steps']} steps × batch {base['training']['batch_size']}, "
+        f"lr {base['training']['lr']:g}, seeds {', '.join(map(str, data['seeds']))}",
+    ]
+    if data.get("command"):
+        lines.append(f"- command: `{data['command']}`")
+    if data.get("runs_planned") and data.get("runs_finished") != data["runs_planned"]:
+        lines.append(
+            f"- **incomplete**: {data['runs_finished']} of {data['runs_planned']} runs finished"
+            + (
+                " (table rebuilt from the finished runs only, nothing was run)"
+                if data.get("table_only")
+                else ""
+            )
+        )
+    if data.get("wall_seconds") is not None:
+        extra = [
+            f"{label} {t[key] / 60:.1f} min"
+            for key, label in (("resolve_seconds", "teacher training"), ("cache_seconds", "teacher cache"))
+            if (t.get(key) or 0) > 1
+        ]
+        lines.append(
+            f"- wall time of this invocation: {data['wall_seconds'] / 60:.1f} min with --jobs {data.get('jobs', 1)}"
+            + (f" ({', '.join(extra)})" if extra else "")
+        )
+    for note in data.get("notes") or []:
+        lines.append(f"- note: {note}")
+    lines += [
+        "",
+        "Student eval perplexity, mean ± sd over seeds (lower is better). Gap closed = "
+        "(ppl_ce − ppl_arm)/(ppl_ce − ppl_teacher) on the means over the seeds both finished. Δ = arm − reference, paired over seeds, "
+        "mean [95% CI], paired t-test p; negative Δ means the arm is better.",
+        "",
+        "| arm | role | strategy | seeds | student ppl | gap closed | mean λ | Δ vs kd | Δ vs matched λ | wall s | tokens/s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in data["arms"]:
+        vs = row.get("vs", {})
+        status = row["status"]
+        if row.get("error"):
+            status += f": {row['error']}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"**{row['name']}**",
+                    role_text(row),
+                    f"`{row['strategy']}`",
+                    f"{row['n_ok']}/{row['n_seeds']}",
+                    _pm(row["ppl_mean"], row["ppl_sd"]),
+                    "–" if row["gap_closed"] is None else f"{row['gap_closed']:.1%}",
+                    _pm(row["mean_lambda"], row["mean_lambda_sd"]),
+                    format_paired(vs["kd"]) if "kd" in vs else "–",
+                    format_paired(vs.get("matched")) if "matched" in vs else "–",
+                    _num(row["wall_seconds_mean"], 0),
+                    _num(row["tokens_per_second_mean"], 0),
+                    status.replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
+    pairs = [
+        (row["name"], key, p)
+        for row in data["arms"]
+        for key, p in (row.get("vs") or {}).items()
+        if row["role"] == "arm"
+    ]
+    if pairs:
+        lines += [
+            "",
+            "## Paired comparisons",
+            "",
+            "| arm | reference | seeds | Δ ppl (arm − ref) | 95% CI | p (paired t) | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, _key, p in pairs:
+            ci = "–" if p.get("ci_low") is None else f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+            lines.append(
+                f"| {name} | {p['reference']} | {p['n']} | "
+                f"{'–' if p.get('mean_diff') is None else format(p['mean_diff'], '+.3f')} | {ci} | "
+                f"{'–' if p.get('p_value') is None else format(p['p_value'], '.3g')} | {p['verdict']} |"
+            )
+    lines += ["", verdict_sentences(data), ""]
+    return "\n".join(lines)
+
+
+def verdict_sentences(data: Mapping[str, Any]) -> str:
+    """Plain sentences: which arms beat vanilla KD and their matched baseline, significantly or not."""
+    out = []
+    for row in data["arms"]:
+        if row["role"] != "arm":
+            continue
+        for key, label in (
+            ("kd", "vanilla KD"),
+            ("matched", "KD at its matched mean λ"),
+            ("best_fixed", "the best fixed λ"),
+        ):
+            p = (row.get("vs") or {}).get(key)
+            if not p or p.get("mean_diff") is None:
+                continue
+            better = "lower" if p["mean_diff"] < 0 else "higher"
+            if p.get("p_value") is None:
+                tail = f"({p.get('note')})"
+            elif p["p_value"] < 0.05:
+                tail = f"(p={p['p_value']:.3g}, significant)"
+            else:
+                tail = f"(p={p['p_value']:.3g}, not significant)"
+            out.append(
+                f"- **{row['name']}** vs {label} (`{p['reference']}`): {abs(p['mean_diff']):.3f} {better} ppl {tail}."
+            )
+    return "\n".join(out)
+
+
+def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from kdcore.runs.outputs import save_figure
+
+    rows = [r for r in data["arms"] if r["ppl_mean"] is not None]
+    written = []
+    if not rows:
+        return written
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.8))
+    xs = np.arange(len(rows))
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    for x, row, color in zip(xs, rows, colors, strict=True):
+        ax.errorbar(x, row["ppl_mean"], yerr=row["ppl_sd"] or 0, fmt="o", capsize=4, color=color)
+        seeds = [r["student_eval_ppl"] for r in row["runs"] if r["status"] == "ok"]
+        ax.scatter([x + 0.12] * len(seeds), seeds, s=8, color=color, alpha=0.5)
+    teacher = data["teacher"].get("eval_ppl")
+    if teacher:
+        ax.axhline(teacher, ls="--", color="grey", lw=1, label=f"teacher {teacher:.3f}")
+        ax.legend(fontsize="small")
+    ax.set_xticks(xs, [r["name"] for r in rows], rotation=30, ha="right")
+    ax.set(ylabel="student eval perplexity", title="eval perplexity per arm (mean ± sd over seeds)")
+    path = out_dir / "ppl.png"
+    save_figure(fig, path)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row, color in zip(rows, colors, strict=True):
+        curves = [r["eval_curve"] for r in row["runs"] if r["status"] == "ok" and r.get("eval_curve")]
+        if not curves:
+            continue
+        steps = [step for step, _ in curves[0]]
+        common = [c for c in curves if [s for s, _ in c] == steps]
+        values = np.array([[v for _, v in c] for c in common], dtype=float)
+        if len(steps) > 2:  # the untrained model's perplexity (step 0) would flatten every difference
+            steps, values = steps[1:], values[:, 1:]
+        mean = values.mean(axis=0)
+        sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+        style = "--" if row["role"] in ("sweep", "matched") else "-"
+        ax.plot(steps, mean, style, color=color, label=row["name"], lw=1.3)
+        ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.15)
+    if teacher:
+        ax.axhline(teacher, ls=":", color="grey", lw=1, label="teacher")
+    ax.set(
+        xlabel="step",
+        ylabel="eval perplexity",
+        title="eval curves (mean ± sd over seeds; step 0 left out)",
+    )
+    ax.legend(fontsize="x-small", ncol=2)
+    path = out_dir / "curves.png"
+    save_figure(fig, path)
+    plt.close(fig)
+    written.append(path)
+    return written
