@@ -142,56 +142,63 @@ def parse_strategy_spec(spec: str, where: str) -> dict[str, Any]:
         choice = _ITEM_CHOICE.match(item)
         eq, colon = item.find("="), item.find(":")
         if choice and (eq < 0 or colon < eq):
-            kind, name = choice["kind"], choice["name"].strip()
-            if kind not in KINDS:
-                raise KdError(
-                    f"{where}: '{kind}' in '{item}' is not a strategy kind; use one of {', '.join(KINDS)}"
-                )
-            params: dict[str, Any] = {}
-            if choice["params"] is not None and choice["params"].strip():
-                try:
-                    pairs = split_top(choice["params"])
-                except ValueError as exc:
-                    raise KdError(f"{where}: {exc} in '{item}'") from None
-                for pair in pairs:
-                    key, sep, raw = pair.partition("=")
-                    if not sep or not key.strip():
-                        raise KdError(
-                            f"{where}: '{pair}' in '{item}' is not key=value; write e.g. {kind}:{name}(key=0.7)"
-                        )
-                    params[key.strip()] = _yaml_value(raw)
-            entry = patch.setdefault(kind, {})
-            if "name" in entry and entry["name"] != name:
-                raise KdError(f"{where}: {kind} is chosen twice ('{entry['name']}' and '{name}')")
-            entry["name"] = name
-            entry.setdefault("params", {}).update(params)
-            continue
-        if eq <= 0:
+            _choose(patch, choice, item, where)
+        elif eq <= 0:
             raise KdError(
                 f"{where}: '{item}' is neither KIND:NAME nor FIELD=VALUE; "
                 "write e.g. reliance:threshold(quantile=0.7) or reliance.params.quantile=0.7"
             )
-        dotted, raw = item[:eq].strip(), item[eq + 1 :]
-        head = dotted.split(".")[0]
-        if head == "strategy":
-            dotted = dotted.partition(".")[2]
-            head = dotted.split(".")[0]
-        if head not in STRATEGY_FIELDS:
-            raise KdError(
-                f"{where}: '{dotted}' is not a strategy field; arms differ only in strategy "
-                f"({', '.join(sorted(STRATEGY_FIELDS))}), set anything else for all arms with --set"
-            )
-        if head in KINDS:
-            rest = dotted.split(".")[1:]
-            if rest[:1] == ["name"] and len(rest) == 1:
-                patch.setdefault(head, {})["name"] = str(_yaml_value(raw))
-                continue
-            if len(rest) < 2 or rest[0] != "params":
-                raise KdError(
-                    f"{where}: '{dotted}' should be {head}.params.KEY=VALUE (or {head}:NAME to choose one)"
-                )
-        set_path(patch, dotted, _yaml_value(raw))
+        else:
+            _set_field(patch, item[:eq].strip(), item[eq + 1 :], where)
     return patch
+
+
+def _choose(patch: dict[str, Any], choice: re.Match, item: str, where: str) -> None:
+    """``KIND:NAME(KEY=VALUE,...)``: choose a strategy of a kind, with parameters."""
+    kind, name = choice["kind"], choice["name"].strip()
+    if kind not in KINDS:
+        raise KdError(f"{where}: '{kind}' in '{item}' is not a strategy kind; use one of {', '.join(KINDS)}")
+    params: dict[str, Any] = {}
+    if choice["params"] is not None and choice["params"].strip():
+        try:
+            pairs = split_top(choice["params"])
+        except ValueError as exc:
+            raise KdError(f"{where}: {exc} in '{item}'") from None
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key.strip():
+                raise KdError(
+                    f"{where}: '{pair}' in '{item}' is not key=value; write e.g. {kind}:{name}(key=0.7)"
+                )
+            params[key.strip()] = _yaml_value(raw)
+    entry = patch.setdefault(kind, {})
+    if "name" in entry and entry["name"] != name:
+        raise KdError(f"{where}: {kind} is chosen twice ('{entry['name']}' and '{name}')")
+    entry["name"] = name
+    entry.setdefault("params", {}).update(params)
+
+
+def _set_field(patch: dict[str, Any], dotted: str, raw: str, where: str) -> None:
+    """``FIELD.FIELD=VALUE``: set one strategy field (relative to ``strategy``)."""
+    head = dotted.split(".")[0]
+    if head == "strategy":
+        dotted = dotted.partition(".")[2]
+        head = dotted.split(".")[0]
+    if head not in STRATEGY_FIELDS:
+        raise KdError(
+            f"{where}: '{dotted}' is not a strategy field; arms differ only in strategy "
+            f"({', '.join(sorted(STRATEGY_FIELDS))}), set anything else for all arms with --set"
+        )
+    if head in KINDS:
+        rest = dotted.split(".")[1:]
+        if rest[:1] == ["name"] and len(rest) == 1:
+            patch.setdefault(head, {})["name"] = str(_yaml_value(raw))
+            return
+        if len(rest) < 2 or rest[0] != "params":
+            raise KdError(
+                f"{where}: '{dotted}' should be {head}.params.KEY=VALUE (or {head}:NAME to choose one)"
+            )
+    set_path(patch, dotted, _yaml_value(raw))
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, Any]]:

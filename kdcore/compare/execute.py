@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
 
 from kdcore.compare.arms import Arm, matched_strategy
 from kdcore.compare.plan import PLAN, Plan, arm_config
 from kdcore.compare.render import render_markdown, write_comparison_plots
 from kdcore.compare.results import RunOutcome, summarise
+from kdcore.compare.teacher import describe_models, prepare_teacher_cache, resolve_plan_teacher
 from kdcore.config import RunConfig
 from kdcore.files import atomic_write_json, atomic_write_text
 
@@ -154,93 +156,9 @@ class Comparison:
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         self.cache_dir: str | None = None
         self._resume: set[tuple[str, int]] = set()
-
-    # -- teacher -----------------------------------------------------------------------------------
-    def resolve_teacher(self) -> str:
-        """The teacher as a directory (or hub id): trained once with the teacher seed if it is a spec."""
-        if self.plan.teacher_dir and Path(self.plan.teacher_dir).is_dir():
-            return self.plan.teacher_dir
-        from rich.console import Console
-
-        from kdcore.inputs.corpus import load_corpus
-        from kdcore.inputs.models import parse_spec, quiet_transformers
-        from kdcore.teachers.resolve import resolve_teacher
-
-        quiet_transformers()
-        cfg = RunConfig.model_validate(self.plan.base)
-        source = cfg.model.teacher
-        if parse_spec(source) is None:
-            self.plan.teacher_dir = source
-            return source
-        import torch
-
-        threads = cfg.training.threads or (os.cpu_count() or 1)
-        torch.set_num_threads(threads)
-        training = cfg.training.model_copy(update={"seed": self.plan.teacher_seed})
-        corpus = load_corpus(cfg.data, self.plan.teacher_seed)
-        start = time.perf_counter()
-        console = self.console or Console(stderr=True)
-        directory, _ = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, training, console)
-        self.teacher["resolve_seconds"] = time.perf_counter() - start
-        self.plan.teacher_dir = directory
-        return directory
-
-    def prepare_teacher_cache(self) -> str | None:
-        """One teacher cache for every arm: an existing directory, or built once in ``out_dir``."""
-        option = self.plan.teacher_cache
-        if option is None:
-            return None
-        if option != "auto":
-            return option
-        directory = self.out_dir / "teacher-cache"
-        if (directory / "manifest.json").is_file():
-            self.log(f"teacher cache: {directory} (built before)")
-            return str(directory.resolve())
-        from rich.console import Console
-
-        from kdcore.teachers.cache import build_cache
-
-        cfg = RunConfig.model_validate(self.plan.base)
-        k = self.plan.teacher_cache_k
-        if k is None:
-            from kdcore.inputs.models import load_tokenizer
-
-            vocab = len(load_tokenizer(self.plan.teacher_dir))
-            k = vocab if vocab <= 512 else 64
-        model = cfg.model.model_copy(update={"teacher": self.plan.teacher_dir, "tokenizer": None})
-        training = cfg.training.model_copy(
-            update={"seed": self.plan.teacher_seed, "threads": cfg.training.threads or (os.cpu_count() or 1)}
-        )
-        cache_cfg = cfg.model_copy(update={"model": model, "training": training})
-        start = time.perf_counter()
-        manifest = build_cache(
-            cache_cfg, directory, top_k=int(k), console=self.console or Console(stderr=True)
-        )
-        self.teacher["cache_seconds"] = time.perf_counter() - start
-        self.teacher["cache_top_k"] = manifest.get("top_k")
-        self.log(f"teacher cache: {directory} (top-{manifest.get('top_k')})")
-        return str(directory.resolve())
-
-    def describe_models(self) -> None:
-        """Parameter counts of the teacher and the student (for the table's header)."""
-        try:
-            from kdcore.inputs.models import build_from_spec, load_pretrained, load_tokenizer, parse_spec
-
-            cfg = RunConfig.model_validate(self.plan.base)
-            teacher = load_pretrained(self.plan.teacher_dir or cfg.model.teacher)
-            self.teacher["params"] = sum(p.numel() for p in teacher.parameters())
-            spec = parse_spec(cfg.model.student)
-            if spec is not None:
-                tokenizer = load_tokenizer(self.plan.teacher_dir)
-                student = build_from_spec(spec, tokenizer, 0)
-            else:
-                student = load_pretrained(cfg.model.student)
-            self.teacher["student_params"] = sum(p.numel() for p in student.parameters())
-            info = Path(self.plan.teacher_dir or "") / "kdcore_teacher.json"
-            if info.is_file():
-                self.teacher["training"] = json.loads(info.read_text())
-        except Exception as exc:  # counts are informative only
-            self.teacher["params_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self.started: float | None = None  # when run() began
+        self.done = 0  # runs finished, reused or skipped so far (for the progress lines)
+        self.total = self.planned_runs()
 
     # -- tasks ---------------------------------------------------------------------------------------
     def matched_arm(self, source: Arm) -> Arm:
@@ -273,17 +191,13 @@ class Comparison:
     def run(self) -> dict[str, Any]:
         self.started = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        teacher_dir = self.resolve_teacher()
+        console = self.console or Console(stderr=True)
+        teacher_dir = resolve_plan_teacher(self.plan, console, self.teacher)
         atomic_write_text(self.out_dir / PLAN, self.plan.to_yaml())
         self.log(f"teacher: {teacher_dir}")
-        self.describe_models()
-        self.cache_dir = self.prepare_teacher_cache()
+        self.teacher.update(describe_models(self.plan))
+        self.cache_dir = prepare_teacher_cache(self.plan, self.out_dir, console, self.log, self.teacher)
         primary = [Task(arm, seed) for seed in self.plan.seeds for arm in self.plan.arms]
-        total = len(primary) + (
-            len(self.plan.reliance_arms()) * len(self.plan.seeds) if self.plan.matched else 0
-        )
-        self._done = 0
-        self._total = total
         ready: deque[tuple[Task, float | None]] = deque()
         for task in primary:
             if not self._reuse(task):
@@ -291,7 +205,7 @@ class Comparison:
             else:
                 self._release(task, ready)
         self._drain(ready)
-        return self.finish()
+        return self.finish(table_only=False)
 
     def _reuse(self, task: Task) -> bool:
         """A run directory with summary.json is done; a partial one is removed (and redone)."""
@@ -306,9 +220,9 @@ class Comparison:
                 self.outcomes[task.key] = RunOutcome(
                     task.arm.name, task.seed, "ok", str(run_dir), data, reused=True
                 )
-                self._done += 1
+                self.done += 1
                 self.log(
-                    f"[{self._done}/{self._total}] {task.arm.name} seed {task.seed}: finished before, reused"
+                    f"[{self.done}/{self.total}] {task.arm.name} seed {task.seed}: finished before, reused"
                 )
                 return True
         if resumable(run_dir):
@@ -336,7 +250,7 @@ class Comparison:
                 str(run_dir_for(self.out_dir, matched.name, task.seed)),
                 error=f"{task.arm.name} seed {task.seed} failed, so its mean λ is unknown",
             )
-            self._done += 1
+            self.done += 1
             return
         if self._reuse(follow):
             return
@@ -349,7 +263,7 @@ class Comparison:
             task.arm.name, task.seed, result["status"], run_dir, result.get("summary"), result.get("error")
         )
         self.outcomes[task.key] = outcome
-        self._done += 1
+        self.done += 1
         if outcome.status == "ok":
             s = outcome.summary
             detail = (
@@ -357,7 +271,7 @@ class Comparison:
             )
         else:
             detail = f"FAILED: {outcome.error}"
-        self.log(f"[{self._done}/{self._total}] {task.arm.name} seed {task.seed}: {detail}")
+        self.log(f"[{self.done}/{self.total}] {task.arm.name} seed {task.seed}: {detail}")
 
     def _log_path(self, task: Task) -> str:
         path = run_dir_for(self.out_dir, task.arm.name, task.seed).with_suffix(".log")
@@ -398,8 +312,6 @@ class Comparison:
     # -- the table -----------------------------------------------------------------------------------
     def collect(self) -> dict[str, Any]:
         """The table from the runs that have finished so far; runs nothing (``--table-only``)."""
-        self.table_only = True
-        self._done, self._total = 0, 0
         for seed in self.plan.seeds:
             for arm in self.plan.arms:
                 tasks = [Task(arm, seed)]
@@ -412,22 +324,23 @@ class Comparison:
                         self.outcomes[task.key] = RunOutcome(
                             task.arm.name, task.seed, "ok", str(summary.parent), data, reused=True
                         )
-        self.describe_models()
-        return self.finish()
+        self.teacher.update(describe_models(self.plan))
+        return self.finish(table_only=True)
 
     def planned_runs(self) -> int:
         matched = len(self.plan.reliance_arms()) if self.plan.matched else 0
         return (len(self.plan.arms) + matched) * len(self.plan.seeds)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, *, table_only: bool) -> dict[str, Any]:
+        """Write comparison.json, comparison.md and the plots from the outcomes so far."""
         data = summarise(self.plan, list(self.matched_arms.values()), self.outcomes, self.teacher)
         data["output_dir"] = str(self.out_dir)
         data["runs_planned"] = self.planned_runs()
         data["runs_finished"] = sum(o.status == "ok" for o in self.outcomes.values())
-        if getattr(self, "table_only", False):
+        if table_only:
             data["table_only"] = True
         else:
-            data["wall_seconds"] = time.perf_counter() - getattr(self, "started", time.perf_counter())
+            data["wall_seconds"] = time.perf_counter() - (self.started or time.perf_counter())
             data["jobs"] = self.jobs
         atomic_write_json(self.out_dir / "comparison.json", data)
         atomic_write_text(self.out_dir / "comparison.md", render_markdown(data))

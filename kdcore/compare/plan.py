@@ -171,9 +171,51 @@ def build_plan(
     teacher_cache_k: int | None = None,
     command: str = "",
 ) -> Plan:
-    """Resolve the base config and every arm, and validate all of them before anything runs."""
+    """Resolve the base config and every arm, and validate all of them before anything runs.
+
+    Options given here win over the same keys in the ``config`` file (``seeds:``, ``sweep:``...).
+    """
     tree = load_file(config) if config else {}
     compare_part = {k: tree.pop(k) for k in list(tree) if k in COMPARE_KEYS}
+
+    def option(given: Any, key: str, default: Any = None) -> Any:
+        return given if given is not None else compare_part.get(key, default)
+
+    base = _base_config(config, tree, compare_part, overrides or {})
+    specs = _arm_specs(preset or compare_part.get("preset"), compare_part.get("arms") or {}, arm_texts)
+    given = {name for name, _, _ in specs}
+    arms = [Arm(name, apply_patch(base["strategy"], patch), spec=spec) for name, patch, spec in specs]
+    notes: list[str] = []
+    kd = _add_references(arms, base["strategy"], given, notes)
+    plan_sweep = parse_sweep(option(sweep, "sweep"))
+    arms += _sweep_arms(kd, plan_sweep, given)
+    plan = Plan(
+        base=base,
+        arms=arms,
+        seeds=parse_seeds(option(seeds, "seeds", [0, 1, 2])),
+        teacher_seed=int(option(teacher_seed, "teacher_seed", 0)),
+        sweep=plan_sweep,
+        matched=bool(option(matched, "matched", True)),
+        notes=notes,
+        command=command,
+        teacher_cache=_teacher_cache_option(option(teacher_cache, "teacher_cache")),
+        teacher_cache_k=option(teacher_cache_k, "teacher_cache_k"),
+    )
+    _check_teacher_cache(plan)
+    if plan.matched:
+        for arm in plan.reliance_arms():
+            notes.append(
+                f"'kd@matched-{arm.name}' is vanilla KD at the mean λ '{arm.name}' used on the same seed"
+            )
+    validate_plan(plan)
+    return plan
+
+
+def _base_config(
+    config: Path | None, tree: dict[str, Any], compare_part: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The run config every arm starts from: ``base:`` (a file or a mapping), the file's own run sections,
+    then ``--set`` overrides; they may not choose strategies (that is what arms do)."""
     base_tree: dict[str, Any] = {}
     if "base" in compare_part:
         base_ref = compare_part["base"]
@@ -186,31 +228,32 @@ def build_plan(
             base_tree = dict(base_ref)
         else:
             raise KdError("base: must be a run-config file path or a mapping of sections")
-    base_tree = deep_merge(base_tree, tree)
-    overrides = dict(overrides or {})
-    bad = sorted(k for k in overrides if k.split(".")[0] == "strategy")
-    for key in bad:
+    for key in sorted(k for k in overrides if k.split(".")[0] == "strategy"):
         if key.split(".")[1:2] and key.split(".")[1] in KINDS:
             raise KdError(
                 f"'{key}' chooses a strategy for every arm; compare arms with --arm NAME=SPEC instead"
             )
     try:
-        base_cfg = resolve_tree(base_tree, overrides)
+        base_cfg = resolve_tree(deep_merge(base_tree, tree), overrides)
     except KdError as exc:
         raise KdError(f"base config: {exc}") from None
     base = base_cfg.to_dict()
     base["output"]["dir"] = None
+    return base
 
-    # -- arms, in the order given ----------------------------------------------------------------
+
+def _arm_specs(
+    preset: str | None, yaml_arms: Any, arm_texts: Sequence[str]
+) -> list[tuple[str, dict[str, Any], str]]:
+    """(name, strategy patch, spec text) of every arm asked for: the preset's, the config file's, then
+    ``--arm``'s, in that order; names are unique."""
     specs: list[tuple[str, dict[str, Any], str]] = []
-    preset = preset or compare_part.get("preset")
     if preset:
         if preset not in PRESETS:
             raise KdError(f"unknown preset '{preset}'; choose one of {', '.join(sorted(PRESETS))}")
         for text in PRESETS[preset]:
             name, patch = parse_arm(text)
             specs.append((name, patch, text.partition("=")[2]))
-    yaml_arms = compare_part.get("arms") or {}
     if not isinstance(yaml_arms, Mapping):
         raise KdError("arms: must be a mapping {name: {strategy: {...}}} in the config file")
     for name, value in yaml_arms.items():
@@ -227,17 +270,17 @@ def build_plan(
         if name in seen:
             raise KdError(f"arm '{name}' is given twice; arm names must be unique")
         seen.add(name)
+    return specs
 
-    base_strategy = base["strategy"]
-    arms = [Arm(name, apply_patch(base_strategy, patch), spec=spec) for name, patch, spec in specs]
-    notes: list[str] = []
 
-    # -- the references: CE-only and vanilla KD ----------------------------------------------------
+def _add_references(arms: list[Arm], base_strategy: dict[str, Any], given: set[str], notes: list[str]) -> Arm:
+    """Give the roles ``ce`` (CE only) and ``kd`` (vanilla KD) to arms that play them, adding the arms
+    when none does; returns the ``kd`` arm."""
     ce = next((a for a in arms if a.name == "ce" and a.is_ce()), None) or next(
         (a for a in arms if a.is_ce()), None
     )
     if ce is None:
-        if "ce" in seen:
+        if "ce" in given:
             raise KdError("arm 'ce' must be the CE-only baseline (reliance:none); rename your arm")
         ce = Arm("ce", reference_strategy(base_strategy, "none"), spec="reliance:none", auto=True)
         arms.insert(0, ce)
@@ -247,7 +290,7 @@ def build_plan(
         (a for a in arms if a.is_vanilla_kd() and a.role == "arm"), None
     )
     if kd is None:
-        if "kd" in seen:
+        if "kd" in given:
             raise KdError(
                 "arm 'kd' must be vanilla KD (reliance:fixed, no scorer or pacing); rename your arm"
             )
@@ -255,42 +298,26 @@ def build_plan(
         arms.insert(1, kd)
         notes.append("added arm 'kd' (reliance:fixed), the vanilla KD every arm is compared with")
     kd.role = "kd"
+    return kd
 
-    # -- the fixed-λ sweep ---------------------------------------------------------------------------
-    plan_sweep = parse_sweep(sweep if sweep is not None else compare_part.get("sweep"))
+
+def _sweep_arms(kd: Arm, values: Sequence[float], given: set[str]) -> list[Arm]:
+    """Vanilla KD at each fixed λ of the sweep (the ``kd`` arm stands for its own λ)."""
+    arms = []
     kd_lambda = kd.fixed_lambda()
-    for value in plan_sweep:
+    for value in values:
         if kd_lambda is not None and abs(value - kd_lambda) < 1e-9:
             continue  # the kd arm is this sweep point
         name = f"kd@{lambda_label(value)}"
-        if name in seen:
+        if name in given:
             raise KdError(f"arm name '{name}' is kept for the fixed-λ sweep")
-        arms.append(
-            Arm(
-                name,
-                with_lambda(kd.strategy, value),
-                role="sweep",
-                spec=f"reliance:fixed(value={value:g})",
-                auto=True,
-            )
-        )
+        strategy = with_lambda(kd.strategy, value)
+        arms.append(Arm(name, strategy, role="sweep", spec=f"reliance:fixed(value={value:g})", auto=True))
+    return arms
 
-    plan = Plan(
-        base=base,
-        arms=arms,
-        seeds=parse_seeds(seeds if seeds is not None else compare_part.get("seeds", [0, 1, 2])),
-        teacher_seed=int(teacher_seed if teacher_seed is not None else compare_part.get("teacher_seed", 0)),
-        sweep=plan_sweep,
-        matched=bool(matched if matched is not None else compare_part.get("matched", True)),
-        notes=notes,
-        command=command,
-        teacher_cache=_teacher_cache_option(
-            teacher_cache if teacher_cache is not None else compare_part.get("teacher_cache")
-        ),
-        teacher_cache_k=teacher_cache_k
-        if teacher_cache_k is not None
-        else compare_part.get("teacher_cache_k"),
-    )
+
+def _check_teacher_cache(plan: Plan) -> None:
+    """One teacher cache serves every arm and seed only when they all train on the same data."""
     if plan.base["model"].get("teacher_cache"):
         raise KdError(
             "model.teacher_cache in the base config: use --teacher-cache DIR (or auto) so that every arm "
@@ -303,13 +330,6 @@ def build_plan(
         )
     if plan.teacher_cache_k is not None and int(plan.teacher_cache_k) < 1:
         raise KdError(f"--teacher-cache-k {plan.teacher_cache_k} must be at least 1")
-    if plan.matched:
-        for arm in plan.reliance_arms():
-            notes.append(
-                f"'kd@matched-{arm.name}' is vanilla KD at the mean λ '{arm.name}' used on the same seed"
-            )
-    validate_plan(plan)
-    return plan
 
 
 def _teacher_cache_option(value: Any) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,30 @@ def role_text(row: Mapping[str, Any]) -> str:
 
 
 def render_markdown(data: Mapping[str, Any]) -> str:
+    """comparison.md: the set-up, the table of arms, the paired comparisons and plain verdicts."""
+    lines = ["# kd compare", "", *setup_lines(data)]
+    lines += [
+        "",
+        "Student eval perplexity, mean ± sd over seeds (lower is better). Gap closed = "
+        "(ppl_ce − ppl_arm)/(ppl_ce − ppl_teacher) on the means over the seeds both finished. Δ = arm − reference, paired over seeds, "
+        "mean [95% CI], paired t-test p; negative Δ means the arm is better.",
+        "",
+        *markdown_table(*arms_table(data)),
+    ]
+    paired = paired_table(data)
+    if paired[1]:
+        lines += ["", "## Paired comparisons", "", *markdown_table(*paired)]
+    lines += ["", verdict_sentences(data), ""]
+    return "\n".join(lines)
+
+
+def setup_lines(data: Mapping[str, Any]) -> list[str]:
+    """The list above the table: teacher, student, data, training, command, completeness, wall time, notes."""
     t, st = data["teacher"], data["student"]
     base = data["base_config"]
-    lines = ["# kd compare", ""]
     teacher_params = f", {t['params']:,} parameters" if t.get("params") else ""
     student_params = f", {st['params']:,} parameters" if st.get("params") else ""
-    lines += [
+    lines = [
         f"- teacher: `{t['source']}`{teacher_params}, eval ppl {_num(t.get('eval_ppl'))}"
         f" (trained once, teacher seed {data['teacher_seed']}; `{t.get('dir')}`)",
         f"- student: `{st['source']}`{student_params}",
@@ -70,13 +88,11 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     if data.get("command"):
         lines.append(f"- command: `{data['command']}`")
     if data.get("runs_planned") and data.get("runs_finished") != data["runs_planned"]:
+        rebuilt = (
+            " (table rebuilt from the finished runs only, nothing was run)" if data.get("table_only") else ""
+        )
         lines.append(
-            f"- **incomplete**: {data['runs_finished']} of {data['runs_planned']} runs finished"
-            + (
-                " (table rebuilt from the finished runs only, nothing was run)"
-                if data.get("table_only")
-                else ""
-            )
+            f"- **incomplete**: {data['runs_finished']} of {data['runs_planned']} runs finished{rebuilt}"
         )
     if data.get("wall_seconds") is not None:
         extra = [
@@ -88,65 +104,82 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             f"- wall time of this invocation: {data['wall_seconds'] / 60:.1f} min with --jobs {data.get('jobs', 1)}"
             + (f" ({', '.join(extra)})" if extra else "")
         )
-    for note in data.get("notes") or []:
-        lines.append(f"- note: {note}")
-    lines += [
-        "",
-        "Student eval perplexity, mean ± sd over seeds (lower is better). Gap closed = "
-        "(ppl_ce − ppl_arm)/(ppl_ce − ppl_teacher) on the means over the seeds both finished. Δ = arm − reference, paired over seeds, "
-        "mean [95% CI], paired t-test p; negative Δ means the arm is better.",
-        "",
-        "| arm | role | strategy | seeds | student ppl | gap closed | mean λ | Δ vs kd | Δ vs matched λ | wall s | tokens/s | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += [f"- note: {note}" for note in data.get("notes") or []]
+    return lines
+
+
+#: The columns of the table of arms (comparison.md and ``kd report``'s comparison page).
+ARM_COLUMNS = (
+    "arm",
+    "role",
+    "strategy",
+    "seeds",
+    "student ppl",
+    "gap closed",
+    "mean λ",
+    "Δ vs kd",
+    "Δ vs matched λ",
+    "wall s",
+    "tokens/s",
+    "status",
+)
+PAIRED_COLUMNS = ("arm", "reference", "seeds", "Δ ppl (arm − ref)", "95% CI", "p (paired t)", "verdict")
+
+
+def arms_table(data: Mapping[str, Any]) -> tuple[Sequence[str], list[list[str]]]:
+    """One row per arm, cells as inline Markdown (``**bold**``, ``code``)."""
+    rows = []
     for row in data["arms"]:
-        vs = row.get("vs", {})
-        status = row["status"]
-        if row.get("error"):
-            status += f": {row['error']}"
-        lines.append(
-            "| "
-            + " | ".join(
+        vs = row.get("vs") or {}
+        status = row["status"] + (f": {row['error']}" if row.get("error") else "")
+        gap = row.get("gap_closed")
+        rows.append(
+            [
+                f"**{row['name']}**",
+                role_text(row),
+                f"`{row['strategy']}`",
+                f"{row['n_ok']}/{row['n_seeds']}",
+                _pm(row.get("ppl_mean"), row.get("ppl_sd")),
+                "–" if gap is None else f"{gap:.1%}",
+                _pm(row.get("mean_lambda"), row.get("mean_lambda_sd")),
+                format_paired(vs["kd"]) if "kd" in vs else "–",
+                format_paired(vs.get("matched")) if "matched" in vs else "–",
+                _num(row.get("wall_seconds_mean"), 0),
+                _num(row.get("tokens_per_second_mean"), 0),
+                status.replace("|", "/"),
+            ]
+        )
+    return ARM_COLUMNS, rows
+
+
+def paired_table(data: Mapping[str, Any]) -> tuple[Sequence[str], list[list[str]]]:
+    """One row per paired test of an arm (references and baselines are what arms are compared with)."""
+    rows = []
+    for row in data["arms"]:
+        if row["role"] != "arm":
+            continue
+        for p in (row.get("vs") or {}).values():
+            ci = "–" if p.get("ci_low") is None else f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+            rows.append(
                 [
-                    f"**{row['name']}**",
-                    role_text(row),
-                    f"`{row['strategy']}`",
-                    f"{row['n_ok']}/{row['n_seeds']}",
-                    _pm(row["ppl_mean"], row["ppl_sd"]),
-                    "–" if row["gap_closed"] is None else f"{row['gap_closed']:.1%}",
-                    _pm(row["mean_lambda"], row["mean_lambda_sd"]),
-                    format_paired(vs["kd"]) if "kd" in vs else "–",
-                    format_paired(vs.get("matched")) if "matched" in vs else "–",
-                    _num(row["wall_seconds_mean"], 0),
-                    _num(row["tokens_per_second_mean"], 0),
-                    status.replace("|", "/"),
+                    row["name"],
+                    p["reference"],
+                    str(p["n"]),
+                    "–" if p.get("mean_diff") is None else format(p["mean_diff"], "+.3f"),
+                    ci,
+                    "–" if p.get("p_value") is None else format(p["p_value"], ".3g"),
+                    p["verdict"],
                 ]
             )
-            + " |"
-        )
-    pairs = [
-        (row["name"], key, p)
-        for row in data["arms"]
-        for key, p in (row.get("vs") or {}).items()
-        if row["role"] == "arm"
+    return PAIRED_COLUMNS, rows
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
-    if pairs:
-        lines += [
-            "",
-            "## Paired comparisons",
-            "",
-            "| arm | reference | seeds | Δ ppl (arm − ref) | 95% CI | p (paired t) | verdict |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, _key, p in pairs:
-            ci = "–" if p.get("ci_low") is None else f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
-            lines.append(
-                f"| {name} | {p['reference']} | {p['n']} | "
-                f"{'–' if p.get('mean_diff') is None else format(p['mean_diff'], '+.3f')} | {ci} | "
-                f"{'–' if p.get('p_value') is None else format(p['p_value'], '.3g')} | {p['verdict']} |"
-            )
-    lines += ["", verdict_sentences(data), ""]
-    return "\n".join(lines)
 
 
 def verdict_sentences(data: Mapping[str, Any]) -> str:

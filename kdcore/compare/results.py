@@ -56,93 +56,8 @@ def summarise(
             if m.matched_to == source.name and m.name not in known:
                 arms.append(m)
                 known.add(m.name)
-
-    def ppl_by_seed(name: str) -> dict[int, float]:
-        return {
-            seed: float(o.summary["student_eval_ppl"])
-            for (arm, seed), o in outcomes.items()
-            if arm == name and o.status == "ok"
-        }
-
-    ok_runs = [o for o in outcomes.values() if o.status == "ok"]
-    teacher_ppls = [float(o.summary["teacher_eval_ppl"]) for o in ok_runs]
-    teacher_ppl, teacher_sd = mean_sd(teacher_ppls)
-    ce_by_seed = ppl_by_seed(plan.ce.name)
-
-    def gap(by_seed: Mapping[int, float]) -> float | None:
-        """Gap closed on the means over the seeds both this arm and the CE arm finished."""
-        common = sorted(set(by_seed) & set(ce_by_seed))
-        if not common:
-            return None
-        ce_mean = mean_sd([ce_by_seed[s] for s in common])[0]
-        return gap_closed(ce_mean, mean_sd([by_seed[s] for s in common])[0], teacher_ppl)
-
-    # the best fixed λ: the sweep points plus the kd arm (its own λ)
-    sweep_points = [(plan.kd.fixed_lambda(), plan.kd.name)] + [
-        (a.fixed_lambda(), a.name) for a in arms if a.role == "sweep"
-    ]
-    best_fixed = None
-    best_mean = None
-    for _lam, name in sweep_points:
-        mean = mean_sd(list(ppl_by_seed(name).values()))[0]
-        if mean is not None and (best_mean is None or mean < best_mean):
-            best_fixed, best_mean = name, mean
-
-    rows = []
-    for arm in arms:
-        runs = [outcomes[(arm.name, s)] for s in plan.seeds if (arm.name, s) in outcomes]
-        ok = [o for o in runs if o.status == "ok"]
-        ppl = ppl_by_seed(arm.name)
-        mean, sd = mean_sd(list(ppl.values()))
-        lam_mean, lam_sd = mean_sd([float(o.summary["mean_lambda"]) for o in ok])
-        wall = mean_sd([float(o.summary["wall_seconds"]) for o in ok])[0]
-        tps = mean_sd([float(o.summary["tokens_per_second"]) for o in ok])[0]
-        failed = [o for o in runs if o.status != "ok"]
-        missing = [s for s in plan.seeds if (arm.name, s) not in outcomes]
-        status = "ok" if ok and not failed and not missing else ("failed" if not ok else "partial")
-        if not runs:
-            status = "not run"
-        row: dict[str, Any] = {
-            "name": arm.name,
-            "role": arm.role,
-            "auto": arm.auto,
-            "spec": arm.spec,
-            "strategy": format_strategy(arm.strategy)
-            if arm.role != "matched"
-            else "reliance:fixed(value=matched)",
-            "strategy_config": arm.strategy,
-            "matched_to": arm.matched_to,
-            "fixed_lambda": arm.fixed_lambda() if arm.role != "matched" else None,
-            "status": status,
-            "error": failed[0].error if failed else None,
-            "n_ok": len(ok),
-            "n_seeds": len(plan.seeds),
-            "ppl_mean": mean,
-            "ppl_sd": sd,
-            "gap_closed": None if arm.role == "ce" else gap(ppl),
-            "mean_lambda": lam_mean,
-            "mean_lambda_sd": lam_sd,
-            "wall_seconds_mean": wall,
-            "tokens_per_second_mean": tps,
-            "runs": [o.as_json() for o in runs],
-            "best_fixed": arm.name == best_fixed,
-        }
-        comparisons: dict[str, Any] = {}
-        if arm.role not in ("kd",):
-            comparisons["kd"] = paired_difference(ppl, ppl_by_seed(plan.kd.name), plan.kd.name).as_json()
-        if arm.role == "arm" and arm.varies_lambda():
-            matched_name = f"kd@matched-{arm.name}"
-            if plan.matched:
-                comparisons["matched"] = paired_difference(
-                    ppl, ppl_by_seed(matched_name), matched_name
-                ).as_json()
-            if best_fixed is not None and best_fixed != plan.kd.name:
-                comparisons["best_fixed"] = paired_difference(
-                    ppl, ppl_by_seed(best_fixed), best_fixed
-                ).as_json()
-        row["vs"] = comparisons
-        rows.append(row)
-
+    table = _Outcomes(plan, outcomes)
+    best_fixed = table.best_fixed(arms)
     return {
         "version": 1,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -153,8 +68,8 @@ def summarise(
         "teacher": {
             "source": plan.base["model"]["teacher"],
             "dir": plan.teacher_dir,
-            "eval_ppl": teacher_ppl,
-            "eval_ppl_sd": teacher_sd,
+            "eval_ppl": table.teacher_ppl,
+            "eval_ppl_sd": table.teacher_sd,
             **dict(teacher or {}),
         },
         "student": {"source": plan.base["model"]["student"], "params": (teacher or {}).get("student_params")},
@@ -162,5 +77,96 @@ def summarise(
         "references": {"ce": plan.ce.name, "kd": plan.kd.name, "best_fixed": best_fixed},
         "sweep": plan.sweep,
         "matched": plan.matched,
-        "arms": rows,
+        "arms": [table.arm_row(arm, best_fixed) for arm in arms],
     }
+
+
+class _Outcomes:
+    """The runs' outcomes by arm and seed, and the numbers of comparison.json drawn from them."""
+
+    def __init__(self, plan: Plan, outcomes: Mapping[tuple[str, int], RunOutcome]) -> None:
+        self.plan, self.outcomes = plan, outcomes
+        teacher_ppls = [float(o.summary["teacher_eval_ppl"]) for o in outcomes.values() if o.status == "ok"]
+        self.teacher_ppl, self.teacher_sd = mean_sd(teacher_ppls)
+        self.ce_by_seed = self.ppl_by_seed(plan.ce.name)
+
+    def ppl_by_seed(self, name: str) -> dict[int, float]:
+        return {
+            seed: float(o.summary["student_eval_ppl"])
+            for (arm, seed), o in self.outcomes.items()
+            if arm == name and o.status == "ok"
+        }
+
+    def gap(self, by_seed: Mapping[int, float]) -> float | None:
+        """Gap closed on the means over the seeds both this arm and the CE arm finished."""
+        common = sorted(set(by_seed) & set(self.ce_by_seed))
+        if not common:
+            return None
+        ce_mean = mean_sd([self.ce_by_seed[s] for s in common])[0]
+        return gap_closed(ce_mean, mean_sd([by_seed[s] for s in common])[0], self.teacher_ppl)
+
+    def best_fixed(self, arms: Sequence[Arm]) -> str | None:
+        """The fixed-λ arm with the lowest mean perplexity: the sweep points plus the kd arm (its own λ)."""
+        names = [self.plan.kd.name] + [a.name for a in arms if a.role == "sweep"]
+        best, best_mean = None, None
+        for name in names:
+            mean = mean_sd(list(self.ppl_by_seed(name).values()))[0]
+            if mean is not None and (best_mean is None or mean < best_mean):
+                best, best_mean = name, mean
+        return best
+
+    def arm_row(self, arm: Arm, best_fixed: str | None) -> dict[str, Any]:
+        plan = self.plan
+        runs = [self.outcomes[(arm.name, s)] for s in plan.seeds if (arm.name, s) in self.outcomes]
+        ok = [o for o in runs if o.status == "ok"]
+        failed = [o for o in runs if o.status != "ok"]
+        ppl = self.ppl_by_seed(arm.name)
+        mean, sd = mean_sd(list(ppl.values()))
+        lam_mean, lam_sd = mean_sd([float(o.summary["mean_lambda"]) for o in ok])
+        matched = arm.role == "matched"
+        return {
+            "name": arm.name,
+            "role": arm.role,
+            "auto": arm.auto,
+            "spec": arm.spec,
+            "strategy": "reliance:fixed(value=matched)" if matched else format_strategy(arm.strategy),
+            "strategy_config": arm.strategy,
+            "matched_to": arm.matched_to,
+            "fixed_lambda": None if matched else arm.fixed_lambda(),
+            "status": self.status(arm, runs),
+            "error": failed[0].error if failed else None,
+            "n_ok": len(ok),
+            "n_seeds": len(plan.seeds),
+            "ppl_mean": mean,
+            "ppl_sd": sd,
+            "gap_closed": None if arm.role == "ce" else self.gap(ppl),
+            "mean_lambda": lam_mean,
+            "mean_lambda_sd": lam_sd,
+            "wall_seconds_mean": mean_sd([float(o.summary["wall_seconds"]) for o in ok])[0],
+            "tokens_per_second_mean": mean_sd([float(o.summary["tokens_per_second"]) for o in ok])[0],
+            "runs": [o.as_json() for o in runs],
+            "best_fixed": arm.name == best_fixed,
+            "vs": self.paired(arm, ppl, best_fixed),
+        }
+
+    def status(self, arm: Arm, runs: Sequence[RunOutcome]) -> str:
+        if not runs:
+            return "not run"
+        ok = any(o.status == "ok" for o in runs)
+        complete = all(o.status == "ok" for o in runs) and len(runs) == len(self.plan.seeds)
+        return "ok" if complete else ("partial" if ok else "failed")
+
+    def paired(self, arm: Arm, ppl: Mapping[int, float], best_fixed: str | None) -> dict[str, Any]:
+        """Paired tests of this arm against vanilla KD, its matched-λ baseline and the best fixed λ."""
+        plan = self.plan
+        references = []
+        if arm.role != "kd":
+            references.append(("kd", plan.kd.name))
+        if arm.role == "arm" and arm.varies_lambda():
+            if plan.matched:
+                references.append(("matched", f"kd@matched-{arm.name}"))
+            if best_fixed is not None and best_fixed != plan.kd.name:
+                references.append(("best_fixed", best_fixed))
+        return {
+            key: paired_difference(ppl, self.ppl_by_seed(name), name).as_json() for key, name in references
+        }
