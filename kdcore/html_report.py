@@ -42,6 +42,7 @@ import yaml
 from kdcore import __version__
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_text
+from kdcore.summary import SUMMARY_FILE, RunSummary
 
 REPORT = "report.html"
 RUN_PLOTS = (
@@ -68,22 +69,6 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
 nav a{margin-right:12px;font-size:.86rem;color:#2451a6}
 details{margin:6px 0}.tw{overflow-x:auto;max-width:100%}
 """
-
-SUMMARY_ROWS = (
-    ("teacher_eval_ppl", "teacher eval perplexity"),
-    ("student_eval_ppl", "student eval perplexity"),
-    ("student_initial_eval_ppl", "student eval perplexity before training"),
-    ("steps", "steps"),
-    ("train_tokens", "training tokens"),
-    ("tokens_per_second", "tokens/s"),
-    ("wall_seconds", "wall time (s)"),
-    ("mean_lambda", "mean λ"),
-    ("final_open_share", "final open share"),
-    ("difficulty_spearman", "difficulty Spearman (demo levels)"),
-    ("seed", "seed"),
-    ("teacher", "teacher"),
-    ("student", "student"),
-)
 
 
 # -- small HTML helpers ----------------------------------------------------------------------------
@@ -273,7 +258,7 @@ def difficulty_figures(snapshots: list[dict[str, Any]]) -> list[str]:
 
 # -- the run view ----------------------------------------------------------------------------------
 def is_run_dir(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in ("summary.json", "metrics.jsonl", "config.yaml"))
+    return any((directory / name).is_file() for name in (SUMMARY_FILE, "metrics.jsonl", "config.yaml"))
 
 
 def is_comparison_dir(directory: Path) -> bool:
@@ -289,8 +274,8 @@ def run_label(summary: Mapping[str, Any] | None, strategies: Mapping[str, Any] |
 
 
 def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    rows = [(label, summary[key]) for key, label in SUMMARY_ROWS if key in summary]
-    return rows
+    """(label, value) of every labelled summary field the file holds."""
+    return [(label, summary[key]) for key, label in RunSummary.labels().items() if key in summary]
 
 
 def strategy_section(strategies: Mapping[str, Any] | None, config: Mapping[str, Any] | None) -> str:
@@ -343,7 +328,7 @@ def metrics_section(records: list[dict[str, Any]]) -> str:
 
 def build_run_report(directory: Path) -> tuple[str, str]:
     """(title, HTML) for a run directory."""
-    summary = _read_json(directory / "summary.json")
+    summary = _read_json(directory / SUMMARY_FILE)
     strategies = _read_yaml(directory / "strategies.yaml")
     config_text = (directory / "config.yaml").read_text() if (directory / "config.yaml").is_file() else ""
     config = yaml.safe_load(config_text) if config_text else None
@@ -505,7 +490,7 @@ def _mean_std(values: list[float]) -> str:
 def comparison_runs(directory: Path) -> list[dict[str, Any]]:
     runs = []
     for path in sorted((directory / "runs").glob("*/seed-*")):
-        summary = _read_json(path / "summary.json")
+        summary = _read_json(path / SUMMARY_FILE)
         seed = path.name.removeprefix("seed-")
         runs.append(
             {"arm": path.parent.name, "seed": int(seed) if seed.isdigit() else seed, "summary": summary}

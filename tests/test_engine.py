@@ -177,3 +177,16 @@ def test_padded_vocabularies_distil_over_the_shared_prefix(tmp_path, capsys):
     result = run(resolve_config(None, overrides), console=console, show_progress=False)
     assert "distilling over the shared first 259 tokens" in capsys.readouterr().err
     assert result.summary["steps"] == 2
+
+
+def test_summary_json_is_the_run_summary(finished):
+    """summary.json holds exactly RunSummary's fields, in order, and reads back equal to what run() returned."""
+    from dataclasses import fields
+
+    from kdcore.summary import RunSummary
+
+    data = json.loads((finished.run_dir / "summary.json").read_text())
+    assert list(data) == [f.name for f in fields(RunSummary)]
+    assert RunSummary.read(finished.run_dir) == finished.summary
+    assert finished.summary["mean_lambda"] == finished.summary.mean_lambda == data["mean_lambda"]
+    assert dict(finished.summary) == {**data, "eval_curve": finished.summary.eval_curve}

@@ -19,6 +19,7 @@ from kdcore.runs.model_card import (
     render_model_card,
 )
 from kdcore.runs.runner import run
+from kdcore.summary import RunSummary
 
 
 def front_matter(text: str) -> dict:
@@ -118,9 +119,8 @@ def test_hub_ids_become_base_model_teacher_and_datasets(tmp_path):
         "scorer": {"name": "none", "params": {}, "distribution": "kdcore"},
         "reliance": {"name": "fixed", "params": {"value": 0.5}, "distribution": "kdcore"},
     }
-    card = render_model_card(
-        config, strategies, {"teacher_eval_ppl": 30.0, "student_eval_ppl": 40.0, "ce_baseline_eval_ppl": 50.0}
-    )
+    summary = RunSummary(teacher_eval_ppl=30.0, student_eval_ppl=40.0)
+    card = render_model_card(config, strategies, summary, ce_baseline_eval_ppl=50.0)
     meta = front_matter(card)
     assert meta["base_model"] == "distilbert/distilgpt2"
     assert meta["teacher"] == "gpt2"

@@ -6,7 +6,6 @@ checkpoint; a matched-λ baseline is queued as soon as its reliance arm's run fo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -30,8 +29,7 @@ from kdcore.compare.results import RunOutcome, summarise
 from kdcore.compare.teacher import describe_models, prepare_teacher_cache, resolve_plan_teacher
 from kdcore.config import RunConfig
 from kdcore.files import atomic_write_json, atomic_write_text
-
-SUMMARY = "summary.json"
+from kdcore.summary import SUMMARY_FILE, RunSummary
 
 
 @dataclass
@@ -58,7 +56,7 @@ def first_error_line(text: str) -> str:
 
 def resumable(run_dir: Path) -> bool:
     """A partial run the engine can continue (``kd run --resume``): it wrote config.yaml, not summary.json."""
-    return (run_dir / "config.yaml").is_file() and not (run_dir / SUMMARY).exists()
+    return (run_dir / "config.yaml").is_file() and not (run_dir / SUMMARY_FILE).exists()
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -112,7 +110,6 @@ def execute_subprocess(
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
-    summary_path = run_dir / SUMMARY
     attempts = []
     if resume and resumable(run_dir):
         attempts.append(["run", "--resume", str(run_dir)])
@@ -128,8 +125,9 @@ def execute_subprocess(
             proc = subprocess.run(
                 [sys.executable, "-m", "kdcore", *args], stdout=handle, stderr=subprocess.STDOUT, env=env
             )
-            if proc.returncode == 0 and summary_path.is_file():
-                return {"status": "ok", "summary": json.loads(summary_path.read_text())}
+            summary = RunSummary.read(run_dir) if proc.returncode == 0 else None
+            if summary is not None:
+                return {"status": "ok", "summary": summary}
     text = Path(log_path).read_text(errors="replace")
     code = proc.returncode if proc is not None else "?"
     return {"status": "failed", "error": first_error_line(text) + f" (exit code {code})"}
@@ -210,21 +208,14 @@ class Comparison:
     def _reuse(self, task: Task) -> bool:
         """A run directory with summary.json is done; a partial one is removed (and redone)."""
         run_dir = run_dir_for(self.out_dir, task.arm.name, task.seed)
-        summary = run_dir / SUMMARY
-        if summary.is_file():
-            try:
-                data = json.loads(summary.read_text())
-            except json.JSONDecodeError:
-                data = None
-            if data is not None:
-                self.outcomes[task.key] = RunOutcome(
-                    task.arm.name, task.seed, "ok", str(run_dir), data, reused=True
-                )
-                self.done += 1
-                self.log(
-                    f"[{self.done}/{self.total}] {task.arm.name} seed {task.seed}: finished before, reused"
-                )
-                return True
+        summary = RunSummary.read(run_dir)
+        if summary is not None:
+            self.outcomes[task.key] = RunOutcome(
+                task.arm.name, task.seed, "ok", str(run_dir), summary, reused=True
+            )
+            self.done += 1
+            self.log(f"[{self.done}/{self.total}] {task.arm.name} seed {task.seed}: finished before, reused")
+            return True
         if resumable(run_dir):
             self._resume.add(task.key)
             self.log(
@@ -254,7 +245,7 @@ class Comparison:
             return
         if self._reuse(follow):
             return
-        lam = round(float(outcome.summary["mean_lambda"]), 4)
+        lam = round(float(outcome.summary.mean_lambda), 4)
         ready.appendleft((follow, lam))
 
     def _record(self, task: Task, result: dict[str, Any], seconds: float) -> None:
@@ -266,9 +257,7 @@ class Comparison:
         self.done += 1
         if outcome.status == "ok":
             s = outcome.summary
-            detail = (
-                f"student ppl {s['student_eval_ppl']:.3f}, mean λ {s['mean_lambda']:.3f}, {seconds:.0f} s"
-            )
+            detail = f"student ppl {s.student_eval_ppl:.3f}, mean λ {s.mean_lambda:.3f}, {seconds:.0f} s"
         else:
             detail = f"FAILED: {outcome.error}"
         self.log(f"[{self.done}/{self.total}] {task.arm.name} seed {task.seed}: {detail}")
@@ -318,11 +307,11 @@ class Comparison:
                 if self.plan.matched and arm.role == "arm" and arm.varies_lambda():
                     tasks.append(Task(self.matched_arm(arm), seed))
                 for task in tasks:
-                    summary = run_dir_for(self.out_dir, task.arm.name, task.seed) / SUMMARY
-                    if summary.is_file():
-                        data = json.loads(summary.read_text())
+                    run_dir = run_dir_for(self.out_dir, task.arm.name, task.seed)
+                    summary = RunSummary.read(run_dir)
+                    if summary is not None:
                         self.outcomes[task.key] = RunOutcome(
-                            task.arm.name, task.seed, "ok", str(summary.parent), data, reused=True
+                            task.arm.name, task.seed, "ok", str(run_dir), summary, reused=True
                         )
         self.teacher.update(describe_models(self.plan))
         return self.finish(table_only=True)

@@ -10,35 +10,43 @@ from typing import Any
 from kdcore.compare.arms import Arm, format_strategy
 from kdcore.compare.plan import Plan
 from kdcore.compare.stats import gap_closed, mean_sd, paired_difference
+from kdcore.summary import RunSummary
+
+#: The fields of each run's summary that comparison.json repeats, per run.
+RUN_FIELDS = (
+    "student_eval_ppl",
+    "teacher_eval_ppl",
+    "student_initial_eval_ppl",
+    "mean_lambda",
+    "wall_seconds",
+    "tokens_per_second",
+    "train_tokens",
+    "steps",
+    "final_open_share",
+    "eval_curve",
+)
 
 
 @dataclass
 class RunOutcome:
+    """One arm and seed: finished (with its summary), failed (with the error) or skipped."""
+
     arm: str
     seed: int
     status: str  # ok | failed | skipped
     run_dir: str
-    summary: dict[str, Any] | None = None
+    summary: RunSummary | None = None
     error: str | None = None
     reused: bool = False  # finished before this invocation (--resume)
 
     def as_json(self) -> dict[str, Any]:
-        s = self.summary or {}
+        summary = self.summary or RunSummary()
         return {
             "seed": self.seed,
             "status": self.status,
             "run_dir": self.run_dir,
             "error": self.error,
-            "student_eval_ppl": s.get("student_eval_ppl"),
-            "teacher_eval_ppl": s.get("teacher_eval_ppl"),
-            "student_initial_eval_ppl": s.get("student_initial_eval_ppl"),
-            "mean_lambda": s.get("mean_lambda"),
-            "wall_seconds": s.get("wall_seconds"),
-            "tokens_per_second": s.get("tokens_per_second"),
-            "train_tokens": s.get("train_tokens"),
-            "steps": s.get("steps"),
-            "final_open_share": s.get("final_open_share"),
-            "eval_curve": s.get("eval_curve"),
+            **{name: summary[name] for name in RUN_FIELDS},
         }
 
 
@@ -86,13 +94,13 @@ class _Outcomes:
 
     def __init__(self, plan: Plan, outcomes: Mapping[tuple[str, int], RunOutcome]) -> None:
         self.plan, self.outcomes = plan, outcomes
-        teacher_ppls = [float(o.summary["teacher_eval_ppl"]) for o in outcomes.values() if o.status == "ok"]
+        teacher_ppls = [float(o.summary.teacher_eval_ppl) for o in outcomes.values() if o.status == "ok"]
         self.teacher_ppl, self.teacher_sd = mean_sd(teacher_ppls)
         self.ce_by_seed = self.ppl_by_seed(plan.ce.name)
 
     def ppl_by_seed(self, name: str) -> dict[int, float]:
         return {
-            seed: float(o.summary["student_eval_ppl"])
+            seed: float(o.summary.student_eval_ppl)
             for (arm, seed), o in self.outcomes.items()
             if arm == name and o.status == "ok"
         }
@@ -122,7 +130,7 @@ class _Outcomes:
         failed = [o for o in runs if o.status != "ok"]
         ppl = self.ppl_by_seed(arm.name)
         mean, sd = mean_sd(list(ppl.values()))
-        lam_mean, lam_sd = mean_sd([float(o.summary["mean_lambda"]) for o in ok])
+        lam_mean, lam_sd = mean_sd([float(o.summary.mean_lambda) for o in ok])
         matched = arm.role == "matched"
         return {
             "name": arm.name,
@@ -142,8 +150,8 @@ class _Outcomes:
             "gap_closed": None if arm.role == "ce" else self.gap(ppl),
             "mean_lambda": lam_mean,
             "mean_lambda_sd": lam_sd,
-            "wall_seconds_mean": mean_sd([float(o.summary["wall_seconds"]) for o in ok])[0],
-            "tokens_per_second_mean": mean_sd([float(o.summary["tokens_per_second"]) for o in ok])[0],
+            "wall_seconds_mean": mean_sd([float(o.summary.wall_seconds) for o in ok])[0],
+            "tokens_per_second_mean": mean_sd([float(o.summary.tokens_per_second) for o in ok])[0],
             "runs": [o.as_json() for o in runs],
             "best_fixed": arm.name == best_fixed,
             "vs": self.paired(arm, ppl, best_fixed),

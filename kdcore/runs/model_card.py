@@ -27,6 +27,7 @@ from kdcore import __version__
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_text
 from kdcore.strategies import KINDS
+from kdcore.summary import RunSummary
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -71,16 +72,17 @@ def _fmt(value: Any) -> str:
 def render_model_card(
     config: Mapping[str, Any],
     strategies: Mapping[str, Mapping[str, Any]],
-    metrics: Mapping[str, Any],
+    summary: RunSummary,
     *,
+    ce_baseline_eval_ppl: float | None = None,
     model_name: str | None = None,
 ) -> str:
     """The card's text.
 
     ``config`` is the resolved config as a mapping (``RunConfig.to_dict()``), ``strategies`` the
-    run's strategy metadata (``strategies.yaml``: kind -> name, params, distribution) and
-    ``metrics`` holds ``teacher_eval_ppl``, ``student_eval_ppl``, optionally
-    ``student_initial_eval_ppl``, ``ce_baseline_eval_ppl``, ``steps`` and ``train_tokens``.
+    run's strategy metadata (``strategies.yaml``: kind -> name, params, distribution), ``summary``
+    the run's numbers (the teacher's and the student's eval perplexity at least) and
+    ``ce_baseline_eval_ppl`` the CE-only student's, when a comparison measured it.
     """
     model, data, strategy, training = (config.get(k, {}) for k in ("model", "data", "strategy", "training"))
     output = config.get("output", {})
@@ -102,7 +104,7 @@ def render_model_card(
         "datasets": list(dict.fromkeys(datasets)) or None,
     }
     # model-index holds this model's own results; the teacher and the CE baseline are in the body
-    results = [("eval perplexity", metrics.get("student_eval_ppl"))]
+    results = [("eval perplexity", summary.student_eval_ppl)]
     front = _front_matter(meta, model_name, str(dataset_label), [(n, v) for n, v in results if v is not None])
 
     rows = "\n".join(
@@ -118,25 +120,25 @@ def render_model_card(
         ("training data", f"`{data.get('dataset')}`"),
         ("eval data", f"`{data.get('eval_dataset') or 'held out from the training data'}`"),
         ("sequence length", data.get("seq_len")),
-        ("optimizer steps", metrics.get("steps") or training.get("max_steps")),
+        ("optimizer steps", summary.steps or training.get("max_steps")),
         ("batch size × grad accumulation", f"{training.get('batch_size')} × {training.get('grad_accum', 1)}"),
         ("peak learning rate (AdamW, warm-up + cosine)", training.get("lr")),
         ("weight decay", training.get("weight_decay")),
         ("mixed precision", training.get("mixed_precision")),
-        ("training tokens", _fmt(metrics.get("train_tokens"))),
+        ("training tokens", _fmt(summary.train_tokens)),
         ("seed", training.get("seed")),
         ("kdcore version", __version__),
     ]
     evals = [
-        ("teacher", metrics.get("teacher_eval_ppl")),
-        ("CE baseline (same student, labels only)", metrics.get("ce_baseline_eval_ppl")),
-        ("student before distillation", metrics.get("student_initial_eval_ppl")),
-        (f"**student ({model_name})**", metrics.get("student_eval_ppl")),
+        ("teacher", summary.teacher_eval_ppl),
+        ("CE baseline (same student, labels only)", ce_baseline_eval_ppl),
+        ("student before distillation", summary.student_initial_eval_ppl),
+        (f"**student ({model_name})**", summary.student_eval_ppl),
     ]
     eval_rows = "\n".join(f"| {name} | {_fmt(value)} |" for name, value in evals)
     baseline_note = (
         ""
-        if metrics.get("ce_baseline_eval_ppl") is not None
+        if ce_baseline_eval_ppl is not None
         else "\nThe CE baseline is not known for a single run; `kd compare` measures it.\n"
     )
     load_from = output.get("push_to_hub") or "path/to/student"
@@ -224,12 +226,15 @@ def write_model_card(
     directory: Path,
     config: Mapping[str, Any],
     strategies: Mapping[str, Mapping[str, Any]],
-    metrics: Mapping[str, Any],
+    summary: RunSummary,
     *,
+    ce_baseline_eval_ppl: float | None = None,
     model_name: str | None = None,
 ) -> Path:
     """Write ``directory/README.md`` (see :func:`render_model_card`)."""
-    text = render_model_card(config, strategies, metrics, model_name=model_name)
+    text = render_model_card(
+        config, strategies, summary, ce_baseline_eval_ppl=ce_baseline_eval_ppl, model_name=model_name
+    )
     try:
         from huggingface_hub import ModelCard
 
@@ -244,16 +249,14 @@ def write_model_card(
 def refresh_model_card(run_dir: Path, *, ce_baseline_eval_ppl: float | None = None) -> Path:
     """Rewrite ``run_dir/student/README.md`` from the finished run's files, e.g. with the CE baseline."""
     run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not (run_dir / "student").is_dir() or not summary_path.is_file():
+    summary = RunSummary.read(run_dir)
+    if not (run_dir / "student").is_dir() or summary is None:
         raise KdError(f"'{run_dir}' holds no finished run with a saved student")
-    import json
-
-    summary = json.loads(summary_path.read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     strategies = yaml.safe_load((run_dir / "strategies.yaml").read_text())
-    metrics = {**summary, "ce_baseline_eval_ppl": ce_baseline_eval_ppl}
-    return write_model_card(run_dir / "student", config, strategies, metrics)
+    return write_model_card(
+        run_dir / "student", config, strategies, summary, ce_baseline_eval_ppl=ce_baseline_eval_ppl
+    )
 
 
 def check_push(repo_id: str | None, save_student: bool) -> None:

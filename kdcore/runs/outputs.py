@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcore.files import atomic_path
+from kdcore.summary import RunSummary
 
 
 class MetricsWriter:
@@ -25,26 +26,27 @@ class MetricsWriter:
             handle.write(json.dumps(record) + "\n")
 
 
-def print_summary(console: Console, summary: dict[str, Any]) -> None:
-    strategy = summary["strategy"]
+def print_summary(console: Console, summary: RunSummary) -> None:
+    strategy = summary.strategy
     table = Table(title=f"kd run: {strategy['scorer']} / {strategy['pacing']} / {strategy['reliance']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    label = RunSummary.labels()
     rows = [
-        ("teacher eval perplexity", f"{summary['teacher_eval_ppl']:.3f}"),
+        (label["teacher_eval_ppl"], f"{summary.teacher_eval_ppl:.3f}"),
         (
-            "student eval perplexity",
-            f"{summary['student_eval_ppl']:.3f} (from {summary['student_initial_eval_ppl']:.1f})",
+            label["student_eval_ppl"],
+            f"{summary.student_eval_ppl:.3f} (from {summary.student_initial_eval_ppl:.1f})",
         ),
-        ("steps", str(summary["steps"])),
-        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
-        ("wall time", f"{summary['wall_seconds']:.1f} s"),
-        ("mean λ", f"{summary['mean_lambda']:.3f}"),
-        ("final open share", f"{summary['final_open_share']:.0%}"),
+        (label["steps"], str(summary.steps)),
+        (label["tokens_per_second"], f"{summary.tokens_per_second:,.0f}"),
+        ("wall time", f"{summary.wall_seconds:.1f} s"),
+        (label["mean_lambda"], f"{summary.mean_lambda:.3f}"),
+        (label["final_open_share"], f"{summary.final_open_share:.0%}"),
     ]
-    if summary.get("difficulty_spearman") is not None:
-        rows.append(("difficulty Spearman (demo levels)", f"{summary['difficulty_spearman']:.3f}"))
-    rows.append(("run directory", summary["run_dir"]))
+    if summary.difficulty_spearman is not None:
+        rows.append((label["difficulty_spearman"], f"{summary.difficulty_spearman:.3f}"))
+    rows.append(("run directory", summary.run_dir))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -22,7 +22,7 @@ from rich.console import Console
 
 from kdcore.config import ModelConfig, RunConfig
 from kdcore.errors import KdError
-from kdcore.files import atomic_directory, atomic_write_json, atomic_write_text
+from kdcore.files import atomic_directory, atomic_write_text
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
     build_from_spec,
@@ -36,6 +36,7 @@ from kdcore.inputs.models import (
 from kdcore.runs.model_card import check_push, push_to_hub, write_model_card
 from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, write_plots
 from kdcore.runs.trackers import Tracking, resolve_trackers
+from kdcore.summary import SUMMARY_FILE, RunSummary
 from kdcore.teachers.resolve import resolve_teacher
 from kdcore.training.checkpoint import (
     Checkpointer,
@@ -44,16 +45,20 @@ from kdcore.training.checkpoint import (
     find_checkpoint,
     truncate_metrics,
 )
-from kdcore.training.engine import Trainer, make_strategies
+from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
 from kdcore.training.evaluation import perplexity
 from kdcore.training.progress import TrainingProgress
 
-SUMMARY = "summary.json"
+if TYPE_CHECKING:
+    from kdcore.inputs.packing import PackedDataset
+    from kdcore.teachers.cache import TeacherCache
 
 
 @dataclass
 class RunResult:
-    summary: dict[str, Any]
+    """What :func:`run` returns: the run's summary (``summary.json``) and its directory."""
+
+    summary: RunSummary
     run_dir: Path
 
 
@@ -64,7 +69,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def check_run_dir(path: Path) -> Path:
     """Refuse a directory that holds another run; it is created only once inputs are checked."""
-    if (path / SUMMARY).exists():
+    if (path / SUMMARY_FILE).exists():
         raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
     if path.exists() and any(path.iterdir()):
         raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
@@ -127,6 +132,85 @@ def run(
     console = console or Console(stderr=True)
     quiet_transformers()
     wall_start = time.perf_counter()
+    strategies, strategy_meta = check_early(cfg, resume, console)
+    run_dir, checkpoint = open_run_dir(cfg, resume, console)
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    torch.manual_seed(cfg.training.seed)
+    models = load_models(cfg, console)
+
+    main = PartialState().is_main_process  # with several processes, only the main one writes files
+    if main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
+    teacher_ppl = (
+        models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
+    )
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    if main and resume:  # back to what metrics.jsonl held at the checkpoint
+        metrics.records = truncate_metrics(metrics.path, checkpoint["metrics_bytes"] if checkpoint else 0)
+    tracking = Tracking(cfg.output.report_to, run_dir, cfg.output.tracker_project)
+    progress = TrainingProgress(
+        console if show_progress and main else None,
+        total_steps(cfg.training, len(models.train)),
+        cfg.strategy.label(),
+    )
+    trainer = Trainer(
+        models.student,
+        models.teacher,
+        models.train,
+        models.eval_set,
+        strategies,
+        cfg.training,
+        cfg.strategy.temperature,
+        run_dir=run_dir,
+        on_log=tracking.wrap(metrics.write),
+        on_progress=progress.update,
+        log_with=tracking.log_with,
+        project_dir=tracking.project_dir,
+        teacher_cache=models.cache,
+        checkpoints=Checkpointer(
+            run_dir, cfg.training.checkpoint_every, cfg.output.keep_checkpoints, cfg.to_dict(), metrics.path
+        ),
+    )
+    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
+    with progress:
+        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+    tracking.finish()
+    if not main:  # the main process writes the student, plots and summary
+        return RunResult(result, run_dir)
+    summary = replace(result, teacher_eval_ppl=teacher_ppl)
+    if cfg.output.save_student:
+        with atomic_directory(run_dir / "student") as tmp:
+            trainer.unwrapped_student().save_pretrained(tmp)
+            models.tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg.to_dict(), strategy_meta, summary)
+    write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
+    summary = replace(
+        summary,
+        wall_seconds=time.perf_counter() - wall_start,
+        difficulty_spearman=difficulty_spearman(strategies.scorer, models.train),
+        strategy={kind: meta["name"] for kind, meta in strategy_meta.items()},
+        strategy_params={kind: meta["params"] for kind, meta in strategy_meta.items()},
+        teacher=cfg.model.teacher,
+        student=cfg.model.student,
+        seed=cfg.training.seed,
+        run_dir=str(run_dir),
+    )
+    write_plots(run_dir, metrics.records, trainer.history.difficulty)
+    summary.write(run_dir)
+    if show_progress:
+        print_summary(console, summary)
+    if cfg.output.push_to_hub:
+        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
+        console.print(f"Pushed the student and its model card to {url}")
+    return RunResult(summary, run_dir)
+
+
+def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strategies, dict[str, Any]]:
+    """What fails in a second fails before anything loads: plugins, strategy parameters, model specs,
+    trackers and ``--push-to-hub``; returns the run's strategies and their metadata."""
     if resume:  # before the strategies are built: a missing plugin is named with its package
         check_plugins(Path(cfg.output.dir), lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     strategies, strategy_meta = make_strategies(cfg.strategy)
@@ -134,11 +218,23 @@ def run(
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
-    run_dir, checkpoint = open_run_dir(cfg, resume, console)
-    if cfg.training.threads:
-        torch.set_num_threads(cfg.training.threads)
-    torch.manual_seed(cfg.training.seed)
+    return strategies, strategy_meta
 
+
+@dataclass
+class Models:
+    """The run's teacher (a model, or a teacher cache standing in for it), student, tokenizer and data."""
+
+    teacher: Any
+    cache: TeacherCache | None
+    student: Any
+    tokenizer: Any
+    train: PackedDataset
+    eval_set: PackedDataset
+
+
+def load_models(cfg: RunConfig, console: Console) -> Models:
+    """Data, teacher (or its cache), student, and the checks that they fit together."""
     corpus = load_corpus(cfg.data, cfg.training.seed)
     cache = None  # --teacher-cache: the teacher's top-K come from disk and no teacher model is loaded
     if cfg.model.teacher_cache is not None:
@@ -162,82 +258,7 @@ def run(
     train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
     if cache is not None:
         cache.check_data(train, eval_set)
-
-    main = PartialState().is_main_process  # with several processes, only the main one writes files
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
-    teacher_ppl = cache.teacher_eval_ppl if cache else perplexity(teacher, eval_set)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    if main and resume:  # back to what metrics.jsonl held at the checkpoint
-        metrics.records = truncate_metrics(metrics.path, checkpoint["metrics_bytes"] if checkpoint else 0)
-    tracking = Tracking(cfg.output.report_to, run_dir, cfg.output.tracker_project)
-    trainer = Trainer(
-        student,
-        teacher,
-        train,
-        eval_set,
-        strategies,
-        cfg.training,
-        cfg.strategy.temperature,
-        run_dir=run_dir,
-        on_log=tracking.wrap(metrics.write),
-        log_with=tracking.log_with,
-        project_dir=tracking.project_dir,
-        teacher_cache=cache,
-        checkpoints=Checkpointer(
-            run_dir,
-            cfg.training.checkpoint_every,
-            cfg.output.keep_checkpoints,
-            cfg.to_dict(),
-            metrics.path,
-        ),
-    )
-    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
-    label = cfg.strategy.label()
-    with TrainingProgress(
-        console if show_progress and main else None, trainer.total_steps, label
-    ) as progress:
-        trainer.on_progress = progress.update
-        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
-    tracking.finish()
-    if not main:  # the main process writes the student, plots and summary
-        return RunResult(result, run_dir)
-
-    if cfg.output.save_student:
-        with atomic_directory(run_dir / "student") as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_model_card(tmp, cfg.to_dict(), strategy_meta, {**result, "teacher_eval_ppl": teacher_ppl})
-    write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
-    summary = {
-        "student_eval_ppl": result["student_eval_ppl"],
-        "teacher_eval_ppl": teacher_ppl,
-        "student_initial_eval_ppl": result["student_initial_eval_ppl"],
-        "steps": result["steps"],
-        "tokens_per_second": result["tokens_per_second"],
-        "train_tokens": result["train_tokens"],
-        "wall_seconds": time.perf_counter() - wall_start,
-        "mean_lambda": result["mean_lambda"],
-        "final_open_share": result["final_open_share"],
-        "difficulty_spearman": difficulty_spearman(strategies.scorer, train),
-        "strategy": {kind: meta["name"] for kind, meta in strategy_meta.items()},
-        "strategy_params": {kind: meta["params"] for kind, meta in strategy_meta.items()},
-        "teacher": cfg.model.teacher,
-        "student": cfg.model.student,
-        "eval_curve": result["eval_curve"],
-        "seed": cfg.training.seed,
-        "run_dir": str(run_dir),
-    }
-    write_plots(run_dir, metrics.records, trainer.history.difficulty)
-    atomic_write_json(run_dir / SUMMARY, summary)
-    if show_progress:
-        print_summary(console, summary)
-    if cfg.output.push_to_hub:
-        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
-        console.print(f"Pushed the student and its model card to {url}")
-    return RunResult(summary, run_dir)
+    return Models(teacher, cache, student, tokenizer, train, eval_set)
 
 
 def difficulty_spearman(scorer: Any, train: Any) -> float | None:

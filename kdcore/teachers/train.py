@@ -10,6 +10,7 @@ from kdcore.config import StrategyConfig
 from kdcore.files import atomic_directory, atomic_write_json
 from kdcore.inputs.models import build_from_spec, load_pretrained, load_tokenizer, parse_spec
 from kdcore.inputs.tokenization import build_tokenizer
+from kdcore.summary import RunSummary
 from kdcore.training.engine import Trainer, make_strategies, total_steps
 from kdcore.training.progress import TrainingProgress
 
@@ -28,7 +29,7 @@ def train_causal_lm(
     training: TrainingConfig,
     out_dir: Path,
     console: Console,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Plain CE training of a from-scratch model (or a hub one), saved with save_pretrained into ``out_dir``."""
     spec = parse_spec(source)
     model = build_from_spec(spec, tokenizer, training.seed) if spec else load_pretrained(source)
@@ -44,10 +45,10 @@ def train_causal_lm(
             tokenizer.save_pretrained(tmp)
             atomic_write_json(
                 tmp / "kdcore_teacher.json",
-                {"source": source, "eval_ppl": result["student_eval_ppl"], "steps": result["steps"]},
+                {"source": source, "eval_ppl": result.student_eval_ppl, "steps": result.steps},
             )
     trainer.accelerator.wait_for_everyone()
-    console.print(f"Teacher eval perplexity {result['student_eval_ppl']:.3f}, saved to {out_dir}")
+    console.print(f"Teacher eval perplexity {result.student_eval_ppl:.3f}, saved to {out_dir}")
     return result
 
 

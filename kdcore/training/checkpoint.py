@@ -41,6 +41,7 @@ import yaml
 
 from kdcore.errors import KdError, PluginError
 from kdcore.files import file_sha256
+from kdcore.summary import SUMMARY_FILE
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -64,8 +65,8 @@ def check_resumable(run_dir: Path) -> None:
             f"'{run_dir}' is not a run directory (it has no config.yaml); --resume takes the directory "
             "a kd run wrote"
         )
-    if (run_dir / "summary.json").exists():
-        raise KdError(f"'{run_dir}' holds a finished run (it has summary.json); there is nothing to resume")
+    if (run_dir / SUMMARY_FILE).exists():
+        raise KdError(f"'{run_dir}' holds a finished run (it has {SUMMARY_FILE}); there is nothing to resume")
 
 
 def resume_config(run_dir: Path) -> RunConfig:

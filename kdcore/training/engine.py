@@ -32,6 +32,7 @@ from kdcore.strategies import (
     ScorerContext,
     Strategy,
 )
+from kdcore.summary import RunSummary
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
@@ -316,8 +317,11 @@ class Trainer:
         return self.teacher(input_ids=input_ids, attention_mask=mask).logits
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: Path | None = None) -> dict[str, Any]:
-        """Train to ``total_steps``; ``resume``: a checkpoint directory to continue from."""
+    def fit(self, resume: Path | None = None) -> RunSummary:
+        """Train to ``total_steps``; ``resume``: a checkpoint directory to continue from.
+
+        Returns the training numbers of the run's summary (the run adds the teacher, timing and names).
+        """
         set_seed(self.cfg.seed, device_specific=True)  # seed + process index: own dropout masks per process
         if resume is not None:  # strategies first: a scorer with restored scores skips its prepare() pass
             self.load_state_dict(read_state(resume))
@@ -354,18 +358,16 @@ class Trainer:
                     )
         h = self.history
         h.open_share_last = self.sampler.open_count(self.total_steps - 1) / len(self.train)
-        return {
-            "steps": self.total_steps,
-            "eval_curve": h.eval_curve,
-            "student_eval_ppl": h.eval_curve[-1][1],
-            "student_initial_eval_ppl": h.eval_curve[0][1],
-            "train_tokens": h.tokens,
-            "train_seconds": h.train_seconds,
-            "tokens_per_second": h.tokens / max(h.train_seconds, 1e-9),
-            "mean_lambda": h.lambda_sum / max(h.lambda_count, 1),
-            "final_open_share": h.open_share_last,
-            "skipped_steps": list(h.skipped_steps),
-        }
+        return RunSummary(
+            student_eval_ppl=h.eval_curve[-1][1],
+            student_initial_eval_ppl=h.eval_curve[0][1],
+            steps=self.total_steps,
+            tokens_per_second=h.tokens / max(h.train_seconds, 1e-9),
+            train_tokens=h.tokens,
+            mean_lambda=h.lambda_sum / max(h.lambda_count, 1),
+            final_open_share=h.open_share_last,
+            eval_curve=h.eval_curve,
+        )
 
     def add_to_window(self, metrics: Mapping[str, Any] | None) -> None:
         if metrics is None:  # a skipped step adds nothing to the averages
