@@ -32,16 +32,17 @@ import io
 import json
 import math
 import re
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kdcore import __version__
+from kdcore import __version__, formats
+from kdcore.compare.stats import mean_sd
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_text
+from kdcore.formats import MISSING, significant
 from kdcore.summary import SUMMARY_FILE, RunSummary
 
 REPORT = "report.html"
@@ -76,19 +77,6 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fmt(value: Any) -> str:
-    """Numbers with 6 significant digits (what the tests compare to the JSON), the rest as text."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = []
@@ -97,7 +85,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: st
         for value in row:
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             cells.append(
-                f'<td class="num">{esc(fmt(value))}</td>' if numeric else f"<td>{esc(fmt(value))}</td>"
+                f'<td class="num">{esc(significant(value))}</td>'
+                if numeric
+                else f"<td>{esc(significant(value))}</td>"
             )
         body.append(f"<tr>{''.join(cells)}</tr>")
     ident = f' id="{esc(table_id)}"' if table_id else ""
@@ -291,7 +281,7 @@ def strategy_section(strategies: Mapping[str, Any] | None, config: Mapping[str, 
     if strategy_cfg:
         order = "hard to easy (anti-curriculum)" if strategy_cfg.get("reverse") else "easy to hard"
         extra = (
-            f"<p>Temperature τ = {esc(fmt(strategy_cfg.get('temperature')))}; curriculum order: {esc(order)}. "
+            f"<p>Temperature τ = {esc(significant(strategy_cfg.get('temperature')))}; curriculum order: {esc(order)}. "
             "Each sample's loss is (1-λ)·CE + λ·τ²·D(P<sub>T</sub> ‖ P<sub>S</sub>).</p>"
         )
     return table(["kind", "name", "parameters", "package"], rows, table_id="strategy") + extra
@@ -389,7 +379,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     ):
         return {prefix[:-1]: json.dumps(value)}
     if isinstance(value, list):
-        return {prefix[:-1]: ", ".join(fmt(v) for v in value)}
+        return {prefix[:-1]: ", ".join(significant(v) for v in value)}
     return {prefix[:-1]: value}
 
 
@@ -478,13 +468,10 @@ def markdown_to_html(text: str) -> str:
     return "".join(out)
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return fmt(float(values[0]))
-    return f"{statistics.fmean(values):.6g} ± {statistics.stdev(values):.3g}"
+def _mean_sd(values: list[Any]) -> str:
+    """Mean ± sd over the seeds that reported a number."""
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return formats.mean_sd(*mean_sd(numbers), significant) if numbers else MISSING
 
 
 def comparison_runs(directory: Path) -> list[dict[str, Any]]:
@@ -684,7 +671,7 @@ def build_comparison_report(directory: Path) -> tuple[str, str]:
             mine = [r["summary"] for r in runs if r["arm"] == arm and r["summary"]]
             done = sum(1 for r in runs if r["arm"] == arm and r["summary"])
             total = sum(1 for r in runs if r["arm"] == arm)
-            arm_rows.append([arm, f"{done}/{total}", *(_mean_std([s.get(m) for s in mine]) for m in metrics)])
+            arm_rows.append([arm, f"{done}/{total}", *(_mean_sd([s.get(m) for s in mine]) for m in metrics)])
         per_arm = table(
             ["arm", "finished runs", "student eval ppl", "teacher eval ppl", "mean λ", "wall time (s)"],
             arm_rows,

@@ -6,20 +6,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _pm(mean: float | None, sd: float | None, digits: int = 3) -> str:
-    if mean is None:
-        return "–"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{mean:.{digits}f}"
+from kdcore.compare import stats
+from kdcore.formats import MISSING, fixed, mean_sd
 
 
 def format_paired(p: Mapping[str, Any] | None, digits: int = 3) -> str:
     if not p or p.get("mean_diff") is None:
-        return (p or {}).get("note") or "–"
+        return (p or {}).get("note") or MISSING
     text = f"{p['mean_diff']:+.{digits}f}"
     if p.get("ci_low") is not None:
         text += f" [{p['ci_low']:+.{digits}f}, {p['ci_high']:+.{digits}f}]"
@@ -77,7 +70,7 @@ def setup_lines(data: Mapping[str, Any]) -> list[str]:
     teacher_params = f", {t['params']:,} parameters" if t.get("params") else ""
     student_params = f", {st['params']:,} parameters" if st.get("params") else ""
     lines = [
-        f"- teacher: `{t['source']}`{teacher_params}, eval ppl {_num(t.get('eval_ppl'))}"
+        f"- teacher: `{t['source']}`{teacher_params}, eval ppl {fixed(t.get('eval_ppl'))}"
         f" (trained once, teacher seed {data['teacher_seed']}; `{t.get('dir')}`)",
         f"- student: `{st['source']}`{student_params}",
         f"- data: `{base['data']['dataset']}`, eval `{base['data'].get('eval_dataset') or 'held-out tail'}`, "
@@ -139,13 +132,13 @@ def arms_table(data: Mapping[str, Any]) -> tuple[Sequence[str], list[list[str]]]
                 role_text(row),
                 f"`{row['strategy']}`",
                 f"{row['n_ok']}/{row['n_seeds']}",
-                _pm(row.get("ppl_mean"), row.get("ppl_sd")),
-                "–" if gap is None else f"{gap:.1%}",
-                _pm(row.get("mean_lambda"), row.get("mean_lambda_sd")),
-                format_paired(vs["kd"]) if "kd" in vs else "–",
-                format_paired(vs.get("matched")) if "matched" in vs else "–",
-                _num(row.get("wall_seconds_mean"), 0),
-                _num(row.get("tokens_per_second_mean"), 0),
+                mean_sd(row.get("ppl_mean"), row.get("ppl_sd")),
+                MISSING if gap is None else f"{gap:.1%}",
+                mean_sd(row.get("mean_lambda"), row.get("mean_lambda_sd")),
+                format_paired(vs["kd"]) if "kd" in vs else MISSING,
+                format_paired(vs.get("matched")) if "matched" in vs else MISSING,
+                fixed(row.get("wall_seconds_mean"), 0),
+                fixed(row.get("tokens_per_second_mean"), 0),
                 status.replace("|", "/"),
             ]
         )
@@ -159,15 +152,15 @@ def paired_table(data: Mapping[str, Any]) -> tuple[Sequence[str], list[list[str]
         if row["role"] != "arm":
             continue
         for p in (row.get("vs") or {}).values():
-            ci = "–" if p.get("ci_low") is None else f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+            ci = MISSING if p.get("ci_low") is None else f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
             rows.append(
                 [
                     row["name"],
                     p["reference"],
                     str(p["n"]),
-                    "–" if p.get("mean_diff") is None else format(p["mean_diff"], "+.3f"),
+                    MISSING if p.get("mean_diff") is None else format(p["mean_diff"], "+.3f"),
                     ci,
-                    "–" if p.get("p_value") is None else format(p["p_value"], ".3g"),
+                    MISSING if p.get("p_value") is None else format(p["p_value"], ".3g"),
                     p["verdict"],
                 ]
             )
@@ -250,8 +243,9 @@ def write_comparison_plots(out_dir: Path, data: Mapping[str, Any]) -> list[Path]
         values = np.array([[v for _, v in c] for c in common], dtype=float)
         if len(steps) > 2:  # the untrained model's perplexity (step 0) would flatten every difference
             steps, values = steps[1:], values[:, 1:]
-        mean = values.mean(axis=0)
-        sd = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+        band = [stats.mean_sd(column) for column in values.T]  # mean and sd over seeds, at each step
+        mean = np.array([m for m, _ in band])
+        sd = np.array([d or 0.0 for _, d in band])
         style = "--" if row["role"] in ("sweep", "matched") else "-"
         ax.plot(steps, mean, style, color=color, label=row["name"], lw=1.3)
         ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.15)

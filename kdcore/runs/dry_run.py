@@ -35,6 +35,7 @@ from rich.table import Table
 
 from kdcore.config import RunConfig
 from kdcore.errors import KdError
+from kdcore.formats import human_bytes
 
 LOSS_CHUNK_TOKENS = 2048  # kdcore.training.losses.per_sample_terms' default chunk_tokens
 LOSS_COPIES = 4
@@ -65,16 +66,6 @@ class DryRunReport:
     seq_len: int
     memory: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def logits_memory(

@@ -26,6 +26,7 @@ import yaml
 from kdcore import __version__
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_text
+from kdcore.formats import significant
 from kdcore.strategies import KINDS
 from kdcore.summary import RunSummary
 
@@ -59,14 +60,6 @@ def _tags(strategy: Mapping[str, str]) -> list[str]:
         tags.append("selective-reliance")
     tags += [f"kdcore-{kind}-{strategy[kind]}" for kind in KINDS if kind in strategy]
     return tags
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def render_model_card(
@@ -125,7 +118,7 @@ def render_model_card(
         ("peak learning rate (AdamW, warm-up + cosine)", training.get("lr")),
         ("weight decay", training.get("weight_decay")),
         ("mixed precision", training.get("mixed_precision")),
-        ("training tokens", _fmt(summary.train_tokens)),
+        ("training tokens", significant(summary.train_tokens, 4)),
         ("seed", training.get("seed")),
         ("kdcore version", __version__),
     ]
@@ -135,7 +128,7 @@ def render_model_card(
         ("student before distillation", summary.student_initial_eval_ppl),
         (f"**student ({model_name})**", summary.student_eval_ppl),
     ]
-    eval_rows = "\n".join(f"| {name} | {_fmt(value)} |" for name, value in evals)
+    eval_rows = "\n".join(f"| {name} | {significant(value, 4)} |" for name, value in evals)
     baseline_note = (
         ""
         if ce_baseline_eval_ppl is not None
