@@ -434,7 +434,7 @@ def report(
     ] = None,
 ) -> None:
     """Write one self-contained HTML page (plots, tables, config) for a run or a comparison, readable offline."""
-    from kdcore.html_report import build_report
+    from kdcore.reports import build_report
 
     out.print(f"wrote {build_report(directory, output)}", highlight=False, soft_wrap=True)
 

@@ -14,9 +14,10 @@ from conftest import tiny_overrides
 from typer.testing import CliRunner
 
 from kdcore.cli import app
+from kdcore.compare.render import arms_table, paired_table
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
-from kdcore.html_report import build_report
+from kdcore.reports import build_report
 from kdcore.runs.runner import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +79,11 @@ def assert_self_contained(text: str, page: Page) -> None:
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+
+
+def plain(markdown_cell: str) -> str:
+    """The text a reader sees of a Markdown table cell (emphasis and code marks dropped)."""
+    return markdown_cell.replace("**", "").replace("`", "")
 
 
 def body_rows(rows: list[list[str]]) -> list[list[str]]:
@@ -245,16 +251,19 @@ def test_comparison_report_reads_kd_compare_output(finished, tmp_path):
     page = Page(text)
     assert page.title == "kdcore comparison: 2 arms × 1 seeds"
     assert_self_contained(text, page)
+    # the arms and paired tables are comparison.md's, cell for cell (Markdown emphasis rendered as HTML)
+    for table_id, (headers, rows) in (("arms", arms_table(data)), ("paired", paired_table(data))):
+        assert page.tables[table_id] == [list(headers), *([plain(cell) for cell in row] for row in rows)]
     arms = {row[0]: row for row in body_rows(page.tables["arms"])}
     header = page.tables["arms"][0]
     for arm in data["arms"]:
         row = arms[arm["name"]]
-        assert float(row[header.index("student eval ppl")]) == pytest.approx(arm["ppl_mean"], rel=1e-5)
-        assert float(row[header.index("gap closed")]) == pytest.approx(arm["gap_closed"])
-        assert float(row[header.index("mean λ")]) == pytest.approx(arm["mean_lambda"], rel=1e-5)
+        assert row[header.index("student ppl")] == f"{arm['ppl_mean']:.3f}"
+        assert row[header.index("gap closed")] == f"{arm['gap_closed']:.1%}"
+        assert row[header.index("mean λ")] == f"{arm['mean_lambda']:.3f}"
     assert "best fixed λ" in arms["kd"][1]
     (paired,) = body_rows(page.tables["paired"])
-    assert paired[:4] == ["cl", "kd", "1", "-1.25"]
+    assert paired[:4] == ["cl", "kd", "1", "-1.250"]
     runs = body_rows(page.tables["runs"])
     assert [(r[0], r[1], r[9]) for r in runs] == [
         ("cl", "0", "runs/cl/seed-0"),
