@@ -17,6 +17,7 @@ from rich.table import Table
 from kdcore import __version__
 from kdcore.config import parse_assignment, resolve_config
 from kdcore.errors import KdError
+from kdcore.scaffold import KIND_CHOICES
 from kdcore.strategies import KINDS
 
 app = typer.Typer(
@@ -407,7 +408,7 @@ def list_plugins(
 @friendly_errors
 def new_plugin(
     name: Annotated[str, typer.Argument(help="Strategy name: lower-case letters, digits, dashes.")],
-    kind: Annotated[str, Opt(help="scorer, pacing, reliance or divergence.")] = "scorer",
+    kind: Annotated[str, Opt(help=f"{', '.join(KIND_CHOICES[:-1])} or {KIND_CHOICES[-1]}.")] = "scorer",
     output_dir: Annotated[Path, Opt(help="Where to write kd-plugin-NAME/.")] = Path("."),
 ) -> None:
     """Write an installable plugin package kd-plugin-NAME with a working strategy, tests and README."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_kd
+from conftest import REPO, run_kd
 from typer.testing import CliRunner
 
 from kdcore.cli import app
@@ -189,3 +189,15 @@ def test_cli_command(tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
     bad = runner.invoke(app, ["new-plugin", "My_Pace", "--output-dir", str(tmp_path)])
     assert bad.exit_code == 2 and "is not valid" in bad.output and "Traceback" not in bad.output
+
+
+def test_every_package_and_template_ships_in_a_non_editable_install():
+    """pyproject.toml lists every package under kdcore/ and the templates as package data; an editable
+    install (the one tests run against) would not notice a missing one."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "kdcore").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == packages | {"kdcore.scaffold.templates", "kd_builtin"}
+    assert setuptools["package-data"]["kdcore.scaffold.templates"] == ["*"]
+    templates = REPO / "kdcore" / "scaffold" / "templates"
+    assert all(path.is_file() for path in templates.iterdir())  # flat, so "*" takes every one
