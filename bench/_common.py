@@ -102,7 +102,7 @@ def trainer(
     reset_accelerate()
     training = TrainingConfig(max_steps=steps, batch_size=s.batch_size, log_every=10**6)
     t = Trainer(student(s), teacher, s.train, s.eval_set, strategies, training, 2.0, teacher_cache=cache)
-    t.s.scorer.prepare(t.scorer_context())
+    t.strategies.scorer.prepare(t.scorer_context())
     t.student.train()
     t._bench_step = 0
     return t

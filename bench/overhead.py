@@ -56,14 +56,14 @@ def main() -> None:
     stats = {k: torch.rand(b) for k in ("ce", "kd", "confidence", "tokens")}
     repeat = 20 if args.quick else 500
     calls = {
-        "scorer.observe": per_call(lambda: t.s.scorer.observe(ids, stats), repeat),
+        "scorer.observe": per_call(lambda: t.strategies.scorer.observe(ids, stats), repeat),
         "sampler.batch": per_call(lambda: t.sampler.batch(7), repeat),
         "sampler.refresh/step": per_call(
-            lambda: t.sampler.refresh(t.s.scorer.scores(), 0), max(2, repeat // 20)
+            lambda: t.sampler.refresh(t.strategies.scorer.scores(), 0), max(2, repeat // 20)
         )
         / t.sampler.steps_per_epoch,
         "reliance.weights": per_call(
-            lambda: t.s.reliance.weights(t.sampler.ranks[ids], t.sampler.scores[ids], 0.5), repeat
+            lambda: t.strategies.reliance.weights(t.sampler.ranks[ids], t.sampler.scores[ids], 0.5), repeat
         ),
     }
 

@@ -98,7 +98,7 @@ def test_student_snapshot_costs_no_extra_forward_pass(setting):
     with_none, _, _ = forwards("none")
     with_snapshot, seen, trainer = forwards("student-snapshot")
     assert with_snapshot == with_none == 3  # one student forward per step, nothing else
-    known = (~torch.isnan(trainer.s.scorer.scores())).nonzero().flatten()
+    known = (~torch.isnan(trainer.strategies.scorer.scores())).nonzero().flatten()
     assert torch.equal(known, seen)  # exactly the samples trained on have a score
 
 
@@ -106,7 +106,7 @@ def test_teacher_confidence_ranks_hard_demo_levels_above_easy_ones(setting, tmp_
     from scipy.stats import spearmanr
 
     trainer, _ = train_briefly(setting, "teacher-confidence", "none", "fixed")
-    scores = trainer.s.scorer.scores()
+    scores = trainer.strategies.scorer.scores()
     rho = spearmanr(scores.numpy(), setting["train"].levels.numpy()).statistic
     assert rho > 0.5, rho
 

@@ -112,6 +112,37 @@ def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
     return max(1, math.ceil(epochs * num_samples / cfg.batch_size))
 
 
+def make_accelerator(
+    training: TrainingConfig, log_with: list[str] | None, project_dir: Path | None
+) -> Accelerator:
+    """The run's Accelerator: mixed precision, the trackers (``log_with``), one scheduler step per step."""
+    return Accelerator(
+        mixed_precision=training.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=log_with,  # experiment trackers (kdcore.runs.trackers), None = no tracking
+        project_dir=project_dir,
+        # one scheduler step per optimizer step: every process steps on the same global batch
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def adamw_with_schedule(
+    model: torch.nn.Module, training: TrainingConfig, steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no weight decay on biases and norms) with linear warm-up and cosine decay over ``steps``."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": training.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=training.lr,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(training.warmup_ratio * steps), steps)
+    return optimizer, scheduler
+
+
 class Trainer:
     """Trains ``student`` on ``train``, distilling from ``teacher`` (None: labels only)."""
 
@@ -138,20 +169,13 @@ class Trainer:
         # A teacher cache stands in for the teacher model: sparse top-K logits, stats from the cache.
         self.teacher_cache = teacher_cache
         self.train, self.eval_set = train, eval_set
-        self.s = strategies
+        self.strategies = strategies
         self.base_temperature = temperature
         self.run_dir = run_dir
         self.on_log = on_log or (lambda record: None)
         self.on_progress = on_progress or (lambda step, metrics: None)
         self.total_steps = total_steps(training, len(train))
-        self.accelerator = Accelerator(
-            mixed_precision=training.mixed_precision,
-            cpu=not torch.cuda.is_available(),
-            log_with=log_with,  # experiment trackers (kdcore.runs.trackers), None = no tracking
-            project_dir=project_dir,
-            # one scheduler step per optimizer step: every process steps on the same global batch
-            step_scheduler_with_optimizer=False,
-        )
+        self.accelerator = make_accelerator(training, log_with, project_dir)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if training.batch_size % (training.grad_accum * self.world):
@@ -164,19 +188,8 @@ class Trainer:
             self.on_log, self.run_dir = (lambda record: None), None
         self.history = History()
         self.step = 0  # optimizer steps done
-
-        decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": training.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=training.lr,
-        )
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, int(training.warmup_ratio * self.total_steps), self.total_steps
-        )
+        self._window_start = 0.0  # perf_counter() at the start of the current log window (set by fit)
+        optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.sampler = CurriculumSampler(
@@ -221,14 +234,14 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, torch.Tensor] | None:
         """One optimizer step on the global batch of ``step``; None if a non-finite loss skipped it."""
         progress = step / self.total_steps
-        temperature = self.s.reliance.temperature(self.base_temperature, progress)
+        temperature = self.strategies.reliance.temperature(self.base_temperature, progress)
         batch_ids = self.sampler.batch(step)  # the same global batch on every process
         micro_batches = batch_ids.chunk(self.cfg.grad_accum)
         mine = slice(self.rank, None, self.world)  # this process's share of each micro-batch
         totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "lambda": 0.0, "tokens": 0.0}
         losses = []
         for i, micro_ids in enumerate(micro_batches):
-            lam = self.s.reliance.weights(
+            lam = self.strategies.reliance.weights(
                 self.sampler.ranks[micro_ids], self.sampler.scores[micro_ids], progress
             )
             with self.gradient_sync(last=i == len(micro_batches) - 1):
@@ -240,7 +253,7 @@ class Trainer:
                 self.accelerator.backward(per_sample.sum() * self.world / len(batch_ids))
             stats = self.gather_stats(terms, per_sample)  # the whole micro-batch, on every process
             losses.append(stats.pop("loss"))
-            self.s.scorer.observe(micro_ids, stats)
+            self.strategies.scorer.observe(micro_ids, stats)
             for key in ("ce", "kd", "tokens"):
                 totals[key] += stats[key].sum()
             totals["loss"] += losses[-1].sum()
@@ -303,9 +316,11 @@ class Trainer:
         student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
         teacher_logits = None
         has_teacher = self.teacher is not None or self.teacher_cache is not None
-        if has_teacher and (bool((lam > 0).any()) or "kd" in self.s.scorer.needs):
+        if has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs):
             teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)
-        return per_sample_terms(student_logits, labels, teacher_logits, self.s.divergence, temperature)
+        return per_sample_terms(
+            student_logits, labels, teacher_logits, self.strategies.divergence, temperature
+        )
 
     @torch.no_grad()
     def teacher_logits(
@@ -325,7 +340,7 @@ class Trainer:
         set_seed(self.cfg.seed, device_specific=True)  # seed + process index: own dropout masks per process
         if resume is not None:  # strategies first: a scorer with restored scores skips its prepare() pass
             self.load_state_dict(read_state(resume))
-        self.s.scorer.prepare(self.scorer_context())
+        self.strategies.scorer.prepare(self.scorer_context())
         if resume is not None:  # weights, optimizer, scheduler, RNG last: the RNG continues as saved
             self.accelerator.load_state(str(resume))
             self.checkpoints.resumed_from(resume, self.step, self.accelerator.is_main_process)
@@ -356,17 +371,17 @@ class Trainer:
                     raise RunInterrupted(
                         done, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
                     )
-        h = self.history
-        h.open_share_last = self.sampler.open_count(self.total_steps - 1) / len(self.train)
+        history = self.history
+        history.open_share_last = self.sampler.open_count(self.total_steps - 1) / len(self.train)
         return RunSummary(
-            student_eval_ppl=h.eval_curve[-1][1],
-            student_initial_eval_ppl=h.eval_curve[0][1],
+            student_eval_ppl=history.eval_curve[-1][1],
+            student_initial_eval_ppl=history.eval_curve[0][1],
             steps=self.total_steps,
-            tokens_per_second=h.tokens / max(h.train_seconds, 1e-9),
-            train_tokens=h.tokens,
-            mean_lambda=h.lambda_sum / max(h.lambda_count, 1),
-            final_open_share=h.open_share_last,
-            eval_curve=h.eval_curve,
+            tokens_per_second=history.tokens / max(history.train_seconds, 1e-9),
+            train_tokens=history.tokens,
+            mean_lambda=history.lambda_sum / max(history.lambda_count, 1),
+            final_open_share=history.open_share_last,
+            eval_curve=history.eval_curve,
         )
 
     def add_to_window(self, metrics: Mapping[str, Any] | None) -> None:
@@ -378,17 +393,17 @@ class Trainer:
 
     def log_window(self, done: int) -> None:
         """One metrics record: the means over the steps since the last one."""
-        h, elapsed = self.history, time.perf_counter() - self._window_start
-        running, steps = h.window, h.window_steps
-        h.window, h.window_steps, h.window_seconds = {}, 0, 0.0
+        history, elapsed = self.history, time.perf_counter() - self._window_start
+        running, steps = history.window, history.window_steps
+        history.window, history.window_steps, history.window_seconds = {}, 0, 0.0
         self._window_start = time.perf_counter()
-        h.train_seconds += elapsed
+        history.train_seconds += elapsed
         if steps == 0:
             return
         tokens = float(running.pop("tokens"))
-        h.lambda_sum += float(running["lambda"])
-        h.lambda_count += steps
-        h.tokens += tokens
+        history.lambda_sum += float(running["lambda"])
+        history.lambda_count += steps
+        history.tokens += tokens
         record = {"step": done, **{k: float(v) / steps for k, v in running.items()}}
         record.update(
             open_share=self.sampler.open_count(done - 1) / len(self.train),
@@ -417,22 +432,22 @@ class Trainer:
         return {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
-            "strategies": {kind: strategy.state_dict() for kind, strategy in self.s.by_kind.items()},
+            "strategies": {kind: strategy.state_dict() for kind, strategy in self.strategies.by_kind.items()},
             "history": dict(vars(self.history)),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        for kind, strategy in self.s.by_kind.items():
+        for kind, strategy in self.strategies.by_kind.items():
             strategy.load_state_dict(state["strategies"].get(kind, {}))
         self.history = History(**state["history"])
 
     def refresh(self, step: int) -> None:
         """Re-sort the curriculum from the scorer's current scores and record them."""
-        self.sampler.refresh(self.s.scorer.scores(), step)
+        self.sampler.refresh(self.strategies.scorer.scores(), step)
         progress = step / self.total_steps
-        lam = self.s.reliance.weights(self.sampler.ranks, self.sampler.scores, progress)
+        lam = self.strategies.reliance.weights(self.sampler.ranks, self.sampler.scores, progress)
         self.history.difficulty.append(
             {
                 "step": step,

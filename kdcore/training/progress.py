@@ -7,6 +7,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -19,6 +20,7 @@ class TrainingProgress:
     def __init__(self, console: Console | None, total: int, label: str) -> None:
         self.console, self.total, self.label = console, total, label
         self.progress: Progress | None = None
+        self.task: TaskID | None = None  # the bar, once started
 
     def __enter__(self) -> TrainingProgress:
         if self.console is not None:
