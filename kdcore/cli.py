@@ -229,30 +229,10 @@ def run(
     ] = False,
 ) -> None:
     """Distil a student from a teacher. With no arguments: the demo corpus, a small cached teacher, vanilla KD."""
+    options = dict(locals())
     if resume is not None:
-        return _resume(resume, {name: value for name, value in locals().items() if name != "resume"})
-    given = {name: value for name, value in locals().items() if name in RUN_OPTIONS and value is not None}
-    overrides: dict[str, Any] = {RUN_OPTIONS[name]: value for name, value in given.items()}
-    for kind, pairs in (
-        ("scorer", scorer_arg),
-        ("pacing", pacing_arg),
-        ("reliance", reliance_arg),
-        ("divergence", divergence_arg),
-    ):
-        for pair in pairs or []:
-            key, value = parse_assignment(pair)
-            overrides[f"strategy.{kind}.params.{key}"] = value
-    if lambda_ is not None:
-        overrides["strategy.reliance.params.value"] = lambda_
-    for pair in set_ or []:
-        key, value = parse_assignment(pair)
-        overrides[key] = value
-    cfg = resolve_config(config, overrides)
-    if lambda_ is not None and cfg.strategy.reliance.name != "fixed":
-        raise KdError(
-            f"--lambda sets the fixed policy's λ; reliance '{cfg.strategy.reliance.name}' takes its own "
-            "parameters, e.g. --reliance-arg lambda_hard=0.9 (see docs/strategies.md)"
-        )
+        return _resume(resume, {name: value for name, value in options.items() if name != "resume"})
+    cfg = _run_config(options)
     from kdcore.plugins import instantiate_strategies
 
     instantiate_strategies(cfg.strategy)  # unknown names and bad parameters fail here, in a second
@@ -266,6 +246,32 @@ def run(
         return
     _offline_hint()
     _launch(cfg)
+
+
+def _run_config(options: dict[str, Any]) -> Any:
+    """The run config ``kd run``'s options describe: --config, then each option given, then --set."""
+    overrides: dict[str, Any] = {
+        RUN_OPTIONS[name]: value
+        for name, value in options.items()
+        if name in RUN_OPTIONS and value is not None
+    }
+    for kind in KINDS:  # --scorer-arg k=v, --pacing-arg k=v, ...
+        for pair in options.get(f"{kind}_arg") or []:
+            key, value = parse_assignment(pair)
+            overrides[f"strategy.{kind}.params.{key}"] = value
+    lambda_ = options["lambda_"]
+    if lambda_ is not None:
+        overrides["strategy.reliance.params.value"] = lambda_
+    for pair in options["set_"] or []:
+        key, value = parse_assignment(pair)
+        overrides[key] = value
+    cfg = resolve_config(options["config"], overrides)
+    if lambda_ is not None and cfg.strategy.reliance.name != "fixed":
+        raise KdError(
+            f"--lambda sets the fixed policy's λ; reliance '{cfg.strategy.reliance.name}' takes its own "
+            "parameters, e.g. --reliance-arg lambda_hard=0.9 (see docs/strategies.md)"
+        )
+    return cfg
 
 
 def _resume(run_dir: Path, options: dict[str, Any]) -> None:
@@ -504,65 +510,77 @@ def compare(
 ) -> None:
     """Compare strategies × seeds against one teacher at equal compute: a table with error bars and paired tests."""
     options = dict(locals())
-    from kdcore import compare as cmp
-
     if jobs < 1:
         raise KdError(f"--jobs {jobs} must be at least 1")
-
-    def log(line: str) -> None:
-        err.print(line, highlight=False, markup=False)
-
-    if resume is not None:
-        given = [n for n, v in options.items() if n not in ("resume", "jobs", "table_only") and v is not None]
-        if given:
-            raise KdError(
-                f"--resume takes every setting from {resume}/compare.yaml; drop --{given[0].replace('_', '-')} "
-                "(only --jobs may be given)"
-            )
-        _offline_hint()
-        if table_only:
-            data = cmp.table_only(resume, log=log)
-        else:
-            data = cmp.resume(resume, jobs=jobs, log=log, console=err)
-    else:
-        if table_only:
-            raise KdError("--table-only rebuilds an existing comparison's table; give it with --resume DIR")
-        names = {
-            "teacher": "model.teacher",
-            "student": "model.student",
-            "tokenizer": "model.tokenizer",
-            "teacher_steps": "model.teacher_steps",
-            "dataset": "data.dataset",
-            "eval_dataset": "data.eval_dataset",
-            "seq_len": "data.seq_len",
-            "max_steps": "training.max_steps",
-            "batch_size": "training.batch_size",
-            "lr": "training.lr",
-        }
-        overrides: dict[str, Any] = {d: options[n] for n, d in names.items() if options[n] is not None}
-        for pair in set_ or []:
-            key, value = parse_assignment(pair)
-            overrides[key] = value
-        plan = cmp.build_plan(
-            config=config,
-            arm_texts=arm or [],
-            preset=preset,
-            overrides=overrides,
-            seeds=seeds,
-            teacher_seed=teacher_seed,
-            sweep=sweep,
-            matched=matched,
-            teacher_cache=teacher_cache,
-            teacher_cache_k=teacher_cache_k,
-            command="kd compare " + " ".join(sys.argv[2:]),
-        )
-        out_dir = output_dir or cmp.default_output_dir()
-        for note in plan.notes:
-            log(f"note: {note}")
-        _offline_hint()
-        data = cmp.compare(plan, out_dir, jobs=jobs, log=log, console=err)
+    data = _resume_comparison(resume, options) if resume is not None else _new_comparison(options)
     text = (Path(data["output_dir"]) / "comparison.md").read_text()
     out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+#: kd compare's options that set the base run config every arm shares, as kd run's do.
+COMPARE_BASE_OPTIONS = (
+    "teacher",
+    "student",
+    "tokenizer",
+    "teacher_steps",
+    "dataset",
+    "eval_dataset",
+    "seq_len",
+    "max_steps",
+    "batch_size",
+    "lr",
+)
+
+
+def _log(line: str) -> None:
+    err.print(line, highlight=False, markup=False)
+
+
+def _resume_comparison(resume: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """``kd compare --resume DIR [--table-only]``: every setting comes from DIR/compare.yaml."""
+    from kdcore import compare as cmp
+
+    given = [n for n, v in options.items() if n not in ("resume", "jobs", "table_only") and v is not None]
+    if given:
+        raise KdError(
+            f"--resume takes every setting from {resume}/compare.yaml; drop --{given[0].replace('_', '-')} "
+            "(only --jobs may be given)"
+        )
+    _offline_hint()
+    if options["table_only"]:
+        return cmp.table_only(resume, log=_log)
+    return cmp.resume(resume, jobs=options["jobs"], log=_log, console=err)
+
+
+def _new_comparison(options: dict[str, Any]) -> dict[str, Any]:
+    from kdcore import compare as cmp
+
+    if options["table_only"]:
+        raise KdError("--table-only rebuilds an existing comparison's table; give it with --resume DIR")
+    overrides: dict[str, Any] = {
+        RUN_OPTIONS[name]: options[name] for name in COMPARE_BASE_OPTIONS if options[name] is not None
+    }
+    for pair in options["set_"] or []:
+        key, value = parse_assignment(pair)
+        overrides[key] = value
+    plan = cmp.build_plan(
+        config=options["config"],
+        arm_texts=options["arm"] or [],
+        preset=options["preset"],
+        overrides=overrides,
+        seeds=options["seeds"],
+        teacher_seed=options["teacher_seed"],
+        sweep=options["sweep"],
+        matched=options["matched"],
+        teacher_cache=options["teacher_cache"],
+        teacher_cache_k=options["teacher_cache_k"],
+        command="kd compare " + " ".join(sys.argv[2:]),
+    )
+    out_dir = options["output_dir"] or cmp.default_output_dir()
+    for note in plan.notes:
+        _log(f"note: {note}")
+    _offline_hint()
+    return cmp.compare(plan, out_dir, jobs=options["jobs"], log=_log, console=err)
 
 
 def _offline_hint() -> None:

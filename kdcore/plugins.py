@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from kdcore import hookspecs
 from kdcore.errors import PluginError
-from kdcore.strategies import KINDS, Strategy
+from kdcore.strategies import KINDS, Kind, Strategy
 
 ENTRY_POINT_GROUP = "kdcore"
 CORE_DISTRIBUTION = "kdcore"
@@ -183,11 +183,29 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint] | None 
     """
     if entry_points is None:
         entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    disabled = disabled_distributions()
     pm = _make_manager()
     entries: list[PluginEntry] = []
-    provenance: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+    provenance = _load_plugins(pm, entry_points, entries)
+    by_key: dict[tuple[str, str], PluginEntry] = {}
+    for kind in KINDS.values():
+        for plugin_name, plugin in pm.list_name_plugin():
+            if plugin is None or plugin_name not in provenance:
+                continue
+            hook = getattr(pm.hook, kind.hook)
+            if any(impl.plugin is plugin for impl in hook.get_hookimpls()):
+                _call_register_hook(pm, kind, plugin_name, plugin, provenance[plugin_name], by_key, entries)
+    return Registry(entries)
 
+
+def _load_plugins(
+    pm: pluggy.PluginManager,
+    entry_points: Iterable[importlib.metadata.EntryPoint],
+    entries: list[PluginEntry],
+) -> dict[str, tuple[str, str]]:
+    """Import and register each entry point's module, kdcore's own first; one that fails is a broken
+    entry. Returns plugin name -> (distribution, version) of those that loaded."""
+    disabled = disabled_distributions()
+    provenance: dict[str, tuple[str, str]] = {}
     for ep in sorted(entry_points, key=lambda e: (_dist_of(e)[0] != CORE_DISTRIBUTION, e.name)):
         dist, version = _dist_of(ep)
         if _is_disabled(dist, disabled):
@@ -210,48 +228,52 @@ def build_registry(entry_points: Iterable[importlib.metadata.EntryPoint] | None 
             )
             continue
         provenance[plugin_name] = (dist, version)
+    return provenance
 
-    by_key: dict[tuple[str, str], PluginEntry] = {}
-    for kind, hook_name, base in ((k.name, k.hook, k.base) for k in KINDS.values()):
-        for plugin_name, plugin in pm.list_name_plugin():
-            if plugin is None or plugin_name not in provenance:
-                continue
-            if not any(impl.plugin is plugin for impl in getattr(pm.hook, hook_name).get_hookimpls()):
-                continue  # this plugin does not provide this kind
-            dist, version = provenance[plugin_name]
-            others = [p for _, p in pm.list_name_plugin() if p is not plugin]
-            caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
 
-            def register(name: str, cls: type, *, _kind=kind, _base=base, _dist=dist, _ver=version) -> None:
-                entry = _check_registration(_kind, name, cls, _base, _dist, _ver)
-                key = (_kind, entry.name)
-                previous = by_key.get(key)
-                if previous is not None:
-                    msg = (
-                        f"{_kind} '{entry.name}' is registered by both {previous.distribution} and "
-                        f"{_dist}; uninstall one or disable it with KD_DISABLE_PLUGINS={_dist}"
-                    )
-                    for clash in (previous, entry):
-                        clash.status, clash.error = "duplicate", msg
-                else:
-                    by_key[key] = entry
-                entries.append(entry)
+def _call_register_hook(
+    pm: pluggy.PluginManager,
+    kind: Kind,
+    plugin_name: str,
+    plugin: Any,
+    provenance: tuple[str, str],
+    by_key: dict[tuple[str, str], PluginEntry],
+    entries: list[PluginEntry],
+) -> None:
+    """Call one plugin's registration hook for ``kind`` alone, so that a raise is that plugin's fault;
+    a name registered twice marks both entries as duplicates."""
+    dist, version = provenance
+    others = [p for _, p in pm.list_name_plugin() if p is not plugin]
+    caller = pm.subset_hook_caller(kind.hook, remove_plugins=others)
 
-            try:
-                caller(register=register)
-            except Exception as exc:
-                entries.append(
-                    PluginEntry(
-                        kind,
-                        plugin_name.split(":", 1)[1],
-                        f"{hook_name} hook",
-                        dist,
-                        version,
-                        "broken",
-                        f"plugin {plugin_name} raised in {hook_name}: {_one_line(exc)}",
-                    )
-                )
-    return Registry(entries)
+    def register(name: str, cls: type) -> None:
+        entry = _check_registration(kind.name, name, cls, kind.base, dist, version)
+        previous = by_key.get((kind.name, entry.name))
+        if previous is not None:
+            msg = (
+                f"{kind.name} '{entry.name}' is registered by both {previous.distribution} and "
+                f"{dist}; uninstall one or disable it with KD_DISABLE_PLUGINS={dist}"
+            )
+            for clash in (previous, entry):
+                clash.status, clash.error = "duplicate", msg
+        else:
+            by_key[(kind.name, entry.name)] = entry
+        entries.append(entry)
+
+    try:
+        caller(register=register)
+    except Exception as exc:
+        entries.append(
+            PluginEntry(
+                kind.name,
+                plugin_name.split(":", 1)[1],
+                f"{kind.hook} hook",
+                dist,
+                version,
+                "broken",
+                f"plugin {plugin_name} raised in {kind.hook}: {_one_line(exc)}",
+            )
+        )
 
 
 def _check_registration(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import yaml
@@ -77,18 +78,52 @@ def render_model_card(
     the run's numbers (the teacher's and the student's eval perplexity at least) and
     ``ce_baseline_eval_ppl`` the CE-only student's, when a comparison measured it.
     """
-    model, data, strategy, training = (config.get(k, {}) for k in ("model", "data", "strategy", "training"))
+    model, data, strategy = (config.get(k, {}) for k in ("model", "data", "strategy"))
     output = config.get("output", {})
-    teacher, student = model.get("teacher"), model.get("student")
+    teacher = model.get("teacher")
     names = {kind: strategies[kind]["name"] for kind in KINDS if kind in strategies}
     model_name = model_name or output.get("push_to_hub") or "kdcore-student"
+    dataset_label = data.get("eval_dataset") or data.get("dataset") or "demo"
+    front = _front_matter(_meta(config, names), model_name, str(dataset_label), summary.student_eval_ppl)
+    evals = [
+        ("teacher", summary.teacher_eval_ppl),
+        ("CE baseline (same student, labels only)", ce_baseline_eval_ppl),
+        ("student before distillation", summary.student_initial_eval_ppl),
+        (f"**student ({model_name})**", summary.student_eval_ppl),
+    ]
+    load_from = output.get("push_to_hub") or "path/to/student"
+    body = _BODY.substitute(
+        model_name=model_name,
+        teacher=teacher,
+        strategy_rows="\n".join(
+            f"| {kind} | `{names[kind]}` | {_params(strategies[kind].get('params'))} | "
+            f"{strategies[kind].get('distribution', '')} |"
+            for kind in KINDS
+            if kind in strategies
+        ),
+        temperature=strategy.get("temperature"),
+        order="hard to easy (anti-curriculum)" if strategy.get("reverse") else "easy to hard",
+        setup_rows="\n".join(f"| {name} | {value} |" for name, value in _setup(config, summary)),
+        dataset_label=dataset_label,
+        eval_rows="\n".join(f"| {name} | {significant(value, 4)} |" for name, value in evals),
+        baseline_note=""
+        if ce_baseline_eval_ppl is not None
+        else "\nThe CE baseline is not known for a single run; `kd compare` measures it.\n",
+        load_from=load_from,
+        config=yaml.safe_dump(dict(config), sort_keys=False).rstrip(),
+    )
+    return front + body
+
+
+def _meta(config: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The front matter's fields besides the results: library, tags, hub ids of models and data."""
+    model, data = config.get("model", {}), config.get("data", {})
+    teacher, student = model.get("teacher"), model.get("student")
     base = [m for m in (hub_model_id(student), hub_model_id(teacher)) if m]
     datasets = [
         d for d in (hub_dataset_id(data.get("dataset")), hub_dataset_id(data.get("eval_dataset"))) if d
     ]
-    dataset_label = data.get("eval_dataset") or data.get("dataset") or "demo"
-
-    meta: dict[str, Any] = {
+    return {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": _tags(names),
@@ -96,19 +131,15 @@ def render_model_card(
         "teacher": hub_model_id(teacher),
         "datasets": list(dict.fromkeys(datasets)) or None,
     }
-    # model-index holds this model's own results; the teacher and the CE baseline are in the body
-    results = [("eval perplexity", summary.student_eval_ppl)]
-    front = _front_matter(meta, model_name, str(dataset_label), [(n, v) for n, v in results if v is not None])
 
-    rows = "\n".join(
-        f"| {kind} | `{names[kind]}` | {_params(strategies[kind].get('params'))} | "
-        f"{strategies[kind].get('distribution', '')} |"
-        for kind in KINDS
-        if kind in strategies
-    )
-    setup = [
+
+def _setup(config: Mapping[str, Any], summary: RunSummary) -> list[tuple[str, Any]]:
+    """The card's training set-up table: models, data, optimisation, seed, kdcore version."""
+    model, data, training = (config.get(k, {}) for k in ("model", "data", "training"))
+    teacher = model.get("teacher")
+    return [
         ("teacher", f"`{teacher}`"),
-        ("student", f"`{student}`"),
+        ("student", f"`{model.get('student')}`"),
         ("tokenizer", f"`{model.get('tokenizer') or ('byte' if ':' in str(teacher) else 'the teacher’s')}`"),
         ("training data", f"`{data.get('dataset')}`"),
         ("eval data", f"`{data.get('eval_dataset') or 'held out from the training data'}`"),
@@ -122,24 +153,15 @@ def render_model_card(
         ("seed", training.get("seed")),
         ("kdcore version", __version__),
     ]
-    evals = [
-        ("teacher", summary.teacher_eval_ppl),
-        ("CE baseline (same student, labels only)", ce_baseline_eval_ppl),
-        ("student before distillation", summary.student_initial_eval_ppl),
-        (f"**student ({model_name})**", summary.student_eval_ppl),
-    ]
-    eval_rows = "\n".join(f"| {name} | {significant(value, 4)} |" for name, value in evals)
-    baseline_note = (
-        ""
-        if ce_baseline_eval_ppl is not None
-        else "\nThe CE baseline is not known for a single run; `kd compare` measures it.\n"
-    )
-    load_from = output.get("push_to_hub") or "path/to/student"
-    body = f"""
-# {model_name}
+
+
+#: The card's Markdown below the front matter (string.Template).
+_BODY = Template(
+    """
+# $model_name
 
 A causal language model distilled with [kdcore](https://pypi.org/project/kdcore/) from the teacher
-`{teacher}`. Each sample's loss is `(1-λ)·CE(y, P_S) + λ·τ²·D(P_T ‖ P_S)`: the difficulty scorer and
+`$teacher`. Each sample's loss is `(1-λ)·CE(y, P_S) + λ·τ²·D(P_T ‖ P_S)`: the difficulty scorer and
 pacing function decide which samples the student sees when (curriculum), the reliance policy how much
 each one leans on the teacher (λ).
 
@@ -147,32 +169,31 @@ each one leans on the teacher (λ).
 
 | kind | name | parameters | package |
 | --- | --- | --- | --- |
-{rows}
+$strategy_rows
 
-Temperature τ = {strategy.get("temperature")}; curriculum order: \
-{"hard to easy (anti-curriculum)" if strategy.get("reverse") else "easy to hard"}.
+Temperature τ = $temperature; curriculum order: $order.
 
 ## Training set-up
 
 | setting | value |
 | --- | --- |
-{chr(10).join(f"| {name} | {value} |" for name, value in setup)}
+$setup_rows
 
 ## Evaluation
 
-Perplexity on the eval data (`{dataset_label}`), lower is better.
+Perplexity on the eval data (`$dataset_label`), lower is better.
 
 | model | eval perplexity |
 | --- | --- |
-{eval_rows}
-{baseline_note}
+$eval_rows
+$baseline_note
 ## Usage
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{load_from}")
-model = AutoModelForCausalLM.from_pretrained("{load_from}")
+tokenizer = AutoTokenizer.from_pretrained("$load_from")
+model = AutoModelForCausalLM.from_pretrained("$load_from")
 ```
 
 ## Reproduce
@@ -180,10 +201,10 @@ model = AutoModelForCausalLM.from_pretrained("{load_from}")
 `pip install kdcore`, save the config below as `config.yaml`, then `kd run --config config.yaml`.
 
 ```yaml
-{yaml.safe_dump(dict(config), sort_keys=False).rstrip()}
+$config
 ```
 """
-    return front + body
+)
 
 
 def _params(params: Mapping[str, Any] | None) -> str:
@@ -192,10 +213,11 @@ def _params(params: Mapping[str, Any] | None) -> str:
     return ", ".join(f"`{key}={value}`" for key, value in params.items())
 
 
-def _front_matter(
-    meta: dict[str, Any], model_name: str, dataset: str, results: list[tuple[str, float]]
-) -> str:
+def _front_matter(meta: dict[str, Any], model_name: str, dataset: str, student_eval_ppl: float | None) -> str:
+    """YAML front matter; its model-index holds this model's own result (the teacher and the CE
+    baseline are in the body)."""
     meta = {key: value for key, value in meta.items() if value is not None}
+    results = [("eval perplexity", student_eval_ppl)] if student_eval_ppl is not None else []
     try:
         from huggingface_hub import EvalResult, ModelCardData
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers

@@ -156,7 +156,75 @@ def run(
         total_steps(cfg.training, len(models.train)),
         cfg.strategy.label(),
     )
-    trainer = Trainer(
+    trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
+    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
+    with progress:
+        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+    tracking.finish()
+    if not main:  # the main process writes the student, plots and summary
+        return RunResult(result, run_dir)
+    summary = write_outputs(
+        cfg,
+        run_dir,
+        trainer,
+        models,
+        strategy_meta,
+        replace(result, teacher_eval_ppl=teacher_ppl),
+        metrics,
+        wall_start,
+    )
+    if show_progress:
+        print_summary(console, summary)
+    if cfg.output.push_to_hub:
+        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
+        console.print(f"Pushed the student and its model card to {url}")
+    return RunResult(summary, run_dir)
+
+
+def write_outputs(
+    cfg: RunConfig,
+    run_dir: Path,
+    trainer: Trainer,
+    models: Models,
+    strategy_meta: dict[str, Any],
+    summary: RunSummary,
+    metrics: MetricsWriter,
+    wall_start: float,
+) -> RunSummary:
+    """The student with its model card, the difficulty history, the plots, and summary.json last."""
+    if cfg.output.save_student:
+        with atomic_directory(run_dir / "student") as tmp:
+            trainer.unwrapped_student().save_pretrained(tmp)
+            models.tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg.to_dict(), strategy_meta, summary)
+    write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
+    summary = replace(
+        summary,
+        wall_seconds=time.perf_counter() - wall_start,
+        difficulty_spearman=difficulty_spearman(trainer.strategies.scorer, models.train),
+        strategy={kind: meta["name"] for kind, meta in strategy_meta.items()},
+        strategy_params={kind: meta["params"] for kind, meta in strategy_meta.items()},
+        teacher=cfg.model.teacher,
+        student=cfg.model.student,
+        seed=cfg.training.seed,
+        run_dir=str(run_dir),
+    )
+    write_plots(run_dir, metrics.records, trainer.history.difficulty)
+    summary.write(run_dir)
+    return summary
+
+
+def make_trainer(
+    cfg: RunConfig,
+    models: Models,
+    strategies: Strategies,
+    run_dir: Path,
+    metrics: MetricsWriter,
+    tracking: Tracking,
+    progress: TrainingProgress,
+) -> Trainer:
+    """The engine, wired to the run's metrics file, trackers, progress bar and checkpoints."""
+    return Trainer(
         models.student,
         models.teacher,
         models.train,
@@ -174,38 +242,6 @@ def run(
             run_dir, cfg.training.checkpoint_every, cfg.output.keep_checkpoints, cfg.to_dict(), metrics.path
         ),
     )
-    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
-    with progress:
-        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
-    tracking.finish()
-    if not main:  # the main process writes the student, plots and summary
-        return RunResult(result, run_dir)
-    summary = replace(result, teacher_eval_ppl=teacher_ppl)
-    if cfg.output.save_student:
-        with atomic_directory(run_dir / "student") as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
-            models.tokenizer.save_pretrained(tmp)
-            write_model_card(tmp, cfg.to_dict(), strategy_meta, summary)
-    write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
-    summary = replace(
-        summary,
-        wall_seconds=time.perf_counter() - wall_start,
-        difficulty_spearman=difficulty_spearman(strategies.scorer, models.train),
-        strategy={kind: meta["name"] for kind, meta in strategy_meta.items()},
-        strategy_params={kind: meta["params"] for kind, meta in strategy_meta.items()},
-        teacher=cfg.model.teacher,
-        student=cfg.model.student,
-        seed=cfg.training.seed,
-        run_dir=str(run_dir),
-    )
-    write_plots(run_dir, metrics.records, trainer.history.difficulty)
-    summary.write(run_dir)
-    if show_progress:
-        print_summary(console, summary)
-    if cfg.output.push_to_hub:
-        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
-        console.print(f"Pushed the student and its model card to {url}")
-    return RunResult(summary, run_dir)
 
 
 def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strategies, dict[str, Any]]:

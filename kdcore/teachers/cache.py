@@ -115,82 +115,28 @@ def write_cache(
 
     from kdcore.files import atomic_directory, atomic_write_json
     from kdcore.inputs.models import vocab_size as model_vocab_size
-    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
     from kdcore.training.evaluation import perplexity
-    from kdcore.training.losses import per_sample_terms
 
     if dtype not in VALUE_DTYPES:
         raise KdError(f"cache dtype '{dtype}' is not supported; use one of {', '.join(VALUE_DTYPES)}")
     if top_k < 1:
         raise KdError(f"--top-k must be at least 1, got {top_k}")
     vocab = model_vocab_size(teacher)
-    k = min(top_k, vocab)
-    has_tail = k < vocab
-    index_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
-    valid = _valid_positions(train)
-    counts = valid.sum(1).numpy().astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    n_tokens = int(offsets[-1])
-    if n_tokens == 0:
+    offsets = np.concatenate([[0], np.cumsum(_valid_positions(train).sum(1).numpy())]).astype(np.int64)
+    if int(offsets[-1]) == 0:
         raise KdError("the training set has no token to predict; nothing to cache")
 
     was_training = teacher.training
     teacher.eval()
-    device = next(teacher.parameters()).device
     start = time.perf_counter()
     with atomic_directory(Path(directory)) as tmp:
-        lp_out = np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", np.dtype(dtype), (n_tokens, k))
-        idx_out = np.lib.format.open_memmap(tmp / "indices.npy", "w+", index_dtype, (n_tokens, k))
-        tail_out = (
-            np.lib.format.open_memmap(tmp / "tail.npy", "w+", np.float32, (n_tokens, 2)) if has_tail else None
-        )
+        arrays = _CacheArrays(tmp, int(offsets[-1]), min(top_k, vocab), vocab, dtype)
         np.save(tmp / "offsets.npy", offsets)
-        stats: dict[str, list[torch.Tensor]] = {"ce": [], "confidence": [], "entropy": []}
-        row = 0
-        rows_per_piece = max(1, _BUILD_ELEMENTS // vocab)
-        for first in range(0, len(train), batch_size):
-            ids = train.input_ids[first : first + batch_size].to(device)
-            mask = train.attention_mask[first : first + batch_size].to(device)
-            labels = shift_labels(ids, mask)
-            logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
-            terms = per_sample_terms(logits, labels)
-            stats["ce"].append(terms.ce.cpu())
-            stats["confidence"].append(terms.confidence.cpu())
-            keep = labels != IGNORE_INDEX
-            # the batch's labelled positions in row-major order, a piece at a time (no [n, V] copy)
-            flat_rows = keep.reshape(-1).nonzero().squeeze(1)
-            flat_logits = logits.reshape(-1, logits.shape[-1])
-            entropy_sum = torch.zeros(len(ids), dtype=torch.float64)
-            for piece_rows in flat_rows.split(rows_per_piece):
-                owner = torch.div(piece_rows, labels.shape[1], rounding_mode="floor")
-                logp = torch.log_softmax(flat_logits.index_select(0, piece_rows), dim=-1)
-                token_entropy = -(logp.exp() * logp).sum(-1)
-                entropy_sum.index_add_(0, owner.cpu(), token_entropy.double().cpu())
-                values, indices = logp.topk(k, dim=-1)
-                n = piece_rows.numel()
-                lp_out[row : row + n] = values.cpu().numpy().astype(dtype)
-                idx_out[row : row + n] = indices.cpu().numpy().astype(index_dtype)
-                if tail_out is not None:
-                    rest = logp.scatter(-1, indices, float("-inf"))
-                    tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], dim=-1)
-                    tail_out[row : row + n] = tail.cpu().numpy()
-                row += n
-            stats["entropy"].append((entropy_sum / keep.sum(1).cpu().clamp(min=1)).float())
-        assert row == n_tokens, (row, n_tokens)
-        for array in (lp_out, idx_out, tail_out):
-            if array is not None:
-                array.flush()
-        del lp_out, idx_out, tail_out
-        stats_t = {key: torch.cat(parts).contiguous() for key, parts in stats.items()}
-        save_file(stats_t, str(tmp / STATS))
+        stats = _teacher_pass(teacher, train, batch_size, arrays)
+        save_file(stats, str(tmp / STATS))
         cache_seconds = time.perf_counter() - start
         teacher_ppl = perplexity(teacher, eval_set)
         tokenizer.save_pretrained(tmp / "tokenizer")
-        files = {
-            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
         manifest = {
             "format": FORMAT,
             **(metadata or {}),
@@ -199,21 +145,112 @@ def write_cache(
             "eval_fingerprint": eval_set.fingerprint,
             "seq_len": train.seq_len,
             "num_samples": len(train),
-            "num_tokens": n_tokens,
-            "top_k": k,
-            "vocab_size": vocab,
-            "dtype": dtype,
-            "index_dtype": np.dtype(index_dtype).name,
-            "has_tail": has_tail,
-            "tail_betas": [1.0, 0.5] if has_tail else [],
+            **arrays.description(),
             "teacher_eval_ppl": teacher_ppl,
             "cache_seconds": cache_seconds,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "files": files,
+            "files": _file_checksums(tmp),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
     teacher.train(was_training)
     return manifest
+
+
+def _file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """SHA-256 and size of every file in ``directory`` (what :meth:`TeacherCache.open` verifies)."""
+    return {
+        p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
+
+
+class _CacheArrays:
+    """The memory-mapped arrays of a cache being written, filled in order a piece of positions at a time."""
+
+    def __init__(self, directory: Path, n_tokens: int, k: int, vocab: int, dtype: str) -> None:
+        self.n_tokens, self.k, self.vocab, self.dtype = n_tokens, k, vocab, dtype
+        self.index_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
+        self.has_tail = k < vocab
+        self.logprobs = np.lib.format.open_memmap(
+            directory / "logprobs.npy", "w+", np.dtype(dtype), (n_tokens, k)
+        )
+        self.indices = np.lib.format.open_memmap(
+            directory / "indices.npy", "w+", self.index_dtype, (n_tokens, k)
+        )
+        self.tail = (
+            np.lib.format.open_memmap(directory / "tail.npy", "w+", np.float32, (n_tokens, 2))
+            if self.has_tail
+            else None
+        )
+        self.row = 0
+
+    def write(self, logp: torch.Tensor) -> None:
+        """The next ``n`` positions, given their full log-probabilities ``[n, V]``."""
+        values, indices = logp.topk(self.k, dim=-1)
+        n = logp.shape[0]
+        self.logprobs[self.row : self.row + n] = values.cpu().numpy().astype(self.dtype)
+        self.indices[self.row : self.row + n] = indices.cpu().numpy().astype(self.index_dtype)
+        if self.tail is not None:
+            rest = logp.scatter(-1, indices, float("-inf"))
+            tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], dim=-1)
+            self.tail[self.row : self.row + n] = tail.cpu().numpy()
+        self.row += n
+
+    def close(self) -> None:
+        assert self.row == self.n_tokens, (self.row, self.n_tokens)
+        for array in (self.logprobs, self.indices, self.tail):
+            if array is not None:
+                array.flush()
+        self.logprobs = self.indices = self.tail = None
+
+    def description(self) -> dict[str, Any]:
+        """The manifest's account of the arrays."""
+        return {
+            "num_tokens": self.n_tokens,
+            "top_k": self.k,
+            "vocab_size": self.vocab,
+            "dtype": self.dtype,
+            "index_dtype": np.dtype(self.index_dtype).name,
+            "has_tail": self.has_tail,
+            "tail_betas": [1.0, 0.5] if self.has_tail else [],
+        }
+
+
+@torch.no_grad()
+def _teacher_pass(
+    teacher: torch.nn.Module, train: PackedDataset, batch_size: int, arrays: _CacheArrays
+) -> dict[str, torch.Tensor]:
+    """One no-grad pass over ``train``: the top-K rows into ``arrays``, and the teacher's per-sample
+    ``ce``, ``confidence`` and ``entropy`` over the full distribution."""
+    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
+    from kdcore.training.losses import per_sample_terms
+
+    device = next(teacher.parameters()).device
+    stats: dict[str, list[torch.Tensor]] = {"ce": [], "confidence": [], "entropy": []}
+    rows_per_piece = max(1, _BUILD_ELEMENTS // arrays.vocab)
+    for first in range(0, len(train), batch_size):
+        ids = train.input_ids[first : first + batch_size].to(device)
+        mask = train.attention_mask[first : first + batch_size].to(device)
+        labels = shift_labels(ids, mask)
+        logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        terms = per_sample_terms(logits, labels)
+        stats["ce"].append(terms.ce.cpu())
+        stats["confidence"].append(terms.confidence.cpu())
+        keep = labels != IGNORE_INDEX
+        # the batch's labelled positions in row-major order, a piece at a time (no [n, V] copy)
+        flat_rows = keep.reshape(-1).nonzero().squeeze(1)
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        entropy_sum = torch.zeros(len(ids), dtype=torch.float64)
+        for piece_rows in flat_rows.split(rows_per_piece):
+            owner = torch.div(piece_rows, labels.shape[1], rounding_mode="floor")
+            logp = torch.log_softmax(flat_logits.index_select(0, piece_rows), dim=-1)
+            token_entropy = -(logp.exp() * logp).sum(-1)
+            entropy_sum.index_add_(0, owner.cpu(), token_entropy.double().cpu())
+            arrays.write(logp)
+        stats["entropy"].append((entropy_sum / keep.sum(1).cpu().clamp(min=1)).float())
+    arrays.close()
+    return {key: torch.cat(parts).contiguous() for key, parts in stats.items()}
 
 
 def build_cache(

@@ -271,59 +271,25 @@ def per_sample_terms(
     """Per-sample CE, KD term, confidence and token count for one batch.
 
     ``student_logits`` ``[B, T, Vs]`` and ``labels`` ``[B, T]`` are aligned (the logits at ``t``
-    predict ``labels[t]``); ``-100`` marks ignored positions. ``teacher_logits`` ``[B, T, Vt]`` is
+    predict ``labels[t]``); ``IGNORE_INDEX`` (-100) marks ignored positions. ``teacher_logits`` ``[B, T, Vt]`` is
     optional (dense logits, or a sparse :class:`TopKTeacher` from a teacher cache); with it,
     ``divergence`` is required. ``chunk_tokens`` bounds how many valid tokens
     are processed at once (``None``: all in one chunk). See the module docstring for conventions.
 
     Pass contiguous logits: align them with the labels by shifting the *labels* (``labels[:, t]``
-    = token ``t + 1``, ``-100`` at the last position) rather than slicing ``logits[:, :-1]``, which
+    = token ``t + 1``, ``IGNORE_INDEX`` at the last position) rather than slicing ``logits[:, :-1]``, which
     would make this function copy the whole tensor.
     """
-    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
-        raise ValueError(
-            f"expected student_logits [B, T, V] and labels [B, T], got {tuple(student_logits.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
-    if teacher_logits is not None:
-        if divergence is None:
-            raise TypeError("per_sample_terms: a divergence is required when teacher_logits is given")
-        if len(teacher_logits.shape) != 3 or teacher_logits.shape[:2] != student_logits.shape[:2]:
-            raise ValueError(
-                f"teacher_logits {tuple(teacher_logits.shape)} does not match student_logits "
-                f"{tuple(student_logits.shape)} in batch and sequence dimensions"
-            )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-
+    _check_inputs(student_logits, labels, teacher_logits, divergence, temperature)
     batch, seq, vocab = student_logits.shape
     device = student_logits.device
     plan = _plan(labels, chunk_tokens)
     if plan is None:
-        # No valid token anywhere: zeros, still attached to the graph so backward() works.
-        zero = _upcast(student_logits.reshape(-1)[:0]).sum()
-        zeros = torch.zeros(batch, device=device, dtype=zero.dtype)
-        ce = zeros + zero
-        kd = zeros + zero if teacher_logits is not None else zeros.clone()
-        return SampleTerms(ce=ce, kd=kd, confidence=zeros.clone(), tokens=zeros.clone())
+        return _no_valid_token(student_logits, teacher_logits is not None)
 
-    widest = max(vocab, teacher_logits.shape[-1] if teacher_logits is not None else 0)
-    use_ckpt = (
-        torch.is_grad_enabled()
-        and (student_logits.requires_grad or (teacher_logits is not None and teacher_logits.requires_grad))
-        and max(plan.sizes) * widest >= CHECKPOINT_MIN_ELEMENTS
-    )
+    use_ckpt = _use_checkpoint(student_logits, teacher_logits, max(plan.sizes))
     s_pieces = student_logits.reshape(batch * seq, vocab).split(plan.sizes)
-    vocab_t = 0
-    if isinstance(teacher_logits, TopKTeacher):
-        vocab_t = teacher_logits.vocab_size
-        t_lp, t_idx, t_tail = teacher_logits.rows()
-        tails = t_tail.split(plan.sizes) if t_tail is not None else [None] * len(s_pieces)
-        t_pieces = list(zip(t_lp.split(plan.sizes), t_idx.split(plan.sizes), tails, strict=True))
-    elif teacher_logits is not None:
-        t_pieces = teacher_logits.reshape(batch * seq, teacher_logits.shape[-1]).split(plan.sizes)
-    else:
-        t_pieces = [None] * len(s_pieces)
+    t_pieces, vocab_t = _teacher_pieces(teacher_logits, plan.sizes)
 
     ce_tok, kd_tok, logp_gold = [], [], []
     for s, t, rows, gold in zip(s_pieces, t_pieces, plan.local_rows, plan.gold, strict=True):
@@ -351,6 +317,64 @@ def per_sample_terms(
         kd = torch.zeros(batch, device=device, dtype=ce.dtype)
     confidence = per_sample_mean([lp.exp() for lp in logp_gold])
     return SampleTerms(ce=ce, kd=kd, confidence=confidence, tokens=tokens)
+
+
+def _use_checkpoint(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopKTeacher | None, chunk_rows: int
+) -> bool:
+    """Recompute each chunk's softmaxes in the backward pass when gradients flow and a chunk's
+    ``[tokens, vocab]`` tensors are large (see the module docstring)."""
+    widest = max(student_logits.shape[-1], teacher_logits.shape[-1] if teacher_logits is not None else 0)
+    return (
+        torch.is_grad_enabled()
+        and (student_logits.requires_grad or (teacher_logits is not None and teacher_logits.requires_grad))
+        and chunk_rows * widest >= CHECKPOINT_MIN_ELEMENTS
+    )
+
+
+def _no_valid_token(student_logits: torch.Tensor, has_teacher: bool) -> SampleTerms:
+    """No valid token anywhere: zeros, still attached to the graph so backward() works."""
+    zero = _upcast(student_logits.reshape(-1)[:0]).sum()
+    zeros = torch.zeros(student_logits.shape[0], device=student_logits.device, dtype=zero.dtype)
+    kd = zeros + zero if has_teacher else zeros.clone()
+    return SampleTerms(ce=zeros + zero, kd=kd, confidence=zeros.clone(), tokens=zeros.clone())
+
+
+def _check_inputs(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKTeacher | None,
+    divergence: Divergence | None,
+    temperature: float,
+) -> None:
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"expected student_logits [B, T, V] and labels [B, T], got {tuple(student_logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if teacher_logits is not None:
+        if divergence is None:
+            raise TypeError("per_sample_terms: a divergence is required when teacher_logits is given")
+        if len(teacher_logits.shape) != 3 or teacher_logits.shape[:2] != student_logits.shape[:2]:
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} does not match student_logits "
+                f"{tuple(student_logits.shape)} in batch and sequence dimensions"
+            )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def _teacher_pieces(teacher_logits: torch.Tensor | TopKTeacher | None, sizes: list[int]) -> tuple[list, int]:
+    """The teacher's rows cut like the student's (one piece per chunk), and a sparse teacher's vocabulary
+    size (0 for dense logits or no teacher)."""
+    if isinstance(teacher_logits, TopKTeacher):
+        t_lp, t_idx, t_tail = teacher_logits.rows()
+        tails = t_tail.split(sizes) if t_tail is not None else [None] * len(sizes)
+        return list(zip(t_lp.split(sizes), t_idx.split(sizes), tails, strict=True)), teacher_logits.vocab_size
+    if teacher_logits is not None:
+        batch, seq, vocab_t = teacher_logits.shape
+        return list(teacher_logits.reshape(batch * seq, vocab_t).split(sizes)), 0
+    return [None] * len(sizes), 0
 
 
 @torch.no_grad()
