@@ -237,19 +237,8 @@ def _front_matter(meta: dict[str, Any], model_name: str, dataset: str, student_e
     return f"---\n{data.to_yaml()}\n---\n"
 
 
-def write_model_card(
-    directory: Path,
-    config: Mapping[str, Any],
-    strategies: Mapping[str, Mapping[str, Any]],
-    summary: RunSummary,
-    *,
-    ce_baseline_eval_ppl: float | None = None,
-    model_name: str | None = None,
-) -> Path:
-    """Write ``directory/README.md`` (see :func:`render_model_card`)."""
-    text = render_model_card(
-        config, strategies, summary, ce_baseline_eval_ppl=ce_baseline_eval_ppl, model_name=model_name
-    )
+def write_model_card(directory: Path, text: str) -> Path:
+    """Write the card ``text`` (:func:`render_model_card`) as ``directory/README.md``."""
     try:
         from huggingface_hub import ModelCard
 
@@ -269,9 +258,8 @@ def refresh_model_card(run_dir: Path, *, ce_baseline_eval_ppl: float | None = No
         raise KdError(f"'{run_dir}' holds no finished run with a saved student")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     strategies = yaml.safe_load((run_dir / "strategies.yaml").read_text())
-    return write_model_card(
-        run_dir / "student", config, strategies, summary, ce_baseline_eval_ppl=ce_baseline_eval_ppl
-    )
+    card = render_model_card(config, strategies, summary, ce_baseline_eval_ppl=ce_baseline_eval_ppl)
+    return write_model_card(run_dir / "student", card)
 
 
 def check_push(repo_id: str | None, save_student: bool) -> None:

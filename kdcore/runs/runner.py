@@ -33,7 +33,7 @@ from kdcore.inputs.models import (
     quiet_transformers,
     vocab_size,
 )
-from kdcore.runs.model_card import check_push, push_to_hub, write_model_card
+from kdcore.runs.model_card import check_push, push_to_hub, render_model_card, write_model_card
 from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, write_plots
 from kdcore.runs.trackers import Tracking, resolve_trackers
 from kdcore.summary import SUMMARY_FILE, RunSummary
@@ -196,7 +196,7 @@ def write_outputs(
         with atomic_directory(run_dir / "student") as tmp:
             trainer.unwrapped_student().save_pretrained(tmp)
             models.tokenizer.save_pretrained(tmp)
-            write_model_card(tmp, cfg.to_dict(), strategy_meta, summary)
+            write_model_card(tmp, render_model_card(cfg.to_dict(), strategy_meta, summary))
     write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
     summary = replace(
         summary,

@@ -145,7 +145,13 @@ def write_cache(
             "eval_fingerprint": eval_set.fingerprint,
             "seq_len": train.seq_len,
             "num_samples": len(train),
-            **arrays.description(),
+            "num_tokens": arrays.n_tokens,
+            "top_k": arrays.k,
+            "vocab_size": vocab,
+            "dtype": dtype,
+            "index_dtype": np.dtype(arrays.index_dtype).name,
+            "has_tail": arrays.has_tail,
+            "tail_betas": [1.0, 0.5] if arrays.has_tail else [],
             "teacher_eval_ppl": teacher_ppl,
             "cache_seconds": cache_seconds,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -203,18 +209,6 @@ class _CacheArrays:
             if array is not None:
                 array.flush()
         self.logprobs = self.indices = self.tail = None
-
-    def description(self) -> dict[str, Any]:
-        """The manifest's account of the arrays."""
-        return {
-            "num_tokens": self.n_tokens,
-            "top_k": self.k,
-            "vocab_size": self.vocab,
-            "dtype": self.dtype,
-            "index_dtype": np.dtype(self.index_dtype).name,
-            "has_tail": self.has_tail,
-            "tail_betas": [1.0, 0.5] if self.has_tail else [],
-        }
 
 
 @torch.no_grad()

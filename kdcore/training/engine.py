@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -51,6 +51,21 @@ class CachedTeacher(Protocol):
         """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
 
 
+S = TypeVar("S", bound=Strategy)
+
+
+class _OfKind(Generic[S]):
+    """``Strategies.scorer`` and the like: the strategy of the kind the attribute is named after."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.kind = name
+
+    def __get__(self, strategies: Strategies | None, owner: type | None = None) -> S:
+        if strategies is None:  # looked up on the class
+            return self  # type: ignore[return-value]
+        return strategies.by_kind[self.kind]  # type: ignore[return-value]
+
+
 @dataclass
 class Strategies:
     """The run's strategies, one per kind of :data:`~kdcore.strategies.KINDS`, and the curriculum options.
@@ -62,21 +77,10 @@ class Strategies:
     reverse: bool = False
     refresh_every: int | None = None
 
-    @property
-    def scorer(self) -> DifficultyScorer:
-        return self.by_kind["scorer"]
-
-    @property
-    def pacing(self) -> PacingFunction:
-        return self.by_kind["pacing"]
-
-    @property
-    def reliance(self) -> ReliancePolicy:
-        return self.by_kind["reliance"]
-
-    @property
-    def divergence(self) -> Divergence:
-        return self.by_kind["divergence"]
+    scorer: ClassVar[_OfKind[DifficultyScorer]] = _OfKind()
+    pacing: ClassVar[_OfKind[PacingFunction]] = _OfKind()
+    reliance: ClassVar[_OfKind[ReliancePolicy]] = _OfKind()
+    divergence: ClassVar[_OfKind[Divergence]] = _OfKind()
 
 
 @dataclass
