@@ -135,39 +135,46 @@ def write_cache(
         stats = _teacher_pass(teacher, train, batch_size, arrays)
         save_file(stats, str(tmp / STATS))
         cache_seconds = time.perf_counter() - start
-        teacher_ppl = perplexity(teacher, eval_set)
+        measured = {"teacher_eval_ppl": perplexity(teacher, eval_set), "cache_seconds": cache_seconds}
         tokenizer.save_pretrained(tmp / "tokenizer")
-        manifest = {
-            "format": FORMAT,
-            **(metadata or {}),
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-            "train_fingerprint": train.fingerprint,
-            "eval_fingerprint": eval_set.fingerprint,
-            "seq_len": train.seq_len,
-            "num_samples": len(train),
-            "num_tokens": arrays.n_tokens,
-            "top_k": arrays.k,
-            "vocab_size": vocab,
-            "dtype": dtype,
-            "index_dtype": np.dtype(arrays.index_dtype).name,
-            "has_tail": arrays.has_tail,
-            "tail_betas": [1.0, 0.5] if arrays.has_tail else [],
-            "teacher_eval_ppl": teacher_ppl,
-            "cache_seconds": cache_seconds,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "files": _file_checksums(tmp),
-        }
+        manifest = _manifest(metadata or {}, tokenizer, train, eval_set, arrays, measured, tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
     teacher.train(was_training)
     return manifest
 
 
-def _file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
-    """SHA-256 and size of every file in ``directory`` (what :meth:`TeacherCache.open` verifies)."""
+def _manifest(
+    metadata: dict[str, Any],
+    tokenizer: Any,
+    train: PackedDataset,
+    eval_set: PackedDataset,
+    arrays: _CacheArrays,
+    measured: dict[str, float],
+    directory: Path,
+) -> dict[str, Any]:
+    """manifest.json (see the module docstring); every file already in ``directory`` gets its checksum."""
     return {
-        p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.iterdir())
-        if p.is_file()
+        "format": FORMAT,
+        **metadata,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "train_fingerprint": train.fingerprint,
+        "eval_fingerprint": eval_set.fingerprint,
+        "seq_len": train.seq_len,
+        "num_samples": len(train),
+        "num_tokens": arrays.n_tokens,
+        "top_k": arrays.k,
+        "vocab_size": arrays.vocab,
+        "dtype": arrays.dtype,
+        "index_dtype": np.dtype(arrays.index_dtype).name,
+        "has_tail": arrays.has_tail,
+        "tail_betas": [1.0, 0.5] if arrays.has_tail else [],
+        **measured,  # teacher_eval_ppl, cache_seconds
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": {
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(directory.iterdir())
+            if p.is_file()
+        },
     }
 
 

@@ -57,6 +57,9 @@ S = TypeVar("S", bound=Strategy)
 class _OfKind(Generic[S]):
     """``Strategies.scorer`` and the like: the strategy of the kind the attribute is named after."""
 
+    def __init__(self) -> None:
+        self.kind = ""  # the attribute's name, set when the class is created
+
     def __set_name__(self, owner: type, name: str) -> None:
         self.kind = name
 
