@@ -26,6 +26,7 @@ import yaml
 
 from kdcore.config import StrategyConfig, deep_merge, set_path
 from kdcore.errors import KdError
+from kdcore.references import reference_strategy
 from kdcore.strategies import KINDS
 
 STRATEGY_FIELDS = set(StrategyConfig.model_fields)
@@ -291,17 +292,6 @@ def _fmt_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
-
-
-def reference_strategy(base_strategy: Mapping[str, Any], reliance: str) -> dict[str, Any]:
-    patch: dict[str, Any] = {
-        "scorer": {"name": "none"},
-        "pacing": {"name": "none"},
-        "reliance": {"name": reliance},
-    }
-    out = apply_patch(base_strategy, patch)
-    out["reverse"] = False
-    return out
 
 
 def with_lambda(strategy: Mapping[str, Any], value: float) -> dict[str, Any]:

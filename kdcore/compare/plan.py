@@ -23,11 +23,11 @@ from kdcore.compare.arms import (
     matched_strategy,
     parse_arm,
     patch_from_yaml,
-    reference_strategy,
     with_lambda,
 )
 from kdcore.config import RunConfig, deep_merge, format_validation_error, load_file, resolve_tree
 from kdcore.errors import KdError
+from kdcore.references import reference_strategy
 from kdcore.strategies import KINDS
 
 PLAN = "compare.yaml"

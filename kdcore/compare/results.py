@@ -9,7 +9,8 @@ from typing import Any
 
 from kdcore.compare.arms import Arm, format_strategy
 from kdcore.compare.plan import Plan
-from kdcore.compare.stats import gap_closed, mean_sd, paired_difference
+from kdcore.compare.stats import mean_sd, paired_difference
+from kdcore.references import gap_closed
 from kdcore.summary import RunSummary
 
 #: The fields of each run's summary that comparison.json repeats, per run.

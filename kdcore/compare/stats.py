@@ -1,4 +1,5 @@
-"""Small statistics for comparisons across seeds: mean ± sd, gap closed, paired differences.
+"""Small statistics for comparisons across seeds: mean ± sd and paired differences (the gap closed is
+:func:`kdcore.references.gap_closed`).
 
 Everything here is plain numbers in, plain numbers out (no torch), so ``kd compare`` can build its
 table in the parent process and the tests can check it against numpy/scipy independently.
@@ -25,20 +26,6 @@ def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
         return mean, None
     var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
     return mean, math.sqrt(var)
-
-
-def gap_closed(ppl_ce: float | None, ppl_arm: float | None, ppl_teacher: float | None) -> float | None:
-    """Share of the CE-student-to-teacher gap an arm closes: ``(ce − arm) / (ce − teacher)``.
-
-    1 means the student matches the teacher, 0 means no better than CE alone, negative means worse.
-    None when an input is missing or the CE student is already at (or below) the teacher.
-    """
-    if ppl_ce is None or ppl_arm is None or ppl_teacher is None:
-        return None
-    gap = ppl_ce - ppl_teacher
-    if gap <= 0:
-        return None
-    return (ppl_ce - ppl_arm) / gap
 
 
 @dataclass
