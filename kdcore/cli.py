@@ -94,6 +94,7 @@ RUN_OPTIONS: dict[str, str] = {
     "output_dir": "output.dir",
     "report_to": "output.report_to",
     "push_to_hub": "output.push_to_hub",
+    "baseline": "output.baseline",
 }
 
 Opt = typer.Option
@@ -219,6 +220,14 @@ def run(
     ] = None,
     push_to_hub: Annotated[
         str | None, Opt(help="After the run, upload the student and its model card to this hub repo.")
+    ] = None,
+    baseline: Annotated[
+        bool | None,
+        Opt(
+            "--baseline/--no-baseline",
+            help="Also train the CE-only student (same data, steps and seed, no teacher) in RUN_DIR/baseline "
+            "and show the share of the CE→teacher gap closed.",
+        ),
     ] = None,
     dry_run: Annotated[
         bool,

@@ -141,6 +141,11 @@ class OutputConfig(_Section):
     push_to_hub: str | None = Field(
         None, description="hub repo id ('user/name') to upload the student and its model card to"
     )
+    baseline: bool = Field(
+        False,
+        description="also train the CE-only student (same data, steps and seed, no teacher) in RUN_DIR/baseline "
+        "and report the share of the CE→teacher gap closed",
+    )
 
 
 class RunConfig(_Section):

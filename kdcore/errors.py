@@ -19,8 +19,11 @@ class RunInterrupted(BaseException):
     with ``except Exception``.
     """
 
-    def __init__(self, step: int, signum: int, run_dir: object, main_process: bool = True) -> None:
+    def __init__(
+        self, step: int, signum: int, run_dir: object, main_process: bool = True, what: str = ""
+    ) -> None:
         self.step, self.signum, self.run_dir = step, signum, run_dir
         self.exit_code = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
         self.main_process = main_process
-        super().__init__(f"stopped at step {step}; resume with: kd run --resume {run_dir}")
+        stopped = f"stopped {what} at step {step}" if what else f"stopped at step {step}"
+        super().__init__(f"{stopped}; resume with: kd run --resume {run_dir}")

@@ -39,6 +39,10 @@ class RunSummary(Mapping[str, Any]):
     student_initial_eval_ppl: float | None = field(
         default=None, metadata=_label("student eval perplexity before training")
     )
+    baseline_eval_ppl: float | None = field(
+        default=None, metadata=_label("CE-only student eval perplexity (baseline)")
+    )
+    gap_closed: float | None = field(default=None, metadata=_label("CE→teacher gap closed"))
     steps: int | None = field(default=None, metadata=_label("steps"))
     tokens_per_second: float | None = field(default=None, metadata=_label("tokens/s"))
     train_tokens: float | None = field(default=None, metadata=_label("training tokens"))

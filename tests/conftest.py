@@ -73,6 +73,38 @@ def write_fake_distribution(
     return root
 
 
+#: summary fields that measure the machine, not the run
+TIMING = {"wall_seconds", "tokens_per_second", "train_seconds", "run_dir"}
+
+
+def assert_same_run(run: Path, reference: Path, ignore: set[str] = frozenset()) -> None:
+    """Identical summaries (but for timings and ``ignore``), metrics, difficulty history and student weights."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+
+    skip = TIMING | set(ignore)
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+    def records(path: Path) -> list[dict]:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
+
+    assert records(run) == records(reference)
+    wa, wb = (load_file(r / "student" / "model.safetensors") for r in (run, reference))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    ta, tb = (pq.read_table(r / "difficulty.parquet") for r in (run, reference))
+    assert ta.column_names == tb.column_names
+    for name in ta.column_names:
+        assert np.array_equal(ta[name].to_numpy(), tb[name].to_numpy(), equal_nan=True), name
+
+
 def run_kd(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300):
     """Run the real ``kd`` CLI in a subprocess (``python -m kdcore``)."""
     env = dict(os.environ)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_kd, tiny_overrides
+from conftest import assert_same_run, run_kd, tiny_overrides
 from safetensors.torch import load_file
 
 from kdcore.config import resolve_config, set_path
@@ -33,8 +33,6 @@ STATEFUL = {
     "training.threads": 1,  # the same float reductions in every process
 }
 STEPS = 100  # ~20 ms a step: leaves a second or more between checkpoint 20 and the end for the kill
-#: summary fields that measure the machine, not the run
-TIMING = {"wall_seconds", "tokens_per_second", "train_seconds", "run_dir"}
 
 
 def write_config(path: Path, run_dir: Path, **extra) -> Path:
@@ -70,33 +68,6 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, at_least: int, ti
         assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before checkpoint {at_least}"
         time.sleep(0.01)
     raise AssertionError(f"no checkpoint {at_least} after {timeout} s")
-
-
-def assert_same_run(resumed: Path, reference: Path) -> None:
-    """Identical summaries (but for timings), metrics, difficulty history and student weights."""
-    a = json.loads((resumed / "summary.json").read_text())
-    b = json.loads((reference / "summary.json").read_text())
-    assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
-
-    def records(run):
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
-
-    assert records(resumed) == records(reference)
-    wa, wb = (
-        load_file(resumed / "student" / "model.safetensors"),
-        load_file(reference / "student" / "model.safetensors"),
-    )
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    ta, tb = (pq.read_table(run / "difficulty.parquet") for run in (resumed, reference))
-    assert ta.column_names == tb.column_names
-    for name in ta.column_names:
-        assert np.array_equal(ta[name].to_numpy(), tb[name].to_numpy(), equal_nan=True), name
 
 
 @pytest.fixture(scope="module")

@@ -380,6 +380,7 @@ def arm_config(
     tree["strategy"] = arm.strategy
     tree["training"]["seed"] = seed
     tree["output"]["dir"] = str(run_dir)
+    tree["output"]["baseline"] = False  # the comparison's own ce arm is every run's CE-only baseline
     if threads is not None and tree["training"].get("threads") is None:
         tree["training"]["threads"] = threads
     if teacher is not None:

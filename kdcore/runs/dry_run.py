@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -36,6 +37,7 @@ from rich.table import Table
 from kdcore.config import RunConfig
 from kdcore.errors import KdError
 from kdcore.formats import human_bytes
+from kdcore.runs.baseline import BASELINE_DIR, baseline_config
 
 LOSS_CHUNK_TOKENS = 2048  # kdcore.training.losses.per_sample_terms' default chunk_tokens
 LOSS_COPIES = 4
@@ -151,6 +153,8 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     if cache is not None:
         cache.check_data(train, eval_set)
     t = cfg.training
+    if cfg.output.baseline:
+        notes.append(baseline_note(cfg, total_steps(t, len(train))))
     report = DryRunReport(
         strategies=strategies,
         trackers=trackers,
@@ -169,6 +173,15 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     if console is not None:
         print_dry_run(console, cfg, report)
     return report
+
+
+def baseline_note(cfg: RunConfig, steps: int) -> str:
+    if baseline_config(cfg, Path("RUN_DIR")) is None:
+        return "--baseline: this run is the CE-only student already; no baseline is trained"
+    return (
+        f"--baseline: the CE-only student is trained too, in RUN_DIR/{BASELINE_DIR}: {steps:,} more steps, "
+        "without the teacher"
+    )
 
 
 def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, ModelInfo, Any]:

@@ -26,7 +26,9 @@ class MetricsWriter:
             handle.write(json.dumps(record) + "\n")
 
 
-def print_summary(console: Console, summary: RunSummary) -> None:
+def print_summary(console: Console, summary: RunSummary, baseline: RunSummary | None = None) -> None:
+    """The run's summary table; with ``baseline`` (its CE-only student) that student's perplexity, the share
+    of the CE→teacher gap the run closed, and the baseline's part of the wall time."""
     strategy = summary.strategy
     table = Table(title=f"kd run: {strategy['scorer']} / {strategy['pacing']} / {strategy['reliance']}")
     table.add_column("metric")
@@ -38,9 +40,19 @@ def print_summary(console: Console, summary: RunSummary) -> None:
             label["student_eval_ppl"],
             f"{summary.student_eval_ppl:.3f} (from {summary.student_initial_eval_ppl:.1f})",
         ),
+    ]
+    if baseline is not None:
+        gap = "— (the CE-only student is not worse than the teacher)"
+        if summary.gap_closed is not None:
+            gap = f"{summary.gap_closed:.1%}"
+        rows += [(label["baseline_eval_ppl"], f"{summary.baseline_eval_ppl:.3f}"), (label["gap_closed"], gap)]
+    wall = f"{summary.wall_seconds:.1f} s"
+    if baseline is not None and baseline.wall_seconds is not None:
+        wall += f" (baseline {baseline.wall_seconds:.1f} s)"
+    rows += [
         (label["steps"], str(summary.steps)),
         (label["tokens_per_second"], f"{summary.tokens_per_second:,.0f}"),
-        ("wall time", f"{summary.wall_seconds:.1f} s"),
+        ("wall time", wall),
         (label["mean_lambda"], f"{summary.mean_lambda:.3f}"),
         (label["final_open_share"], f"{summary.final_open_share:.0%}"),
     ]

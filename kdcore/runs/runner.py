@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from accelerate import PartialState
 from rich.console import Console
 
 from kdcore.config import ModelConfig, RunConfig
-from kdcore.errors import KdError
+from kdcore.errors import KdError, RunInterrupted
 from kdcore.files import atomic_directory, atomic_write_text
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
@@ -33,6 +34,8 @@ from kdcore.inputs.models import (
     quiet_transformers,
     vocab_size,
 )
+from kdcore.references import gap_closed
+from kdcore.runs.baseline import baseline_config
 from kdcore.runs.model_card import check_push, push_to_hub, render_model_card, write_model_card
 from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, write_plots
 from kdcore.runs.trackers import Tracking, resolve_trackers
@@ -142,11 +145,56 @@ def run(
     main = PartialState().is_main_process  # with several processes, only the main one writes files
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
+        write_run_files(run_dir, cfg, strategy_meta)
     teacher_ppl = (
         models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
     )
+    baseline = None
+    if cfg.output.baseline:
+        baseline = run_baseline(cfg, run_dir, models, teacher_ppl, console, show_progress, resume)
+    trainer, result, metrics = train(
+        cfg, run_dir, models, strategies, checkpoint, teacher_ppl, console, show_progress, resume=resume
+    )
+    if not main:  # the main process writes the student, plots and summary
+        return RunResult(result, run_dir)
+    result = replace(result, teacher_eval_ppl=teacher_ppl)
+    if baseline is not None:
+        result = replace(
+            result,
+            baseline_eval_ppl=baseline.student_eval_ppl,
+            gap_closed=gap_closed(baseline.student_eval_ppl, result.student_eval_ppl, teacher_ppl),
+        )
+    summary = write_outputs(cfg, run_dir, trainer, models, strategy_meta, result, metrics, wall_start)
+    if show_progress:
+        print_summary(console, summary, baseline)
+    if cfg.output.push_to_hub:
+        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
+        console.print(f"Pushed the student and its model card to {url}")
+    return RunResult(summary, run_dir)
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, strategy_meta: dict[str, Any]) -> None:
+    """What a run directory holds from its start: the resolved config and the strategies' metadata."""
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    models: Models,
+    strategies: Strategies,
+    checkpoint: dict[str, Any] | None,
+    teacher_ppl: float,
+    console: Console,
+    show_progress: bool,
+    *,
+    resume: bool,
+    label: str | None = None,
+) -> tuple[Trainer, RunSummary, MetricsWriter]:
+    """Train ``models.student`` into ``run_dir`` (from ``checkpoint`` when resuming), with the metrics file,
+    trackers and progress bar; returns the trainer, the training numbers and the metrics."""
+    main = PartialState().is_main_process
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     if main and resume:  # back to what metrics.jsonl held at the checkpoint
         metrics.records = truncate_metrics(metrics.path, checkpoint["metrics_bytes"] if checkpoint else 0)
@@ -154,31 +202,87 @@ def run(
     progress = TrainingProgress(
         console if show_progress and main else None,
         total_steps(cfg.training, len(models.train)),
-        cfg.strategy.label(),
+        label or cfg.strategy.label(),
     )
     trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     with progress:
         result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
     tracking.finish()
-    if not main:  # the main process writes the student, plots and summary
-        return RunResult(result, run_dir)
-    summary = write_outputs(
-        cfg,
-        run_dir,
-        trainer,
-        models,
-        strategy_meta,
-        replace(result, teacher_eval_ppl=teacher_ppl),
-        metrics,
-        wall_start,
+    return trainer, result, metrics
+
+
+def run_baseline(
+    cfg: RunConfig,
+    run_dir: Path,
+    models: Models,
+    teacher_ppl: float,
+    console: Console,
+    show_progress: bool,
+    resume: bool,
+) -> RunSummary | None:
+    """``output.baseline``: the run's CE-only student, in ``RUN_DIR/baseline`` with its own summary: read back
+    when it finished before, continued when a resumed run stopped inside it, else trained from scratch.
+
+    It shares the run's data, tokenizer and teacher evaluation (the teacher does not run during its
+    training); its student is built anew with the run's seed. None when the run is that student already.
+    """
+    base_cfg = baseline_config(cfg, run_dir)
+    if base_cfg is None:
+        console.print("[dim]--baseline: this run is the CE-only student already; no baseline to train[/dim]")
+        return None
+    base_dir = Path(str(base_cfg.output.dir))
+    finished = RunSummary.read(base_dir)
+    if finished is not None:
+        return finished
+    wall_start = time.perf_counter()
+    strategies, strategy_meta = make_strategies(base_cfg.strategy)
+    state = PartialState()
+    again = resume and (base_dir / "config.yaml").is_file()
+    found = None
+    if again:
+        found = find_checkpoint(
+            base_dir,
+            base_cfg.to_dict(),
+            state.num_processes,
+            lambda msg: console.print(f"[yellow]{msg}[/yellow]"),
+        )
+    elif state.is_main_process:
+        if base_dir.exists():  # left before its config was written: nothing to continue
+            shutil.rmtree(base_dir)
+        base_dir.mkdir(parents=True)
+        write_run_files(base_dir, base_cfg, strategy_meta)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        where = (
+            f"continued from step {found[1]['step']}" if found else "same data, steps and seed, no teacher"
+        )
+        console.print(f"Baseline: the CE-only student ({where}) in {base_dir}")
+    models = replace(
+        models, student=resolve_student(base_cfg.model, models.tokenizer, base_cfg.training.seed)
     )
-    if show_progress:
-        print_summary(console, summary)
-    if cfg.output.push_to_hub:
-        url = push_to_hub(run_dir / "student", cfg.output.push_to_hub)
-        console.print(f"Pushed the student and its model card to {url}")
-    return RunResult(summary, run_dir)
+    checkpoint = None if found is None else {"path": found[0], **found[1]}
+    try:
+        trainer, result, metrics = train(
+            base_cfg,
+            base_dir,
+            models,
+            strategies,
+            checkpoint,
+            teacher_ppl,
+            console,
+            show_progress,
+            resume=again,
+            label="baseline: CE only",
+        )
+    except RunInterrupted as exc:  # the run is what the user resumes, and it continues the baseline
+        raise RunInterrupted(
+            exc.step, exc.signum, run_dir, exc.main_process, what="the CE-only baseline"
+        ) from None
+    if not state.is_main_process:
+        return result
+    result = replace(result, teacher_eval_ppl=teacher_ppl)
+    return write_outputs(base_cfg, base_dir, trainer, models, strategy_meta, result, metrics, wall_start)
 
 
 def write_outputs(

@@ -1,0 +1,169 @@
+"""kd run --baseline: the CE-only student beside a run, its numbers in the run's summary, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_same_run, tiny_overrides
+
+from kdcore.config import resolve_config
+from kdcore.errors import RunInterrupted
+
+#: the summary fields only a run with a baseline fills
+BASELINE_FIELDS = {"baseline_eval_ppl", "gap_closed"}
+
+
+def tiny(run_dir: Path, **extra) -> dict:
+    return tiny_overrides(run_dir, **{"training.threads": 1, "training.checkpoint_every": 4, **extra})
+
+
+def run_in_process(overrides: dict):
+    from rich.console import Console
+
+    from kdcore.runs.runner import run
+
+    console = Console(stderr=True, soft_wrap=True, width=400)
+    return run(resolve_config(None, overrides), show_progress=False, console=console)
+
+
+def resume(run_dir: Path):
+    """What kd run --resume DIR does, in this process."""
+    from rich.console import Console
+
+    from kdcore.runs.runner import run
+    from kdcore.training.checkpoint import resume_config
+
+    console = Console(stderr=True, soft_wrap=True, width=400)
+    return run(resume_config(run_dir), show_progress=False, resume=True, console=console)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A KD run with --baseline (through the CLI), and plain runs of the same config: KD, and CE only."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    tmp = tmp_path_factory.mktemp("baseline")
+    args = ["run", "--baseline"]
+    for key, value in tiny(tmp / "with-baseline").items():
+        args += ["--set", f"{key}={value}"]
+    with pytest.MonkeyPatch.context() as patch:  # a console wide enough for the table's rows
+        patch.setattr("kdcore.cli.err", Console(stderr=True, width=200))
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_in_process(tiny(tmp / "kd"))
+    run_in_process(tiny(tmp / "ce", **{"strategy.reliance": "none"}))
+    return {"dir": tmp, "output": result.output}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_the_gap_closed_is_computed_from_the_two_perplexities_on_file(runs):
+    run_dir = runs["dir"] / "with-baseline"
+    main, baseline = summary(run_dir), summary(run_dir / "baseline")
+    ce, kd, teacher = baseline["student_eval_ppl"], main["student_eval_ppl"], main["teacher_eval_ppl"]
+    assert main["baseline_eval_ppl"] == ce
+    assert baseline["teacher_eval_ppl"] == teacher  # the baseline reports the run's teacher evaluation
+    assert ce > teacher  # else the gap is undefined and this test would check nothing
+    # (JSON keeps every float exactly; the tolerance only covers the order of the operations)
+    assert main["gap_closed"] == pytest.approx((ce - kd) / (ce - teacher), rel=1e-12)
+    assert baseline["strategy"] == {
+        "scorer": "none",
+        "pacing": "none",
+        "reliance": "none",
+        "divergence": "forward-kl",
+    }
+    assert baseline["mean_lambda"] == 0.0 and baseline["baseline_eval_ppl"] is None
+    # the table shows both perplexities and the share, as summary.json holds them
+    out = " ".join(runs["output"].split())
+    assert f"CE-only student eval perplexity (baseline) │ {ce:.3f}" in out
+    assert f"CE→teacher gap closed │ {main['gap_closed']:.1%}" in out
+    assert f"student eval perplexity │ {kd:.3f}" in out
+
+
+def test_the_baseline_is_a_plain_ce_run_and_leaves_the_run_unchanged(runs):
+    tmp = runs["dir"]
+    assert_same_run(tmp / "with-baseline" / "baseline", tmp / "ce")
+    assert_same_run(tmp / "with-baseline", tmp / "kd", ignore=BASELINE_FIELDS)
+    config = json.loads(
+        json.dumps(resolve_config(tmp / "with-baseline" / "baseline" / "config.yaml").to_dict())
+    )
+    assert config["strategy"]["reliance"]["name"] == "none"
+    assert config["output"]["baseline"] is False and config["output"]["dir"].endswith(
+        "with-baseline/baseline"
+    )
+
+
+def test_a_run_stopped_inside_its_baseline_resumes_both(runs, tmp_path, capsys):
+    reference = runs["dir"] / "with-baseline"
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for path in run_dir.iterdir():  # the run itself had not started: only its config and the baseline
+        if path.name not in ("config.yaml", "strategies.yaml", "baseline"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    base = run_dir / "baseline"
+    for path in (base / "summary.json", base / "student", base / "checkpoints" / "step-12"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    resume(run_dir)
+    assert "Baseline: the CE-only student (continued from step 8)" in capsys.readouterr().err
+    assert_same_run(base, reference / "baseline")
+    assert_same_run(run_dir, reference)
+
+
+def test_a_run_stopped_after_its_baseline_reuses_it(runs, tmp_path, capsys):
+    reference = runs["dir"] / "with-baseline"
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "student")
+    shutil.rmtree(run_dir / "checkpoints" / "step-12")
+    before = (run_dir / "baseline" / "summary.json").read_bytes()
+
+    resume(run_dir)
+    assert "Baseline:" not in capsys.readouterr().err
+    assert (run_dir / "baseline" / "summary.json").read_bytes() == before  # read back, not trained again
+    assert_same_run(run_dir, reference)
+
+
+def test_a_stop_inside_the_baseline_names_the_run_to_resume(tmp_path, monkeypatch):
+    from kdcore.runs import runner
+
+    def stop(cfg, run_dir, *args, **kwargs):
+        raise RunInterrupted(5, 15, run_dir)
+
+    monkeypatch.setattr(runner, "train", stop)
+    with pytest.raises(RunInterrupted) as caught:
+        run_in_process(tiny(tmp_path / "run", **{"output.baseline": True}))
+    assert str(caught.value) == (
+        f"stopped the CE-only baseline at step 5; resume with: kd run --resume {tmp_path / 'run'}"
+    )
+    assert caught.value.exit_code == 143
+
+
+def test_a_ce_run_has_no_baseline(tmp_path, capsys):
+    result = run_in_process(tiny(tmp_path / "run", **{"output.baseline": True, "strategy.reliance": "none"}))
+    assert "this run is the CE-only student already" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "baseline").exists()
+    assert result.summary.baseline_eval_ppl is None and result.summary.gap_closed is None
+
+
+def test_the_dry_run_says_what_the_baseline_adds(tmp_path):
+    from kdcore.runs.dry_run import dry_run
+
+    cfg = resolve_config(None, tiny(tmp_path / "run", **{"output.baseline": True, "model.teacher_steps": 11}))
+    report = dry_run(cfg)
+    assert (
+        "--baseline: the CE-only student is trained too, in RUN_DIR/baseline: 12 more steps, without the teacher"
+        in report.notes
+    )
+    ce = resolve_config(None, tiny(tmp_path / "ce", **{"output.baseline": True, "strategy.reliance": "none"}))
+    assert "--baseline: this run is the CE-only student already; no baseline is trained" in dry_run(ce).notes
+    assert not (tmp_path / "run").exists()
