@@ -75,6 +75,7 @@ RUN_OPTIONS: dict[str, str] = {
     "eval_dataset": "data.eval_dataset",
     "text_column": "data.text_column",
     "seq_len": "data.seq_len",
+    "train_share": "data.train_share",
     "scorer": "strategy.scorer.name",
     "pacing": "strategy.pacing.name",
     "reliance": "strategy.reliance.name",
@@ -98,6 +99,10 @@ RUN_OPTIONS: dict[str, str] = {
 }
 
 Opt = typer.Option
+TRAIN_SHARE_HELP = (
+    "Train the student on the first share (0 < P ≤ 1) of the training text, by characters, after the eval "
+    "split; the eval set and a from-scratch teacher's data stay whole."
+)
 STRAT = "Strategies"
 MODEL = "Models and data"
 TRAIN = "Training"
@@ -149,6 +154,7 @@ def run(
         str | None, Opt(help="Text column of tabular data.", rich_help_panel=MODEL)
     ] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.", rich_help_panel=MODEL)] = None,
+    train_share: Annotated[float | None, Opt(help=TRAIN_SHARE_HELP, rich_help_panel=MODEL)] = None,
     scorer: Annotated[
         str | None, Opt(help="Difficulty scorer (see kd list-plugins).", rich_help_panel=STRAT)
     ] = None,
@@ -479,6 +485,7 @@ def compare(
     dataset: Annotated[str | None, Opt(help="Training data, as for kd run.")] = None,
     eval_dataset: Annotated[str | None, Opt(help="Evaluation data (default: held-out tail).")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.")] = None,
+    train_share: Annotated[float | None, Opt(help=TRAIN_SHARE_HELP)] = None,
     max_steps: Annotated[int | None, Opt(help="Optimizer steps of every arm.")] = None,
     batch_size: Annotated[int | None, Opt(help="Samples per step of every arm.")] = None,
     lr: Annotated[float | None, Opt(help="Peak learning rate of every arm.")] = None,
@@ -535,6 +542,7 @@ COMPARE_BASE_OPTIONS = (
     "dataset",
     "eval_dataset",
     "seq_len",
+    "train_share",
     "max_steps",
     "batch_size",
     "lr",

@@ -61,6 +61,13 @@ class DataConfig(_Section):
     text_column: str = "text"
     seq_len: int = Field(128, gt=1)
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held out when no eval set is given")
+    train_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the student trains on the first share of the training text, by characters, after the "
+        "eval split (a from-scratch teacher on all of it)",
+    )
     demo_samples: int = Field(2000, gt=10, description="size of the generated demo corpus")
     max_eval_samples: int | None = Field(256, gt=0)
 

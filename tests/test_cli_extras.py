@@ -174,3 +174,22 @@ def test_dry_run_with_a_teacher_cache(tmp_path):
     assert "teacher logits" not in report.memory
     assert report.memory["teacher top-K rows"] == 8 * 48 * 16 * 12
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_counts_the_samples_a_train_share_leaves(tmp_path):
+    from kdcore.runs.dry_run import data_row
+
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(20_000))  # 20,000 one-byte characters
+    (tmp_path / "text.txt").write_text(text)
+    overrides = tiny_overrides(tmp_path / "run", **{"data.dataset": str(tmp_path / "text.txt")})
+    cfg = resolve_config(None, {**overrides, "data.seq_len": 64, "data.train_share": 0.05})
+    report = dry_run(cfg)
+    # 18,000 training characters after the 10 % held out; 5 % of them = 900 bytes = 14 rows of 64 + 4 tokens
+    train = round(0.05 * (20_000 - 2_000))
+    assert train == 900 and report.train_samples == math.ceil(train / 64) == 15
+    assert report.eval_samples == 32  # 2,000 held-out bytes, capped at data.max_eval_samples
+    assert data_row(cfg, report).endswith(
+        "15 train / 32 eval samples (train: the first 0.05 of the training text)"
+    )
+    refused = CliRunner().invoke(app, ["run", "--dry-run", "--train-share=0"])
+    assert refused.exit_code == 2 and "data.train_share: Input should be greater than 0" in refused.output

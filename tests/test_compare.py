@@ -121,6 +121,40 @@ def test_yaml_arms_and_base_config(tmp_path):
         cmp.build_plan(config=path)
 
 
+def test_a_train_share_is_part_of_the_base_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    plan = _plan(tmp_path, ["kd=reliance:fixed"], sweep="none")
+    assert plan.base["data"]["train_share"] == 1.0
+    overrides = {**tiny_overrides(tmp_path / "unused"), "data.train_share": 0.05}
+    overrides.pop("output.dir")
+    plan = cmp.build_plan(arm_texts=["kd=reliance:fixed"], overrides=overrides, sweep="none")
+    assert plan.base["data"]["train_share"] == 0.05
+    cfg = cmp.plan.arm_config(plan, plan.arm("ce"), 0, tmp_path / "run")
+    assert cfg.data.train_share == 0.05 and cfg.output.baseline is False
+    # --train-share is kd compare's own option for that field: a bad value fails before anything runs
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--arm",
+            "kd=reliance:fixed",
+            "--train-share",
+            "1.5",
+            "--output-dir",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert (
+        "base config: invalid config: data.train_share: Input should be less than or equal to 1"
+        in " ".join(result.output.split())
+    )
+    assert not (tmp_path / "c").exists()
+
+
 def test_unknown_strategy_fails_before_anything_runs(tmp_path):
     with pytest.raises(KdError) as info:
         _plan(tmp_path, ["kd=reliance:fixed", "typo=scorer:student-snapshott"])

@@ -375,3 +375,85 @@ def test_encode_texts_matches_batch_for_bpe(small_bpe):
     assert [o.dtype for o in out] == [np.int64] * 3
     assert out[1].size == 0
     assert out[0].tolist() == small_bpe("alpha beta", add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- data.train_share
+
+
+def varied_text(n: int) -> str:
+    """n characters that are not periodic in the sequence length (so every packed row differs)."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "\n"]
+    out, i = [], 0
+    while sum(len(w) + 1 for w in out) < n:
+        out.append(words[(i * i + 3 * i) % len(words)])
+        i += 1
+    return " ".join(out)[:n]
+
+
+def test_train_share_keeps_the_first_characters_after_the_eval_split(tmp_path, byte_tok):
+    text = varied_text(10_007)
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    cfg = DataConfig(dataset=str(tmp_path / "train.txt"), seq_len=64, max_eval_samples=None, train_share=0.05)
+    corpus = load_corpus(cfg, seed=0)
+    cut = 10_007 - round(0.1 * 10_007)  # the held-out tail comes off first: 9,006 training characters
+    keep = round(0.05 * cut)  # then the first 5 % of those: 450
+    assert (cut, keep) == (9006, 450)
+    assert corpus.train_texts == [text[:keep]]
+    assert corpus.eval_texts == [text[cut:]]  # the eval set does not change
+    assert corpus.for_teacher().train_texts == [text[:cut]]  # a from-scratch teacher sees all of it
+
+    train, held = corpus.pack(byte_tok, 64)
+    ids = np.frombuffer(text[:keep].encode(), dtype=np.uint8).astype(np.int64) + 3  # bytes + 3
+    rows = -(-len(ids) // 64)  # 450 = 7 × 64 + 2: 8 rows, the last with 2 tokens and 62 pads
+    expected = np.zeros((rows, 64), dtype=np.int64)
+    expected.reshape(-1)[: len(ids)] = ids
+    assert train.input_ids.numpy().tolist() == expected.tolist()
+    assert train.lengths().tolist() == [64] * 7 + [2]
+    whole = load_corpus(DataConfig(dataset=str(tmp_path / "train.txt"), seq_len=64, max_eval_samples=None), 0)
+    assert held.fingerprint == whole.pack(byte_tok, 64)[1].fingerprint
+
+
+def test_train_share_cuts_across_documents_and_keeps_their_levels():
+    from kdcore.inputs.corpus import head_share
+
+    assert head_share(["aaaa", "bbbb", "cc"], 0.5) == ["aaaa", "b"]  # 10 characters, the first 5
+    assert head_share(["aaaa", "bbbb", "cc"], 0.4) == ["aaaa"]  # a cut at a document boundary
+    assert head_share(["aaaa", "bbbb", "cc"], 1.0) == ["aaaa", "bbbb", "cc"]
+    with pytest.raises(KdError, match=r"data.train_share 0.01 keeps none of the 10 training characters"):
+        head_share(["aaaa", "bbbb", "cc"], 0.01)
+
+    demo = DataConfig(dataset="demo", demo_samples=100, train_share=0.25)
+    corpus, whole = (
+        load_corpus(demo, seed=3),
+        load_corpus(DataConfig(dataset="demo", demo_samples=100), seed=3),
+    )
+    total = sum(len(t) for t in whole.train_texts)
+    lengths = np.cumsum([len(t) for t in whole.train_texts])
+    n_docs = int(np.searchsorted(lengths, round(0.25 * total))) + 1  # the document the cut falls in
+    assert len(corpus.train_texts) == len(corpus.train_levels) == n_docs
+    assert corpus.train_levels == whole.train_levels[:n_docs]
+    assert sum(len(t) for t in corpus.train_texts) == round(0.25 * total)
+    assert corpus.eval_texts == whole.eval_texts
+
+
+def test_train_share_changes_the_fingerprint_but_not_the_teachers(tmp_path):
+    (tmp_path / "train.txt").write_text(varied_text(5000), encoding="utf-8")
+    whole = load_corpus(DataConfig(dataset=str(tmp_path / "train.txt")), seed=0)
+    half = load_corpus(DataConfig(dataset=str(tmp_path / "train.txt"), train_share=0.5), seed=0)
+    assert half.fingerprint != whole.fingerprint
+    assert (
+        half.fingerprint
+        == load_corpus(DataConfig(dataset=str(tmp_path / "train.txt"), train_share=0.5), 0).fingerprint
+    )
+    assert half.for_teacher().fingerprint == whole.fingerprint == whole.for_teacher().fingerprint
+    from kdcore.config import ModelConfig, TrainingConfig
+    from kdcore.teachers.resolve import locate_teacher
+
+    model = ModelConfig(teacher="gpt2:n_layer=1,n_embd=16,n_head=2", tokenizer="bpe:vocab_size=300")
+    a, b = (locate_teacher(model, c, 64, TrainingConfig()) for c in (half, whole))
+    assert a.directory == b.directory  # one spec teacher, trained on all the training text
+    assert a.tokenizer(half).get_vocab() == b.tokenizer(whole).get_vocab()  # its BPE too
+    with pytest.raises(ValueError, match="train_share"):
+        DataConfig(train_share=0)
+    with pytest.raises(ValueError, match="train_share"):
+        DataConfig(train_share=1.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -280,6 +281,31 @@ def test_a_cache_that_does_not_match_the_run_is_refused_naming_the_field(tmp_pat
     with pytest.raises(KdError, match=r"checksum of 'logprobs.npy' does not match"):
         TeacherCache.open(tmp_path / "dir")
     assert not (tmp_path / "a" / "summary.json").exists()
+
+
+def test_a_train_share_needs_its_own_cache_from_the_same_teacher(tmp_path, caches):
+    from kdcore.inputs.corpus import load_corpus
+
+    root, full, _ = caches
+    with pytest.raises(
+        KdError, match=r"its dataset \(fingerprint of the text\) is '\w+' but the run's is '\w+'"
+    ):
+        run(
+            _cfg(tmp_path / "a", **{"model.teacher_cache": str(root / "full"), "data.train_share": 0.5}),
+            show_progress=False,
+        )
+    half = build_cache(_cfg(tmp_path / "u", **{"data.train_share": 0.5}), tmp_path / "half", top_k=4)
+    assert half["teacher_id"] == full["teacher_id"]  # the same spec teacher, trained on all the text
+    assert half["eval_fingerprint"] == full["eval_fingerprint"]
+    cfg = _cfg(tmp_path / "b", **{"data.train_share": 0.5})
+    corpus = load_corpus(cfg.data, 0)
+    whole = [len(t) for t in load_corpus(_cfg(tmp_path).data, 0).train_texts]  # the demo: one sample per text
+    # the text in which the cut at half the characters falls is the last one kept
+    n_half = next(i + 1 for i, end in enumerate(itertools.accumulate(whole)) if end >= round(sum(whole) / 2))
+    assert len(corpus.train_texts) == half["num_samples"] == n_half
+    train, eval_set = corpus.pack(TeacherCache.open(tmp_path / "half").tokenizer(), 48)
+    assert half["train_fingerprint"] == train.fingerprint != full["train_fingerprint"]
+    TeacherCache.open(tmp_path / "half").check_data(train, eval_set)
 
 
 def test_cli_cache_teacher_and_a_refused_run(tmp_path, caches):

@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +189,27 @@ def split_tail(texts: Sequence[str], fraction: float) -> tuple[list[str], list[s
     return [t for t in train if t], [t for t in held if t]
 
 
+def head_share(texts: Sequence[str], share: float) -> list[str]:
+    """The first ``share`` of the characters of the concatenated documents (``data.train_share``).
+
+    ``round(total * share)`` characters are kept, in document order; a document straddling the cut
+    is cut, as in :func:`split_tail`. For one file this is ``text[:round(len(text) * share)]``.
+    """
+    total = sum(len(t) for t in texts)
+    keep = round(total * share)
+    if keep < 1:
+        raise KdError(
+            f"data.train_share {share:g} keeps none of the {total} training characters; raise it or pass more text"
+        )
+    out: list[str] = []
+    for text in texts:
+        if keep <= 0:
+            break
+        out.append(text[:keep])
+        keep -= len(text)
+    return [t for t in out if t]
+
+
 @dataclass
 class Corpus:
     """Train and eval texts before tokenisation (so a BPE can be trained on ``train_texts``)."""
@@ -199,6 +220,22 @@ class Corpus:
     eval_levels: list[int] | None = None
     per_document: bool = False  # one sample per text (the demo corpus)
     max_eval_samples: int | None = None  # keep the first ones
+    #: with ``data.train_share`` < 1, the corpus before the share was taken: a from-scratch teacher
+    #: trains on all of it (the student's data is limited, the teacher's is not)
+    whole: Corpus | None = field(default=None, repr=False, compare=False)
+
+    def share(self, share: float) -> Corpus:
+        """The student's corpus: the first ``share`` of the training characters (:func:`head_share`), the
+        eval texts unchanged; ``whole`` keeps this corpus for the teacher."""
+        if share >= 1:
+            return self
+        train = head_share(self.train_texts, share)
+        levels = None if self.train_levels is None else self.train_levels[: len(train)]
+        return replace(self, train_texts=train, train_levels=levels, whole=self)
+
+    def for_teacher(self) -> Corpus:
+        """The corpus a from-scratch teacher trains on (and builds its tokenizer from): all the training text."""
+        return self.whole if self.whole is not None else self
 
     @property
     def fingerprint(self) -> str:
@@ -240,8 +277,13 @@ def load_corpus(data_cfg: DataConfig, seed: int) -> Corpus:
     ``demo``: ``demo_samples`` generated texts for training and ``max(200, eval_fraction * n)``
     more, generated with ``seed + 1_000_003``, for eval (per document, with levels). Otherwise
     :func:`load_texts`; eval is ``data_cfg.eval_dataset`` when given, else the last ``eval_fraction``
-    of the characters (:func:`split_tail`). ``seed`` only matters for the demo corpus.
+    of the characters (:func:`split_tail`). Then ``data_cfg.train_share`` < 1 keeps the first share of
+    the training characters (:meth:`Corpus.share`). ``seed`` only matters for the demo corpus.
     """
+    return _load_whole(data_cfg, seed).share(data_cfg.train_share)
+
+
+def _load_whole(data_cfg: DataConfig, seed: int) -> Corpus:
     from kdcore.inputs.demo import generate_demo_corpus
 
     source, eval_source = data_cfg.dataset, data_cfg.eval_dataset

@@ -262,6 +262,13 @@ def _is_dir(source: str) -> bool:
     return Path(source).is_dir()
 
 
+def data_row(cfg: RunConfig, report: DryRunReport) -> str:
+    row = f"{cfg.data.dataset}: {report.train_samples:,} train / {report.eval_samples:,} eval samples"
+    if cfg.data.train_share < 1:
+        row += f" (train: the first {cfg.data.train_share:g} of the training text)"
+    return row
+
+
 def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> None:
     from rich.markup import escape
 
@@ -277,10 +284,7 @@ def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> Non
         rows.append((role, f"{info.source} ({info.kind}): vocabulary {info.vocab_size:,}, {params}"))
     rows += [
         ("tokenizer", f"{report.tokenizer_size:,} tokens: vocabularies ok"),
-        (
-            "data",
-            f"{cfg.data.dataset}: {report.train_samples:,} train / {report.eval_samples:,} eval samples",
-        ),
+        ("data", data_row(cfg, report)),
         ("steps per epoch", f"{report.steps_per_epoch:,} (batch {cfg.training.batch_size})"),
         ("total steps", f"{report.total_steps:,}"),
         ("micro-batch", f"{report.micro_batch} × {report.seq_len} tokens"),

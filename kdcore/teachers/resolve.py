@@ -1,8 +1,9 @@
 """Which teacher a run distils from, and the tokenizer its data is packed with: decided here, once.
 
 A teacher is a hub id or a local ``save_pretrained`` directory, which brings its own tokenizer, or a
-from-scratch spec (``gpt2:n_layer=4,n_embd=128``) that is trained once on the run's data and cached
-in ``<cache root>/teachers/<key>``. The key covers the spec, the tokenizer, the data, the sequence
+from-scratch spec (``gpt2:n_layer=4,n_embd=128``) that is trained once on the run's data (all of its
+training text, also when ``data.train_share`` gives the student less) and cached in
+``<cache root>/teachers/<key>``. The key covers the spec, the tokenizer, the data, the sequence
 length and the training settings, so a teacher trained another way gets another directory.
 
 :func:`locate_teacher` makes the decision without loading or training anything (``kd run
@@ -51,7 +52,7 @@ def spec_teacher_dir(model: ModelConfig, corpus: Corpus, seq_len: int, training:
     key = cache_key(
         teacher=model.teacher,
         tokenizer=model.tokenizer or "byte",
-        data=corpus.fingerprint,
+        data=corpus.for_teacher().fingerprint,
         seq_len=seq_len,
         steps=model.teacher_steps,
         seed=training.seed,
@@ -99,7 +100,7 @@ class TeacherSource:
             return load_tokenizer(self.name, trust_remote_code=self.trust_remote_code)
         if self.trained:
             return load_tokenizer(self.source)
-        return build_tokenizer(self.tokenizer_spec, corpus.train_texts)
+        return build_tokenizer(self.tokenizer_spec, corpus.for_teacher().train_texts)
 
 
 def locate_teacher(
@@ -135,7 +136,7 @@ def resolve_teacher(
     train_causal_lm(
         model.teacher,
         teacher.tokenizer(corpus),
-        corpus,
+        corpus.for_teacher(),
         seq_len,
         teacher_training,
         teacher.directory,
