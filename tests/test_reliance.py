@@ -89,6 +89,23 @@ def test_threshold_on_raw_score():
     assert out == pytest.approx([0.1, 0.1, 0.9, 0.5])
 
 
+def test_threshold_invert_gives_the_teacher_to_the_easy_samples():
+    # quantile 0.7: normally ranks ≥ 0.7 (the hardest 30 %) get 0.9; inverted, ranks ≤ 0.3 (the easiest 30 %) do
+    policy = create("threshold", quantile=0.7, invert=True)
+    assert lam(policy, [0.0, 0.1, 0.29, 0.31, 0.69, 0.71, 1.0]) == pytest.approx(
+        [0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1]
+    )
+    # the same share gets each λ, so the unknown default (the mean over a uniform rank) is unchanged:
+    # 0.3·0.9 + 0.7·0.1 = 0.34
+    assert lam(policy, [NAN]) == pytest.approx([0.34])
+    grid = torch.linspace(0, 1, 100_001)
+    assert policy.weights(grid, grid, 0.5).double().mean().item() == pytest.approx(0.34, abs=1e-4)
+    # on the raw score: at or below the cut is "hard"; the assumed share below it (quantile 0.7) gets 0.9
+    policy = create("threshold", on="score", score_threshold=2.0, quantile=0.7, invert=True)
+    out = lam(policy, [0.0, 1.0, 0.0, 0.9], scores=[1.0, 2.0, 2.1, NAN])
+    assert out == pytest.approx([0.9, 0.9, 0.1, 0.7 * 0.9 + 0.3 * 0.1])
+
+
 def test_threshold_on_score_needs_a_threshold():
     with pytest.raises(PluginError, match="score_threshold") as info:
         create("threshold", on="score")
@@ -123,6 +140,15 @@ def test_continuous_sigmoid():
     policy = create("continuous", mapping="sigmoid", centre=0.0, sharpness=2.0, lambda_min=0, lambda_max=1)
     expected_half = (0.7310585786300049 - 0.5) / (0.8807970779778823 - 0.5)
     assert lam(policy, [0.0, 0.5, 1.0]) == pytest.approx([0.0, expected_half, 1.0], abs=1e-6)
+
+
+def test_continuous_invert_mirrors_the_ranks():
+    # linear: 0.1 + 0.8·(1 − r)
+    assert lam(create("continuous", invert=True), RANKS) == pytest.approx([0.9, 0.7, 0.5, 0.3, 0.1])
+    # power: 0.1 + 0.8·(1 − r)², not 0.9 − 0.8·r²: the same λ values as without invert, mirrored
+    policy = create("continuous", mapping="power", invert=True)
+    assert lam(policy, RANKS) == pytest.approx([0.9, 0.55, 0.3, 0.15, 0.1])
+    assert lam(policy, [NAN]) == pytest.approx([0.1 + 0.8 / 3])  # the mean of r² over [0, 1] is ⅓, as before
 
 
 def test_continuous_clamps_rank():

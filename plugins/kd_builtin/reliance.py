@@ -10,7 +10,8 @@ snapshot, or no scorer at all) gets the policy's *mean* λ over a uniformly dist
 unless the policy's ``lambda_unknown`` parameter sets it explicitly:
 
 - ``fixed``/``none``/``staged`` (replace): ignore difficulty, so unknown samples get the same λ.
-- ``threshold``: ``(1 − quantile)·lambda_hard + quantile·lambda_easy``.
+- ``threshold``: ``(1 − quantile)·lambda_hard + quantile·lambda_easy`` (with ``invert`` and ``on:
+  score``, ``quantile·lambda_hard + (1 − quantile)·lambda_easy``).
 - ``continuous``: ``lambda_min + (lambda_max − lambda_min)·mean(f)`` with ``mean(f)`` the mean
   of the mapping over ``r ∈ [0, 1]``, computed in closed form (linear ½, power 1/(exponent+1),
   sigmoid from its integral, the softplus).
@@ -59,6 +60,14 @@ def _lambda_field(default: float, what: str) -> Any:
     return Field(default, ge=0, le=1, description=what)
 
 
+def _invert_field() -> Any:
+    return Field(
+        False,
+        description="hand the teacher to the other end: read each difficulty upside down (rank r as 1 − r), "
+        "so the easy samples get the λ the hard ones would (the reversed-reliance control)",
+    )
+
+
 def _unknown_field() -> Any:
     return Field(
         None,
@@ -86,6 +95,7 @@ class ThresholdParams(BaseModel):
         allow_inf_nan=False,
         description="with on=score: raw score at and above which a sample counts as hard",
     )
+    invert: bool = _invert_field()
     lambda_unknown: float | None = _unknown_field()
 
     @model_validator(mode="after")
@@ -102,15 +112,25 @@ class Threshold(ReliancePolicy):
     default, the mean over a uniform rank: ``(1 − quantile)·lambda_hard + quantile·lambda_easy``.
     With ``on: score`` the ``quantile`` is used only for that default, as the assumed share of
     samples below ``score_threshold``.
+
+    ``invert``: the rank is read as ``1 − rank``, so samples at or *below* rank ``1 − quantile``
+    get lambda_hard: the same share of samples gets each λ (and the default unknown λ is the same),
+    at the easy end. With ``on: score``, samples at or below ``score_threshold`` get lambda_hard,
+    and the assumed share below it (``quantile``) now gets lambda_hard.
     """
 
     Params = ThresholdParams
+
+    def hard_share(self) -> float:
+        """The share of samples (over a uniform rank, or as assumed with ``on: score``) that get lambda_hard."""
+        p = self.params
+        return p.quantile if p.invert and p.on == "score" else 1 - p.quantile
 
     def unknown_lambda(self) -> float:
         p = self.params
         if p.lambda_unknown is not None:
             return p.lambda_unknown
-        return (1 - p.quantile) * p.lambda_hard + p.quantile * p.lambda_easy
+        return self.hard_share() * p.lambda_hard + (1 - self.hard_share()) * p.lambda_easy
 
     def weights(self, rank: torch.Tensor, score: torch.Tensor, progress: float) -> torch.Tensor:
         import torch
@@ -119,11 +139,14 @@ class Threshold(ReliancePolicy):
         if p.on == "score":
             if score is None:
                 raise ValueError("reliance 'threshold' with on: score needs the raw scores")
-            value = torch.as_tensor(score, device=rank.device).reshape(rank.shape)
+            value = torch.as_tensor(score, device=rank.device).reshape(rank.shape).to(torch.float64)
             cut = p.score_threshold
+            if p.invert:  # at or below the cut is "hard"
+                value, cut = -value, -cut
         else:
-            value, cut = rank, p.quantile
-        value = value.to(torch.float64)
+            value, cut = rank.to(torch.float64), p.quantile
+            if p.invert:
+                value = 1 - value
         hard = torch.tensor(p.lambda_hard, dtype=torch.float32, device=rank.device)
         easy = torch.tensor(p.lambda_easy, dtype=torch.float32, device=rank.device)
         lam = torch.where(value >= cut, hard, easy)
@@ -147,6 +170,7 @@ class ContinuousParams(BaseModel):
         10.0, ge=0.1, le=1000, description="sigmoid: steepness (slope at the centre ≈ sharpness/4)"
     )
     exponent: float = Field(2.0, gt=0, le=100, description="power: f(r) = r^exponent")
+    invert: bool = _invert_field()
     lambda_unknown: float | None = _unknown_field()
 
 
@@ -168,6 +192,10 @@ class Continuous(ReliancePolicy):
     rescaled so that f(0) = 0 and f(1) = 1. Unknown samples (NaN rank) get ``lambda_unknown`` or,
     by default, ``lambda_min + (lambda_max − lambda_min)·∫₀¹ f(r) dr`` (½ for linear,
     1/(exponent + 1) for power, the softplus integral for sigmoid).
+
+    ``invert``: λ = lambda_min + (lambda_max − lambda_min)·f(1 − rank): the easiest sample gets
+    lambda_max, the hardest lambda_min, and the λ values (so the mean λ and the unknown default)
+    are those of the policy without it, mirrored over the ranks.
     """
 
     Params = ContinuousParams
@@ -212,7 +240,7 @@ class Continuous(ReliancePolicy):
         import torch
 
         p = self.params
-        lam = p.lambda_min + (p.lambda_max - p.lambda_min) * self.f(rank)
+        lam = p.lambda_min + (p.lambda_max - p.lambda_min) * self.f(1 - rank if p.invert else rank)
         return torch.where(torch.isnan(lam), self.unknown_lambda(), lam).to(torch.float32)
 
 
