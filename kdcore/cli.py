@@ -473,7 +473,11 @@ def compare(
         ),
     ] = None,
     preset: Annotated[
-        str | None, Opt(help="Named arm set: seed-paper = ce, kd, kd-cl, kd-cl-sr, kd-cl-sr-teacher.")
+        str | None,
+        Opt(
+            help="Named arm set: seed-paper = ce, kd, kd-cl, kd-cl-sr, kd-cl-sr-teacher; seed-paper-multi-epoch = "
+            "those and kd-cl-sr-inverted, in a data-limited many-epoch regime (docs/comparing.md)."
+        ),
     ] = None,
     config: Annotated[
         Path | None, Opt("--config", "-c", help="YAML: a base run config plus arms:, seeds:, teacher_seed:.")

@@ -95,6 +95,33 @@ def test_plan_adds_references_sweep_and_says_so(tmp_path):
     assert not any(a.auto for a in preset.arms)
 
 
+def test_the_multi_epoch_preset_adds_an_inverted_control_and_its_regime(tmp_path):
+    from kdcore.compare.arms import MULTI_EPOCH_REGIME
+
+    plan = _plan(tmp_path, [], preset="seed-paper-multi-epoch", sweep="none")
+    names = ["ce", "kd", "kd-cl", "kd-cl-sr", "kd-cl-sr-teacher", "kd-cl-sr-inverted"]
+    assert [a.name for a in plan.arms] == names
+    inverted, sr = plan.arm("kd-cl-sr-inverted").strategy, plan.arm("kd-cl-sr").strategy
+    assert inverted["reliance"] == {"name": "threshold", "params": {"invert": True}}
+    assert {k: v for k, v in inverted.items() if k != "reliance"} == {
+        k: v for k, v in sr.items() if k != "reliance"
+    }
+    # every arm that varies λ gets its matched-λ baseline, the control too
+    assert [a.name for a in plan.reliance_arms()] == ["kd-cl-sr", "kd-cl-sr-teacher", "kd-cl-sr-inverted"]
+    # the regime's values are the base config's defaults: the options given (here max_steps 12) win
+    assert MULTI_EPOCH_REGIME == {
+        "data.train_share": 0.05,
+        "training.max_steps": 800,
+        "strategy.temperature": 1.0,
+    }
+    assert plan.base["data"]["train_share"] == 0.05 and plan.base["strategy"]["temperature"] == 1.0
+    assert plan.base["training"]["max_steps"] == 12
+    assert all(a.strategy["temperature"] == 1.0 for a in plan.arms)
+    assert any(n.startswith("preset 'seed-paper-multi-epoch' sets data.train_share=0.05") for n in plan.notes)
+    plain = cmp.build_plan(preset="seed-paper-multi-epoch", sweep="none", overrides={"data.train_share": 0.2})
+    assert plain.base["training"]["max_steps"] == 800 and plain.base["data"]["train_share"] == 0.2
+
+
 def test_yaml_arms_and_base_config(tmp_path):
     path = tmp_path / "compare.yaml"
     path.write_text(

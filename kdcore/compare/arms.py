@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -33,14 +33,43 @@ STRATEGY_FIELDS = set(StrategyConfig.model_fields)
 #: reliance policies that give every sample the same λ (all others get a matched-λ baseline)
 UNIFORM_RELIANCE = {"fixed", "none"}
 
-PRESETS: dict[str, list[str]] = {
-    "seed-paper": [
-        "ce=reliance:none",
-        "kd=reliance:fixed",
-        "kd-cl=scorer:student-snapshot,pacing:root,reliance:fixed",
-        "kd-cl-sr=scorer:student-snapshot,pacing:root,reliance:threshold",
-        "kd-cl-sr-teacher=scorer:teacher-confidence,pacing:root,reliance:threshold",
-    ],
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of arms (``--preset``), and base-config values it runs them with: defaults that
+    ``--config``, the options and ``--set`` override."""
+
+    arms: tuple[str, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)  # dotted base-config field -> value
+
+
+SEED_PAPER_ARMS = (
+    "ce=reliance:none",
+    "kd=reliance:fixed",
+    "kd-cl=scorer:student-snapshot,pacing:root,reliance:fixed",
+    "kd-cl-sr=scorer:student-snapshot,pacing:root,reliance:threshold",
+    "kd-cl-sr-teacher=scorer:teacher-confidence,pacing:root,reliance:threshold",
+)
+
+#: The regime of ``seed-paper-multi-epoch``, in this one place: a data-limited student trained for many
+#: epochs (the first 5 % of the training text; 800 steps × 16 samples are about 33 epochs of that share of
+#: tinyshakespeare), at τ = 1. Every value is a default of the preset's base config.
+MULTI_EPOCH_REGIME: dict[str, Any] = {
+    "data.train_share": 0.05,
+    "training.max_steps": 800,
+    "strategy.temperature": 1.0,
+}
+
+PRESETS: dict[str, Preset] = {
+    "seed-paper": Preset(SEED_PAPER_ARMS),
+    "seed-paper-multi-epoch": Preset(
+        (
+            *SEED_PAPER_ARMS,
+            # the reversed-reliance control of kd-cl-sr: the teacher on the easy samples, the same λ values
+            "kd-cl-sr-inverted=scorer:student-snapshot,pacing:root,reliance:threshold(invert=true)",
+        ),
+        MULTI_EPOCH_REGIME,
+    ),
 }
 
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

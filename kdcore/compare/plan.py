@@ -18,6 +18,7 @@ import yaml
 from kdcore.compare.arms import (
     PRESETS,
     Arm,
+    Preset,
     apply_patch,
     check_arm_name,
     matched_strategy,
@@ -25,7 +26,7 @@ from kdcore.compare.arms import (
     patch_from_yaml,
     with_lambda,
 )
-from kdcore.config import RunConfig, deep_merge, format_validation_error, load_file, resolve_tree
+from kdcore.config import RunConfig, deep_merge, format_validation_error, load_file, resolve_tree, set_path
 from kdcore.errors import KdError
 from kdcore.references import reference_strategy
 from kdcore.strategies import KINDS
@@ -181,11 +182,19 @@ def build_plan(
     def option(given: Any, key: str, default: Any = None) -> Any:
         return given if given is not None else compare_part.get(key, default)
 
-    base = _base_config(config, tree, compare_part, overrides or {})
-    specs = _arm_specs(preset or compare_part.get("preset"), compare_part.get("arms") or {}, arm_texts)
+    chosen = _preset(preset or compare_part.get("preset"))
+    settings = chosen.settings if chosen else {}
+    base = _base_config(config, tree, compare_part, overrides or {}, settings)
+    specs = _arm_specs(chosen, compare_part.get("arms") or {}, arm_texts)
     given = {name for name, _, _ in specs}
     arms = [Arm(name, apply_patch(base["strategy"], patch), spec=spec) for name, patch, spec in specs]
     notes: list[str] = []
+    if settings:
+        values = ", ".join(f"{key}={value}" for key, value in settings.items())
+        notes.append(
+            f"preset '{preset or compare_part.get('preset')}' sets {values} "
+            "unless --config, an option or --set gives another value"
+        )
     kd = _add_references(arms, base["strategy"], given, notes)
     plan_sweep = parse_sweep(option(sweep, "sweep"))
     arms += _sweep_arms(kd, plan_sweep, given)
@@ -212,20 +221,26 @@ def build_plan(
 
 
 def _base_config(
-    config: Path | None, tree: dict[str, Any], compare_part: Mapping[str, Any], overrides: Mapping[str, Any]
+    config: Path | None,
+    tree: dict[str, Any],
+    compare_part: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    preset_settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The run config every arm starts from: ``base:`` (a file or a mapping), the file's own run sections,
-    then ``--set`` overrides; they may not choose strategies (that is what arms do)."""
+    """The run config every arm starts from: the preset's settings, ``base:`` (a file or a mapping), the
+    file's own run sections, then ``--set`` overrides; they may not choose strategies (that is what arms do)."""
     base_tree: dict[str, Any] = {}
+    for dotted, value in preset_settings.items():
+        set_path(base_tree, dotted, value)
     if "base" in compare_part:
         base_ref = compare_part["base"]
         if isinstance(base_ref, str):
             base_path = Path(base_ref)
             if not base_path.is_absolute() and config is not None:
                 base_path = config.parent / base_path
-            base_tree = load_file(base_path)
+            base_tree = deep_merge(base_tree, load_file(base_path))
         elif isinstance(base_ref, Mapping):
-            base_tree = dict(base_ref)
+            base_tree = deep_merge(base_tree, base_ref)
         else:
             raise KdError("base: must be a run-config file path or a mapping of sections")
     for key in sorted(k for k in overrides if k.split(".")[0] == "strategy"):
@@ -242,18 +257,23 @@ def _base_config(
     return base
 
 
+def _preset(name: str | None) -> Preset | None:
+    if not name:
+        return None
+    if name not in PRESETS:
+        raise KdError(f"unknown preset '{name}'; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
 def _arm_specs(
-    preset: str | None, yaml_arms: Any, arm_texts: Sequence[str]
+    preset: Preset | None, yaml_arms: Any, arm_texts: Sequence[str]
 ) -> list[tuple[str, dict[str, Any], str]]:
     """(name, strategy patch, spec text) of every arm asked for: the preset's, the config file's, then
     ``--arm``'s, in that order; names are unique."""
     specs: list[tuple[str, dict[str, Any], str]] = []
-    if preset:
-        if preset not in PRESETS:
-            raise KdError(f"unknown preset '{preset}'; choose one of {', '.join(sorted(PRESETS))}")
-        for text in PRESETS[preset]:
-            name, patch = parse_arm(text)
-            specs.append((name, patch, text.partition("=")[2]))
+    for text in preset.arms if preset else ():
+        name, patch = parse_arm(text)
+        specs.append((name, patch, text.partition("=")[2]))
     if not isinstance(yaml_arms, Mapping):
         raise KdError("arms: must be a mapping {name: {strategy: {...}}} in the config file")
     for name, value in yaml_arms.items():
