@@ -231,7 +231,8 @@ def run_baseline(
     if base_cfg is None:
         console.print("[dim]--baseline: this run is the CE-only student already; no baseline to train[/dim]")
         return None
-    base_dir = Path(str(base_cfg.output.dir))
+    base_dir = base_cfg.output.dir
+    assert base_dir is not None
     finished = RunSummary.read(base_dir)
     if finished is not None:
         return finished
