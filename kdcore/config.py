@@ -21,7 +21,7 @@ from kdcore.strategies import KINDS
 
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 400
 
 
 class _Section(BaseModel):
@@ -48,7 +48,7 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = False
     teacher_steps: int = Field(
-        250, gt=0, description="training steps when the teacher is a from-scratch spec"
+        500, gt=0, description="training steps when the teacher is a from-scratch spec"
     )
     teacher_cache: Path | None = Field(
         None, description="directory written by 'kd cache-teacher': train from it, without the teacher model"
@@ -77,7 +77,7 @@ class StrategyConfig(_Section):
     pacing: StrategySpec = StrategySpec(name="none")
     reliance: StrategySpec = StrategySpec(name="fixed")
     divergence: StrategySpec = StrategySpec(name="forward-kl")
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
     refresh_every: int | None = Field(
         None,
         gt=0,

@@ -63,7 +63,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_epochs_alone_means_epochs():
     cfg = resolve_config(None, {"training.epochs": 2})
     assert cfg.training.max_steps is None and cfg.training.epochs == 2
-    assert resolve_config(None, {}).training.max_steps == 200
+    assert resolve_config(None, {}).training.max_steps == 400
 
 
 def test_cli_print_config_applies_flags_over_file(tmp_path):
