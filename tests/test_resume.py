@@ -7,6 +7,7 @@ uninterrupted subprocess run of the same config, started at the same time.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -319,3 +320,79 @@ def test_skip_drops_the_update_of_a_nan_batch_and_logs_it(nan_at_step_3, tmp_pat
     last = load_file(checkpoints / "step-4" / "model.safetensors")
     assert not all(torch.equal(after[k], last[k]) for k in after)  # step 4 trained again
     assert all(bool(torch.isfinite(v).all()) for v in last.values())
+
+
+# -- a checkpoint never runs code ----------------------------------------------------------------------------
+class Payload:
+    """Pickles as a call to ``exec`` that writes ``marker``: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('the payload ran')",))
+
+
+def plant_payload(checkpoint: Path, name: str, marker: Path) -> None:
+    """Replace ``name`` with a pickle that runs code, and fix its size and hash in checkpoint.json, as
+    whoever edits the file can."""
+    from kdcore.files import file_sha256
+
+    file = checkpoint / name
+    torch.save({"step": Payload(marker), "random_state": Payload(marker)}, file)
+    meta_path = checkpoint / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"][name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_crafted_pickle_in_the_only_checkpoint_is_refused_without_running(short_run, tmp_path):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step-8")
+    checkpoint, marker = run_dir / "checkpoints" / "step-12", tmp_path / "payload-ran"
+    plant_payload(checkpoint, "trainer_state.pt", marker)
+    result = run_kd("run", "--resume", str(run_dir))
+    assert result.returncode == 2, result.stderr
+    assert not marker.exists()
+    assert f"checkpoint {checkpoint} is damaged: trainer_state.pt calls exec when loaded" in result.stderr
+    assert "Traceback" not in result.stderr and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["trainer_state.pt", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"]
+)
+def test_a_crafted_pickle_makes_a_checkpoint_damaged_and_the_previous_one_is_used(
+    short_run, tmp_path, capsys, name
+):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    checkpoint, marker = run_dir / "checkpoints" / "step-12", tmp_path / "payload-ran"
+    plant_payload(checkpoint, name, marker)
+    resume_in_process(run_dir)
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} is damaged: {name} calls exec when loaded" in err
+    assert f"Resuming {run_dir} from {run_dir / 'checkpoints' / 'step-8'} (step 8)" in err
+    assert_same_run(run_dir, short_run)
+
+
+def test_an_unlisted_pickle_is_checked_too(short_run, tmp_path):
+    """A pickle that checkpoint.json does not list (a scaler.pt added later) is loaded by accelerate all the same."""
+    from kdcore.training.checkpoint import CheckpointDamaged, verify
+
+    checkpoint, marker = short_run / "checkpoints" / "step-8", tmp_path / "payload-ran"
+    copy = tmp_path / "step-8"
+    shutil.copytree(checkpoint, copy)
+    torch.save({"scale": Payload(marker)}, copy / "scaler.pt")
+    with pytest.raises(CheckpointDamaged, match=r"scaler.pt calls exec when loaded"):
+        verify(copy)
+    assert not marker.exists()
+
+
+def test_a_strategy_state_that_cannot_load_safely_is_refused_when_saving(tmp_path):
+    from kdcore.training.checkpoint import check_storable
+
+    state = {"step": 1, "strategies": {"scorer": {"when": Path("x")}, "pacing": {}}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with pytest.raises(KdError, match=r"the scorer's state_dict\(\): .*calls pathlib"):
+        check_storable(state, buffer.getvalue())
