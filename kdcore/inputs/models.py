@@ -53,6 +53,23 @@ def parse_spec(source: str) -> ModelSpec | None:
     return ModelSpec(model_type, overrides)
 
 
+def remote_code_warning(teacher: str | None, student: str | None, trust_remote_code: bool) -> str | None:
+    """One line naming the models whose own Python code will run (``model.trust_remote_code``), or None.
+
+    A spec is built by transformers itself; ``teacher`` is None when a teacher cache replaces it.
+    """
+    if not trust_remote_code:
+        return None
+    sources = [s for s in dict.fromkeys((teacher, student)) if s is not None and parse_spec(s) is None]
+    if not sources:
+        return None
+    names = " and ".join(f"'{s}'" for s in sources)
+    return (
+        f"warning: model.trust_remote_code is on: the Python code that comes with {names} will run on "
+        "this machine"
+    )
+
+
 def is_local(source: str) -> bool:
     return Path(source).is_dir()
 

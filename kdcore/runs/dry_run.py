@@ -121,7 +121,7 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers
+    from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers, remote_code_warning
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
@@ -136,6 +136,12 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, before the data loads
+    model = cfg.model
+    remote = remote_code_warning(
+        None if model.teacher_cache is not None else model.teacher, model.student, model.trust_remote_code
+    )
+    if remote and console is not None:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     notes: list[str] = []
 
     corpus = load_corpus(cfg.data, cfg.training.seed)

@@ -31,6 +31,7 @@ from kdcore.inputs.models import (
     load_pretrained,
     parse_spec,
     quiet_transformers,
+    remote_code_warning,
     vocab_size,
 )
 from kdcore.runs.model_card import check_push, push_to_hub, render_model_card, write_model_card
@@ -252,6 +253,10 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
     strategies, strategy_meta = make_strategies(cfg.strategy)
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
+    teacher_model = None if cfg.model.teacher_cache is not None else cfg.model.teacher
+    remote = remote_code_warning(teacher_model, cfg.model.student, cfg.model.trust_remote_code)
+    if remote:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     return strategies, strategy_meta

@@ -268,9 +268,12 @@ def build_cache(
     from rich.console import Console
 
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import load_pretrained, quiet_transformers
+    from kdcore.inputs.models import load_pretrained, quiet_transformers, remote_code_warning
 
     console = console or Console(stderr=True)
+    remote = remote_code_warning(cfg.model.teacher, None, cfg.model.trust_remote_code)
+    if remote:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     output = Path(output)
     if (output / MANIFEST).exists():
         raise KdError(f"'{output}' already holds a teacher cache; choose another --output or remove it")
