@@ -125,7 +125,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
-    from kdcore.training.engine import total_steps
+    from kdcore.training.engine import check_batch_size, total_steps
 
     quiet_transformers()
     built = instantiate_strategies(cfg.strategy)
@@ -157,6 +157,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     if cache is not None:
         cache.check_data(train, eval_set)
     t = cfg.training
+    check_batch_size(t.batch_size, len(train))
     report = DryRunReport(
         strategies=strategies,
         trackers=trackers,

@@ -112,6 +112,15 @@ def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
+def check_batch_size(batch_size: int, num_samples: int) -> None:
+    """A batch draws distinct samples: it cannot be larger than the training set."""
+    if batch_size > num_samples:
+        raise KdError(
+            f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
+            f"--batch-size to at most {num_samples}, or train on more data"
+        )
+
+
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -181,6 +190,7 @@ class Trainer:
         self.run_dir = run_dir
         self.on_log = on_log or (lambda record: None)
         self.on_progress = on_progress or (lambda step, metrics: None)
+        check_batch_size(training.batch_size, len(train))
         self.total_steps = total_steps(training, len(train))
         self.accelerator = make_accelerator(training, log_with, project_dir)
         self.device = self.accelerator.device

@@ -1,0 +1,52 @@
+"""Bad input is refused before anything trains or is written: one sentence naming the problem and the
+fix, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TINY_STUDENT, TINY_TEACHER
+from typer.testing import CliRunner
+
+from kdcore.cli import app
+
+
+def tiny_args(output_dir: Path, *extra: str) -> list[str]:
+    """kd run options for the tiny run of conftest.tiny_overrides."""
+    return [
+        f"--teacher={TINY_TEACHER}",
+        f"--student={TINY_STUDENT}",
+        "--teacher-steps=40",
+        "--seq-len=48",
+        "--set=data.demo_samples=160",
+        "--set=data.max_eval_samples=32",
+        "--max-steps=12",
+        "--batch-size=8",
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
+
+
+def refused(args: list[str], sentence: str) -> str:
+    """Run ``kd ARGS`` in-process; it must exit 2 with ``error: SENTENCE...`` and no traceback."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {sentence}"), result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_batch_larger_than_the_training_set(tmp_path, dry):
+    out = tmp_path / "run"
+    args = ["run", *tiny_args(out, "--batch-size=200"), *(["--dry-run"] if dry else [])]
+    refused(
+        args,
+        "training.batch_size 200 is larger than the 160 training samples; lower --batch-size to at "
+        "most 160, or train on more data",
+    )
+    assert not out.exists()
