@@ -193,3 +193,25 @@ def test_trust_remote_code_names_the_models_whose_code_will_run(saved_models, tm
 
     assert remote_code_warning(TINY_TEACHER, TINY_STUDENT, True) is None  # specs bring no code
     assert "'a/b' and 'c/d'" in remote_code_warning("a/b", "c/d", True)
+
+
+def test_dry_run_refuses_an_estimate_above_the_available_memory(tmp_path, monkeypatch):
+    import kdcore.runs.dry_run as dr
+
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 11}))
+    report = dry_run(cfg)
+    need = report.estimated_bytes()
+    assert need == report.memory["logits total"] + 16 * report.student.parameters + 4 * (
+        report.teacher.parameters
+    )
+    assert report.available is not None and report.available[0] > need  # the tiny run fits here
+    monkeypatch.setattr(dr, "available_memory", lambda: (need - 1, "RAM"))
+    with pytest.raises(KdError) as caught:
+        dry_run(cfg)
+    assert str(caught.value) == (
+        f"this run needs at least {dr.human_bytes(need)} (one micro-batch's logits "
+        f"{dr.human_bytes(report.memory['logits total'])}, plus the weights) but only "
+        f"{dr.human_bytes(need - 1)} of RAM is available; lower --batch-size or --seq-len, or raise --grad-accum for smaller micro-batches"
+    )
+    monkeypatch.setattr(dr, "available_memory", lambda: (need, "RAM"))
+    assert dry_run(cfg).available == (need, "RAM")

@@ -19,7 +19,9 @@ The logits estimate, per micro-batch of ``B = batch_size / grad_accum`` samples 
   temporaries).
 
 Weights: the student's parameters cost 16 bytes each in training (fp32 weights, gradients and
-AdamW's two moments), the teacher's 4. Activations other than the logits are not counted.
+AdamW's two moments), the teacher's 4. Activations other than the logits are not counted, so the
+estimate is a lower bound: when it exceeds the memory available now (free GPU memory on a GPU, else
+available RAM) the dry run prints its table and fails, since the run cannot fit.
 
 Nothing is written: no run directory, no teacher cache.
 """
@@ -66,6 +68,12 @@ class DryRunReport:
     seq_len: int
     memory: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    available: tuple[int, str] | None = None  # bytes free now, and where (RAM or a GPU)
+
+    def estimated_bytes(self) -> int:
+        """The logits, the student's training state and the teacher's weights: what one step needs at least."""
+        parts = ("logits total", "student weights + grads + AdamW", "teacher weights")
+        return sum(self.memory.get(part, 0) for part in parts)
 
 
 def logits_memory(
@@ -83,6 +91,31 @@ def logits_memory(
     }
     memory["logits total"] = sum(memory.values())
     return memory
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes a run could use now: free memory of the current GPU, else available RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0]), f"GPU memory ({torch.cuda.get_device_name()})"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "RAM"
+
+
+def check_memory(report: DryRunReport) -> None:
+    """Refuse a run whose estimate (a lower bound) does not fit in the memory available."""
+    if report.available is None:
+        return
+    free, where = report.available
+    need = report.estimated_bytes()
+    if need > free:
+        raise KdError(
+            f"this run needs at least {human_bytes(need)} (one micro-batch's logits "
+            f"{human_bytes(report.memory.get('logits total', 0))}, plus the weights) but only "
+            f"{human_bytes(free)} of {where} is available; lower --batch-size or --seq-len, or raise --grad-accum for smaller micro-batches"
+        )
 
 
 def count_parameters(config: Any, trust_remote_code: bool = False) -> int | None:
@@ -172,9 +205,11 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
         seq_len=cfg.data.seq_len,
         memory=_memory(cfg, teacher, student, cache.top_k if cache is not None else None),
         notes=notes,
+        available=available_memory(),
     )
     if console is not None:
         print_dry_run(console, cfg, report)
+    check_memory(report)
     return report
 
 
@@ -280,6 +315,8 @@ def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> Non
         ("micro-batch", f"{report.micro_batch} × {report.seq_len} tokens"),
     ]
     rows += [(f"memory: {name}", human_bytes(size)) for name, size in report.memory.items()]
+    if report.available is not None:
+        rows.append((f"memory: available {report.available[1]}", human_bytes(report.available[0])))
     rows += [("note", note) for note in report.notes]
     for name, value in rows:
         table.add_row(escape(name), escape(value))  # paths and sources may hold [brackets]
