@@ -50,3 +50,32 @@ def test_a_batch_larger_than_the_training_set(tmp_path, dry):
         "most 160, or train on more data",
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_samples_longer_than_a_model_s_positions(tmp_path, dry):
+    out, flag = tmp_path / "run", ["--dry-run"] if dry else []
+    refused(
+        ["run", *tiny_args(out, "--seq-len=1500"), *flag],
+        f"data.seq_len 1500 is longer than the 1024 positions teacher '{TINY_TEACHER}' accepts; lower "
+        "--seq-len to at most 1024",
+    )
+    student = f"{TINY_STUDENT},n_positions=32"
+    refused(
+        ["run", *tiny_args(out, f"--student={student}"), *flag],
+        f"data.seq_len 48 is longer than the 32 positions student '{student}' accepts; lower --seq-len "
+        "to at most 32",
+    )
+    assert not out.exists()
+
+
+def test_train_teacher_and_cache_teacher_check_the_positions_too(tmp_path):
+    refused(
+        ["train-teacher", f"--model={TINY_TEACHER},n_positions=16", "--output-dir", str(tmp_path / "t")],
+        f"data.seq_len 128 is longer than the 16 positions model '{TINY_TEACHER},n_positions=16' accepts",
+    )
+    refused(
+        ["cache-teacher", "--output", str(tmp_path / "c"), f"--teacher={TINY_TEACHER}", "--seq-len=2048"],
+        f"data.seq_len 2048 is longer than the 1024 positions teacher '{TINY_TEACHER}' accepts",
+    )
+    assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()

@@ -70,6 +70,39 @@ def remote_code_warning(teacher: str | None, student: str | None, trust_remote_c
     )
 
 
+def model_config(source: str, *, trust_remote_code: bool = False) -> Any | None:
+    """The config of a spec, directory or hub id without loading weights; None when it cannot be read
+    (then loading the model says why)."""
+    from transformers import AutoConfig
+
+    spec = parse_spec(source)
+    if spec is not None:
+        return AutoConfig.for_model(spec.model_type, **spec.overrides)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def position_limit(config: Any) -> int | None:
+    """How many positions a model embeds (GPT-2's ``n_positions``, ``max_position_embeddings``), if known."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_seq_len(seq_len: int, config: Any | None, role: str, source: str) -> None:
+    """Refuse samples longer than the model's positions: they fail inside its forward pass."""
+    limit = position_limit(config) if config is not None else None
+    if limit is not None and seq_len > limit:
+        raise KdError(
+            f"data.seq_len {seq_len} is longer than the {limit} positions {role} '{source}' accepts; lower "
+            f"--seq-len to at most {limit}"
+        )
+
+
 def is_local(source: str) -> bool:
     return Path(source).is_dir()
 

@@ -179,7 +179,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
     tokenizer, teacher, cache = _check_teacher(cfg, corpus, notes)
-    student = _check_student(cfg.model, tokenizer)
+    student = _check_student(cfg.model, tokenizer, cfg.data.seq_len)
     note = check_vocab_sizes(
         len(tokenizer), teacher.vocab_size, student.vocab_size, cfg.model.teacher, cfg.model.student
     )
@@ -216,6 +216,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
 def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, ModelInfo, Any]:
     """The tokenizer, what is known of the teacher, and the teacher cache (if any); no weights are
     loaded and no teacher is trained."""
+    from kdcore.inputs.models import check_seq_len
     from kdcore.teachers.resolve import locate_teacher
 
     model = cfg.model
@@ -243,15 +244,16 @@ def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, 
         notes.append(f"the teacher is cached in {teacher.directory}")
     else:
         config = _pretrained_config(teacher.source, model.trust_remote_code)
+    check_seq_len(cfg.data.seq_len, config, "teacher", model.teacher)
     info = ModelInfo(
         model.teacher, teacher.kind, int(config.vocab_size), count_parameters(config, model.trust_remote_code)
     )
     return tokenizer, info, None
 
 
-def _check_student(model: Any, tokenizer: Any) -> ModelInfo:
+def _check_student(model: Any, tokenizer: Any, seq_len: int) -> ModelInfo:
     """What is known of the student from its config; a pretrained one must share the teacher's tokenizer."""
-    from kdcore.inputs.models import check_student_tokenizer, parse_spec
+    from kdcore.inputs.models import check_seq_len, check_student_tokenizer, parse_spec
 
     spec, trust = parse_spec(model.student), model.trust_remote_code
     if spec is not None:
@@ -260,6 +262,7 @@ def _check_student(model: Any, tokenizer: Any) -> ModelInfo:
         config = _pretrained_config(model.student, trust)
         kind = "directory" if _is_dir(model.student) else "hub"
         check_student_tokenizer(tokenizer, model)
+    check_seq_len(seq_len, config, "student", model.student)
     return ModelInfo(model.student, kind, int(config.vocab_size), count_parameters(config, trust))
 
 

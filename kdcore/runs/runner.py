@@ -26,9 +26,11 @@ from kdcore.files import atomic_directory, atomic_write_text
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
     build_from_spec,
+    check_seq_len,
     check_student_tokenizer,
     check_vocab_sizes,
     load_pretrained,
+    model_config,
     parse_spec,
     quiet_transformers,
     remote_code_warning,
@@ -257,6 +259,10 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
     remote = remote_code_warning(teacher_model, cfg.model.student, cfg.model.trust_remote_code)
     if remote:
         console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
+    for role, source in (("teacher", teacher_model), ("student", cfg.model.student)):
+        if source is not None:
+            config = model_config(source, trust_remote_code=cfg.model.trust_remote_code)
+            check_seq_len(cfg.data.seq_len, config, role, source)
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     return strategies, strategy_meta

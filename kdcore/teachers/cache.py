@@ -268,7 +268,13 @@ def build_cache(
     from rich.console import Console
 
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import load_pretrained, quiet_transformers, remote_code_warning
+    from kdcore.inputs.models import (
+        check_seq_len,
+        load_pretrained,
+        model_config,
+        quiet_transformers,
+        remote_code_warning,
+    )
 
     console = console or Console(stderr=True)
     remote = remote_code_warning(cfg.model.teacher, None, cfg.model.trust_remote_code)
@@ -280,6 +286,8 @@ def build_cache(
     if output.exists() and any(output.iterdir()):
         raise KdError(f"output directory '{output}' is not empty; choose another --output or remove it")
     quiet_transformers()
+    teacher_config = model_config(cfg.model.teacher, trust_remote_code=cfg.model.trust_remote_code)
+    check_seq_len(cfg.data.seq_len, teacher_config, "teacher", cfg.model.teacher)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.training.seed)
