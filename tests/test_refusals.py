@@ -79,3 +79,39 @@ def test_train_teacher_and_cache_teacher_check_the_positions_too(tmp_path):
         f"data.seq_len 2048 is longer than the 1024 positions teacher '{TINY_TEACHER}' accepts",
     )
     assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("student", "sentence"),
+    [
+        (
+            "gpt2:n_layers=1,n_embd=32,n_head=2",
+            "model spec 'gpt2:n_layers=1,n_embd=32,n_head=2' has an unknown key 'n_layers'; did you mean "
+            "'n_layer'?",
+        ),
+        (
+            f"{TINY_STUDENT},bogus_key=3",
+            f"model spec '{TINY_STUDENT},bogus_key=3' has an unknown key 'bogus_key'; see the fields of "
+            "transformers.GPT2Config",
+        ),
+        (
+            "gpt2:n_layer=two",
+            "bad value in model spec 'gpt2:n_layer=two': Field 'n_layer' expected int, got str (value: "
+            "'two'); e.g. gpt2:n_layer=2,n_embd=64",
+        ),
+    ],
+)
+def test_a_spec_with_an_unknown_key_or_a_bad_value(tmp_path, student, sentence):
+    for flag in (["--dry-run"], []):
+        refused(["run", *tiny_args(tmp_path / "run", f"--student={student}"), *flag], sentence)
+    assert not (tmp_path / "run").exists()
+
+
+def test_spec_keys_include_aliases_and_common_config_fields():
+    from kdcore.inputs.models import parse_spec
+
+    spec = parse_spec(
+        "gpt2:num_hidden_layers=1,hidden_size=32,num_attention_heads=2,tie_word_embeddings=false"
+    )
+    assert spec.overrides["num_hidden_layers"] == 1 and spec.overrides["tie_word_embeddings"] is False
+    assert parse_spec("llama:num_hidden_layers=2,hidden_size=64,intermediate_size=128").model_type == "llama"

@@ -7,6 +7,7 @@ e.g. ``gpt2:n_layer=2,n_embd=64,n_head=2``. Hub loading is the ordinary
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,51 @@ def parse_spec(source: str) -> ModelSpec | None:
             )
         key, raw = part.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(raw)
+    check_spec_overrides(CONFIG_MAPPING[model_type], overrides, source)
     return ModelSpec(model_type, overrides)
+
+
+def config_keys(config_class: type) -> set[str]:
+    """The keyword names a config class accepts: its fields or ``__init__`` parameters, their aliases
+    (``attribute_map``, e.g. ``hidden_size`` for GPT-2's ``n_embd``) and the common config attributes."""
+    import dataclasses
+    import inspect
+
+    keys = set(getattr(config_class, "attribute_map", None) or {})
+    if dataclasses.is_dataclass(config_class):
+        keys |= {f.name for f in dataclasses.fields(config_class)}
+    keys |= {
+        name
+        for name, param in inspect.signature(config_class.__init__).parameters.items()
+        if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+    }
+    keys |= set(config_class().to_dict())
+    return {key for key in keys if not key.startswith("_")}
+
+
+def check_spec_overrides(config_class: type, overrides: dict[str, Any], source: str) -> None:
+    """Refuse a key the config does not have (it would be stored and ignored) and a value of the wrong
+    type, with one sentence: a spec typo must not silently build another model."""
+    import difflib
+
+    known = config_keys(config_class)
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else f"see the fields of transformers.{config_class.__name__}"
+            )
+            raise KdError(f"model spec '{source}' has an unknown key '{key}'; {hint}")
+    try:
+        config_class(**overrides)
+    except Exception as exc:  # strict config fields raise their own error types (huggingface_hub)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = re.sub(r"^\w+Error: ", "", lines[-1])
+        raise KdError(
+            f"bad value in model spec '{source}': {reason}; e.g. gpt2:n_layer=2,n_embd=64"
+        ) from None
 
 
 def remote_code_warning(teacher: str | None, student: str | None, trust_remote_code: bool) -> str | None:
@@ -150,7 +195,7 @@ def build_from_spec(spec: ModelSpec, tokenizer: Any, seed: int):
     torch.manual_seed(seed)
     try:
         return AutoModelForCausalLM.from_config(config)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise KdError(
             f"cannot build a causal LM from spec '{spec.model_type}': {str(exc).splitlines()[0]}"
         ) from None
