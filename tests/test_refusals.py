@@ -115,3 +115,49 @@ def test_spec_keys_include_aliases_and_common_config_fields():
     )
     assert spec.overrides["num_hidden_layers"] == 1 and spec.overrides["tie_word_embeddings"] is False
     assert parse_spec("llama:num_hidden_layers=2,hidden_size=64,intermediate_size=128").model_type == "llama"
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory):
+    """A saved tiny model with truncated weights, one without weights, one that needs its own code."""
+    import json
+    import shutil
+
+    from kdcore.inputs.models import build_from_spec, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
+
+    root = tmp_path_factory.mktemp("broken")
+    tokenizer = build_tokenizer("byte")
+    build_from_spec(parse_spec(TINY_STUDENT), tokenizer, 0).save_pretrained(root / "good")
+    tokenizer.save_pretrained(root / "good")
+    for name in ("truncated", "no-weights", "custom-code"):
+        shutil.copytree(root / "good", root / name)
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (root / "no-weights" / "model.safetensors").unlink()
+    config_path = root / "custom-code" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(model_type="my-arch", auto_map={"AutoConfig": "configuration_my.MyConfig"})
+    config_path.write_text(json.dumps(config))
+    return root
+
+
+def test_models_that_do_not_load_say_why_and_what_to_do(broken_models, tmp_path):
+    out = tmp_path / "run"
+    cases = {
+        "truncated": "the weights of '{d}' are damaged or incomplete (Error while deserializing header: "
+        "incomplete metadata, file not fully covered); save or download the model again",
+        "no-weights": "could not load the model in '{d}': it has no weights (Error no file named "
+        "model.safetensors, or pytorch_model.bin, found in directory {d}); pass a directory "
+        "save_pretrained wrote, weights included",
+        "custom-code": "'{d}' needs its own Python code to load (custom code in its repository); pass "
+        "--trust-remote-code (model.trust_remote_code: true) if you trust that code",
+    }
+    for name, sentence in cases.items():
+        directory = broken_models / name
+        refused(["run", *tiny_args(out, f"--teacher={directory}")], sentence.format(d=directory))
+    refused(
+        ["run", "--dry-run", *tiny_args(out, f"--teacher={broken_models / 'custom-code'}")],
+        cases["custom-code"].format(d=broken_models / "custom-code"),
+    )
+    assert not out.exists()

@@ -154,11 +154,12 @@ def is_local(source: str) -> bool:
 
 def load_pretrained(source: str, *, trust_remote_code: bool = False):
     """A causal LM from a local directory or the Hugging Face hub."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise KdError(_not_found(source, exc)) from None
 
 
@@ -172,8 +173,26 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
 
 
 def _not_found(source: str, exc: Exception, what: str = "model") -> str:
+    """One sentence for a model, tokenizer or config that did not load, with the fix when it is known."""
+    from safetensors import SafetensorError
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "trust_remote_code" in str(exc):
+        return (
+            f"'{source}' needs its own Python code to load (custom code in its repository); pass "
+            "--trust-remote-code (model.trust_remote_code: true) if you trust that code"
+        )
+    if isinstance(exc, SafetensorError):
+        return (
+            f"the weights of '{source}' are damaged or incomplete ({first}); save or download the model again"
+        )
+    if what == "model" and "no file named" in first:
+        return (
+            f"could not load the model in '{source}': it has no weights ({first.rstrip('.')}); pass a "
+            "directory save_pretrained wrote, weights included"
+        )
     if Path(source).exists() or ("/" in source and source.startswith((".", "/"))):
-        return f"could not load the {what} in '{source}': {str(exc).splitlines()[0]}"
+        return f"could not load the {what} in '{source}': {first}"
     return (
         f"could not load {what} '{source}': not a local directory and not reachable on the Hugging Face hub "
         f"({str(exc).splitlines()[0][:160]}); pass a save_pretrained directory or a spec like gpt2:n_layer=2,n_embd=64"
