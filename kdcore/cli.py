@@ -326,6 +326,9 @@ def train_teacher(
     seed: Annotated[int, Opt(help="Random seed.")] = 0,
 ) -> None:
     """Train a causal LM with plain cross-entropy and save it, ready for --teacher DIR."""
+    from kdcore.files import check_output_dir
+
+    check_output_dir(output_dir, "--output-dir")
     if (output_dir / "config.json").exists():
         raise KdError(f"'{output_dir}' already holds a model; choose another --output-dir")
     cfg = resolve_config(

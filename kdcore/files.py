@@ -2,7 +2,9 @@
 
 Every file kdcore writes for a user goes through here: text and JSON (:func:`atomic_write_text`,
 :func:`atomic_write_json`), files written by a library that takes a file name, such as plots and
-parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`).
+parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`). An output
+directory is checked before any work (:func:`check_output_dir`): a file in its place or a parent that
+cannot be written is one sentence, not a traceback after training.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from kdcore.errors import KdError
 
 
 @contextmanager
@@ -82,3 +86,25 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """Refuse, before any work, an output directory that is a file or cannot be created or written.
+
+    Nothing is left behind: writability is probed with a temporary directory that is removed at once.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KdError(f"{option} '{path}' is a file; pass a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KdError(f"{option} '{path}' cannot be created: '{existing}' is a file; pass another directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".kd-probe-"))
+    except OSError as exc:
+        raise KdError(
+            f"{option} '{path}' cannot be created or written ({exc.strerror} in '{existing}'); pass a "
+            "directory you can write to"
+        ) from None

@@ -161,3 +161,42 @@ def test_models_that_do_not_load_say_why_and_what_to_do(broken_models, tmp_path)
         cases["custom-code"].format(d=broken_models / "custom-code"),
     )
     assert not out.exists()
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_created(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    blocked = file / "below"
+    for command, option in (
+        (["run", *tiny_args(file)], "--output-dir"),
+        (["train-teacher", f"--model={TINY_TEACHER}", "--output-dir", str(file)], "--output-dir"),
+        (["cache-teacher", f"--teacher={TINY_TEACHER}", "--output", str(file)], "--output"),
+        (["new-plugin", "my-scorer", "--output-dir", str(file)], "--output-dir"),
+        (["compare", "--arm", "kd=reliance:fixed", "--output-dir", str(file)], "--output-dir"),
+    ):
+        refused(command, f"{option} '{file}' is a file; pass a directory")
+        command[command.index(str(file))] = str(blocked)
+        refused(
+            command, f"{option} '{blocked}' cannot be created: '{file}' is a file; pass another directory"
+        )
+    assert file.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_dir_in_proc_is_refused_before_training(tmp_path):
+    where = "(No such file or directory in '/proc'); pass a directory you can write to"
+    refused(
+        ["run", *tiny_args(Path("/proc/x"))], f"--output-dir '/proc/x' cannot be created or written {where}"
+    )
+    refused(
+        ["cache-teacher", f"--teacher={TINY_TEACHER}", "--output", "/proc/x"],
+        f"--output '/proc/x' cannot be created or written {where}",
+    )
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / "config.yaml").write_text("model: {}\n")
+    refused(
+        ["report", str(run_dir), "-o", "/proc/x/report.html"],
+        f"the directory of --output '/proc/x' cannot be created or written {where}",
+    )
+    refused(["report", str(run_dir), "-o", str(tmp_path)], f"--output '{tmp_path}' is a directory")

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from kdcore.config import ModelConfig, RunConfig
 from kdcore.errors import KdError
-from kdcore.files import atomic_directory, atomic_write_text
+from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
     build_from_spec,
@@ -72,6 +72,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def check_run_dir(path: Path) -> Path:
     """Refuse a directory that holds another run; it is created only once inputs are checked."""
+    check_output_dir(path, "--output-dir")
     if (path / SUMMARY_FILE).exists():
         raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
     if path.exists() and any(path.iterdir()):

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from kdcore.errors import KdError
-from kdcore.files import file_sha256
+from kdcore.files import check_output_dir, file_sha256
 from kdcore.teachers.resolve import locate_teacher, resolve_teacher
 from kdcore.training.losses import TopKTeacher
 
@@ -281,6 +281,7 @@ def build_cache(
     if remote:
         console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     output = Path(output)
+    check_output_dir(output, "--output")
     if (output / MANIFEST).exists():
         raise KdError(f"'{output}' already holds a teacher cache; choose another --output or remove it")
     if output.exists() and any(output.iterdir()):
