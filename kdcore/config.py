@@ -22,6 +22,8 @@ from kdcore.strategies import KINDS
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
 DEFAULT_STEPS = 200
+#: numpy's generators (seeded by accelerate's set_seed) take seeds in [0, 2**32 - 1]
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
@@ -102,7 +104,7 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: 4 per run)")
     log_every: int = Field(10, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

@@ -200,3 +200,14 @@ def test_an_output_dir_in_proc_is_refused_before_training(tmp_path):
         f"the directory of --output '/proc/x' cannot be created or written {where}",
     )
     refused(["report", str(run_dir), "-o", str(tmp_path)], f"--output '{tmp_path}' is a directory")
+
+
+def test_a_negative_seed_is_refused_in_run_and_compare(tmp_path):
+    refused(
+        ["run", *tiny_args(tmp_path / "run", "--seed=-1")],
+        "invalid config: training.seed: Input should be greater than or equal to 0",
+    )
+    arm = ["compare", "--arm", "kd=reliance:fixed", "--output-dir", str(tmp_path / "cmp")]
+    refused([*arm, "--seeds", "0,-1"], "--seeds -1 is not a seed; use an integer from 0 to 4294967295")
+    refused([*arm, "--teacher-seed", "-3"], "--teacher-seed -3 is not a seed; use an integer from 0 to")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists()
