@@ -518,6 +518,25 @@ def compare(
     data = _resume_comparison(resume, options) if resume is not None else _new_comparison(options)
     text = (Path(data["output_dir"]) / "comparison.md").read_text()
     out.print(text, highlight=False, markup=False, soft_wrap=True)
+    _exit_if_an_arm_has_no_run(data)
+
+
+def _exit_if_an_arm_has_no_run(data: dict[str, Any]) -> None:
+    """After the table: exit 1 with one line when an arm has no finished run (its numbers are all missing)."""
+    unfinished = [row for row in data["arms"] if row["n_ok"] == 0]
+    if not unfinished:
+        return
+    first = unfinished[0]
+    names = ", ".join(f"'{row['name']}'" for row in unfinished)
+    which = f"arm {names} has" if len(unfinished) == 1 else f"arms {names} have"
+    runs_dir = Path(data["output_dir"]) / "runs" / first["name"]
+    reason = f" ({first['error']})" if first.get("error") else ""
+    err.print(
+        f"[bold red]error:[/bold red] {escape(which)} no finished run{escape(reason)}; see the logs in "
+        f"{escape(str(runs_dir))}/, then finish with kd compare --resume {escape(data['output_dir'])}",
+        highlight=False,
+    )
+    raise typer.Exit(1)
 
 
 #: kd compare's options that set the base run config every arm shares, as kd run's do.

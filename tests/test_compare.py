@@ -397,3 +397,33 @@ def test_resume_never_runs_code_from_a_crafted_checkpoint(tiny_comparison, tmp_p
     assert f"checkpoint {checkpoint} is damaged: trainer_state.pt calls exec when loaded" in log
     assert "resume failed; running from scratch" in log
     assert all(r["status"] == "ok" for r in data["arms"])
+
+
+def test_cli_exits_non_zero_when_an_arm_has_no_finished_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+    from kdcore.runs import runner
+
+    real_run = runner.run
+
+    def failing(cfg, **kwargs):
+        if cfg.strategy.reliance.name == "threshold":
+            raise RuntimeError("simulated crash")
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(runner, "run", failing)
+    overrides = tiny_overrides(tmp_path / "unused")
+    overrides.pop("output.dir")
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    out = tmp_path / "cmp"
+    args = ["compare", "--arm", ARMS[1], *sets, "--seeds", "0", "--sweep", "none", "--no-matched"]
+    result = CliRunner().invoke(app, [*args, "--output-dir", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "| **sr** |" in result.output  # the table is still printed
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: arm 'sr' has no finished run (RuntimeError: simulated crash); see the logs in "
+        f"{out / 'runs' / 'sr'}/, then finish with kd compare --resume {out}"
+    )
+    table = CliRunner().invoke(app, ["compare", "--resume", str(out), "--table-only"])
+    assert table.exit_code == 1 and "error: arm 'sr' has no finished run" in table.output
