@@ -211,3 +211,21 @@ def test_a_negative_seed_is_refused_in_run_and_compare(tmp_path):
     refused([*arm, "--seeds", "0,-1"], "--seeds -1 is not a seed; use an integer from 0 to 4294967295")
     refused([*arm, "--teacher-seed", "-3"], "--teacher-seed -3 is not a seed; use an integer from 0 to")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "byte"),
+    [
+        ("latin1.txt", "café au lait\n".encode("latin-1") * 50, "0xe9"),
+        ("binary.txt", bytes(range(128, 256)), "0x80"),
+    ],
+)
+def test_data_that_is_not_utf8_names_the_encoding_and_the_fix(tmp_path, name, content, byte):
+    data = tmp_path / name
+    data.write_bytes(content)
+    refused(
+        ["run", *tiny_args(tmp_path / "run", f"--dataset={data}")],
+        f"could not read {data}: it is not UTF-8 text (byte {byte} is not valid UTF-8); convert it, e.g. "
+        "iconv -f latin1 -t utf-8 IN > OUT, or pass a text file if it is binary",
+    )
+    assert not (tmp_path / "run").exists()
