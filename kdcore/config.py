@@ -189,6 +189,8 @@ def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, A
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'``, creating sections on the way."""
     *parents, leaf = dotted.split(".")
+    if not all(part.strip() for part in (*parents, leaf)):
+        raise KdError(f"'{dotted}' is not a config field: a name between dots is empty; e.g. training.seed")
     node = tree
     for part in parents:
         if isinstance(node.get(part), str):  # 'scorer: root' is shorthand for {name: root}
@@ -204,6 +206,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise KdError(f"expected key=value, got '{text}'")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise KdError(f"expected key=value, got '{text}' with nothing before '='; e.g. training.seed=1")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

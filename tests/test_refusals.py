@@ -229,3 +229,13 @@ def test_data_that_is_not_utf8_names_the_encoding_and_the_fix(tmp_path, name, co
         "iconv -f latin1 -t utf-8 IN > OUT, or pass a text file if it is binary",
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_set_without_a_field_name(tmp_path):
+    refused(["run", "--print-config", "--set", "=3"], "expected key=value, got '=3' with nothing before '='")
+    refused(["run", "--print-config", "--scorer-arg", "=3"], "expected key=value, got '=3'")
+    for dotted in ("training.", ".seed", "training..seed"):
+        refused(
+            ["run", "--print-config", "--set", f"{dotted}=3"],
+            f"'{dotted}' is not a config field: a name between dots is empty; e.g. training.seed",
+        )
