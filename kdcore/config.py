@@ -216,6 +216,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def load_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        inside = [path / name for name in ("config.yaml", "compare.yaml") if (path / name).is_file()]
+        example = f" such as '{inside[0]}'" if inside else ""
+        raise KdError(f"config file '{path}' is a directory; pass a YAML or JSON file{example}")
     if not path.is_file():
         raise KdError(f"config file '{path}' does not exist; pass an existing YAML or JSON file")
     text = path.read_text()

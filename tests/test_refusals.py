@@ -239,3 +239,15 @@ def test_a_set_without_a_field_name(tmp_path):
             ["run", "--print-config", "--set", f"{dotted}=3"],
             f"'{dotted}' is not a config field: a name between dots is empty; e.g. training.seed",
         )
+
+
+def test_a_directory_as_config(tmp_path):
+    refused(
+        ["run", "--print-config", "--config", str(tmp_path)],
+        f"config file '{tmp_path}' is a directory; pass a YAML or JSON file",
+    )
+    (tmp_path / "config.yaml").write_text("training: {seed: 1}\n")
+    refused(
+        ["run", "--print-config", "--config", str(tmp_path)],
+        f"config file '{tmp_path}' is a directory; pass a YAML or JSON file such as '{tmp_path / 'config.yaml'}'",
+    )
