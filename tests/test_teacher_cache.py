@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import TINY_TEACHER, tiny_overrides
 from safetensors.torch import load_file
 
 from kdcore.config import resolve_config
@@ -266,8 +266,16 @@ def test_a_cache_that_does_not_match_the_run_is_refused_naming_the_field(tmp_pat
     cache.check_data(train, eval_set)
     with pytest.raises(KdError, match=r"its training data fingerprint is '\w+' but the run's is '\w+'"):
         cache.check_data(train.head(10), eval_set)
-    with pytest.raises(KdError, match=r"its teacher \([^)]*\) is '\S+' but the run's is '\S+'"):
+    with pytest.raises(KdError) as other_teacher:  # --teacher-cache alone: the run has another teacher
         run(_cfg(tmp_path / "c", **{"model.teacher_cache": str(tmp_path / "dir")}), show_progress=False)
+    assert str(other_teacher.value) == (
+        f"teacher cache '{tmp_path / 'dir'}' holds teacher '{full['teacher_source']}' but this run's teacher "
+        f"is '{TINY_TEACHER}'; pass --teacher {full['teacher_source']} with --teacher-cache (and the options "
+        f"the cache was made with), or rebuild the cache with kd cache-teacher --teacher {TINY_TEACHER}"
+    )
+    with pytest.raises(KdError, match=r"its teacher \([^)]*\) is '\S+' but the run's is '\S+'"):
+        other_steps = {"model.teacher_steps": 41, "model.teacher_cache": str(root / "full")}
+        run(_cfg(tmp_path / "e", **other_steps), show_progress=False)  # same name, another training
     # a tampered tokenizer hash and a corrupted file
     manifest = dict(by_dir, tokenizer_hash="0" * 16)
     (tmp_path / "dir" / "manifest.json").write_text(json.dumps(manifest))

@@ -445,10 +445,11 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     assert cfg.model.teacher_cache is not None
     cache = TeacherCache.open(cfg.model.teacher_cache)
     seq_len = cfg.data.seq_len
+    # a cache made for another teacher is refused first, naming it (the usual slip: no --teacher)
+    teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training, cache_manifest=cache.manifest)
     # Most specific first: a from-scratch teacher's identity includes its data and seq_len.
     cache.check("seq_len", "seq_len", seq_len)
     cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
-    teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training)
     cache.check(
         "teacher (a from-scratch spec includes its training steps, seed, batch size and lr)",
         "teacher_id",

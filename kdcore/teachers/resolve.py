@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,16 +104,36 @@ class TeacherSource:
 
 
 def locate_teacher(
-    model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig
+    model: ModelConfig,
+    corpus: Corpus,
+    seq_len: int,
+    training: TrainingConfig,
+    cache_manifest: Mapping[str, Any] | None = None,
 ) -> TeacherSource:
-    """The teacher ``model`` names, for this data and training config; loads and trains nothing."""
+    """The teacher ``model`` names, for this data and training config; loads and trains nothing.
+
+    ``cache_manifest``: the manifest of the ``--teacher-cache`` the run trains from. A cache made for a
+    teacher of another name is refused here, saying which ``--teacher`` to pass; the usual slip is
+    ``--teacher-cache`` alone, which leaves the run with the default teacher.
+    """
     spec = parse_spec(model.teacher)
     if spec is None and model.tokenizer:
         raise KdError(
             f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
         )
     directory = None if spec is None else spec_teacher_dir(model, corpus, seq_len, training)
-    return TeacherSource(model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code)
+    teacher = TeacherSource(
+        model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code
+    )
+    manifest = cache_manifest or {}
+    cached = manifest.get("teacher")
+    if cached not in (None, model.teacher) and manifest.get("teacher_id") != teacher.identity:
+        raise KdError(
+            f"teacher cache '{model.teacher_cache}' holds teacher '{cached}' but this run's teacher is "
+            f"'{model.teacher}'; pass --teacher {cached} with --teacher-cache (and the options the cache "
+            f"was made with), or rebuild the cache with kd cache-teacher --teacher {model.teacher}"
+        )
+    return teacher
 
 
 def resolve_teacher(
