@@ -251,3 +251,17 @@ def test_a_directory_as_config(tmp_path):
         ["run", "--print-config", "--config", str(tmp_path)],
         f"config file '{tmp_path}' is a directory; pass a YAML or JSON file such as '{tmp_path / 'config.yaml'}'",
     )
+
+
+def test_kd_report_refuses_a_garbled_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model: {}\n")
+    (run_dir / "summary.json").write_text('{"student_eval_ppl": 12.')
+    sentence = refused(
+        ["report", str(run_dir)], f"'{run_dir / 'summary.json'}' is damaged, it is not valid JSON ("
+    )
+    assert sentence.endswith("); restore it, or remove it to report what is left")
+    assert not (run_dir / "report.html").exists()
+    (run_dir / "summary.json").unlink()
+    assert CliRunner().invoke(app, ["report", str(run_dir)]).exit_code == 0  # an unfinished run is reported
