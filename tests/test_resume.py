@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -396,3 +397,19 @@ def test_a_strategy_state_that_cannot_load_safely_is_refused_when_saving(tmp_pat
     torch.save(state, buffer)
     with pytest.raises(KdError, match=r"the scorer's state_dict\(\): .*calls pathlib"):
         check_storable(state, buffer.getvalue())
+
+
+def test_a_second_ctrl_c_stops_at_once_and_still_prints_the_resume_command(cached_tiny_teacher, tmp_path):
+    config = long_config(tmp_path, "run")
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_kd("run", "-c", str(config), log=log)
+    wait_for_checkpoint(run_dir, proc, at_least=10)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)  # two signals at once would be delivered as one
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    resume = rf"resume (from step \d+ )?with: kd run --resume {run_dir}$"
+    assert re.match(rf"stopped at step \d+( without a checkpoint)?; {resume}", last), text[-2000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from accelerate import PartialState
 from rich.console import Console
 
 from kdcore.config import ModelConfig, RunConfig
-from kdcore.errors import KdError
+from kdcore.errors import KdError, RunInterrupted
 from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
@@ -163,7 +164,11 @@ def run(
     trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     with progress:
-        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+        try:
+            result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+        except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, but the run can still resume
+            last = trainer.checkpoints.last_step or 0
+            raise RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last) from None
     tracking.finish()
     if not main:  # the main process writes the student, plots and summary
         return RunResult(result, run_dir)
