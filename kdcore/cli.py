@@ -235,6 +235,7 @@ def run(
     cfg = _run_config(options)
     from kdcore.plugins import instantiate_strategies
 
+    _warn_broken_plugins()
     instantiate_strategies(cfg.strategy)  # unknown names and bad parameters fail here, in a second
     if print_config:
         out.print(cfg.to_yaml(), highlight=False, end="")
@@ -288,9 +289,25 @@ def _resume(run_dir: Path, options: dict[str, Any]) -> None:
         )
     from kdcore.training.checkpoint import resume_config
 
+    _warn_broken_plugins()
     cfg = resume_config(run_dir)
     _offline_hint()
     _launch(cfg, resume=True)
+
+
+def _warn_broken_plugins() -> None:
+    """One line when an installed plugin failed to load: its strategies are missing from this run's choices."""
+    from kdcore.plugins import get_registry
+
+    broken = [e for e in get_registry().entries if e.status == "broken"]
+    if len(broken) == 1:
+        line = f"warning: {broken[0].error}; kd list-plugins shows it"
+    elif broken:
+        names = ", ".join(f"'{e.name}' ({e.distribution})" for e in broken)
+        line = f"warning: {len(broken)} installed plugins failed to load: {names}; kd list-plugins shows why"
+    else:
+        return
+    err.print(line, style="yellow", highlight=False, markup=False)
 
 
 def _launch(cfg: Any, resume: bool = False) -> None:
