@@ -265,3 +265,30 @@ def test_kd_report_refuses_a_garbled_summary(tmp_path):
     assert not (run_dir / "report.html").exists()
     (run_dir / "summary.json").unlink()
     assert CliRunner().invoke(app, ["report", str(run_dir)]).exit_code == 0  # an unfinished run is reported
+
+
+def test_a_start_that_fails_writes_nothing_and_a_failed_start_does_not_block_a_rerun(
+    cached_tiny_teacher, tmp_path, monkeypatch
+):
+    from conftest import tiny_overrides
+
+    import kdcore.runs.runner
+    from kdcore.config import resolve_config
+    from kdcore.errors import KdError
+
+    out = tmp_path / "run"
+
+    def failing_trainer(*args, **kwargs):  # the last check before training, e.g. the batch size
+        raise KdError("simulated refusal")
+
+    monkeypatch.setattr(kdcore.runs.runner, "Trainer", failing_trainer)
+    with pytest.raises(KdError, match="simulated refusal"):
+        kdcore.runs.runner.run(resolve_config(None, tiny_overrides(out)), show_progress=False)
+    assert not out.exists()
+    out.mkdir()  # what a start that failed later (a tracker that would not start) leaves
+    (out / "config.yaml").write_text("stale: true\n")
+    (out / "strategies.yaml").write_text("stale: true\n")
+    assert kdcore.runs.runner.check_run_dir(out) == out  # reused: a rerun overwrites both files
+    (out / "metrics.jsonl").write_text("{}\n")  # a run that trained is another matter
+    with pytest.raises(KdError, match=f"output directory '{out}' is not empty"):
+        kdcore.runs.runner.check_run_dir(out)

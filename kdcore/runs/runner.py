@@ -71,12 +71,19 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.strategy.label()}"
 
 
+#: What a run that failed before its first step leaves (it is written just before training starts).
+FAILED_START = {"config.yaml", "strategies.yaml"}
+
+
 def check_run_dir(path: Path) -> Path:
-    """Refuse a directory that holds another run; it is created only once inputs are checked."""
+    """Refuse a directory that holds another run; it is created only once inputs are checked.
+
+    A directory holding only a failed start (:data:`FAILED_START`) is reused: nothing in it is lost.
+    """
     check_output_dir(path, "--output-dir")
     if (path / SUMMARY_FILE).exists():
         raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and not {p.name for p in path.iterdir()} <= FAILED_START:
         raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
     return path
 
@@ -145,10 +152,6 @@ def run(
     models = load_models(cfg, console)
 
     main = PartialState().is_main_process  # with several processes, only the main one writes files
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
     teacher_ppl = (
         models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
     )
@@ -162,6 +165,10 @@ def run(
         cfg.strategy.label(),
     )
     trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
+    if main and not resume:  # only now that every check has passed: a failed start writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     with progress:
         try:
