@@ -5,13 +5,18 @@ Every file kdcore writes for a user goes through here: text and JSON (:func:`ato
 parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`). An output
 directory is checked before any work (:func:`check_output_dir`): a file in its place or a parent that
 cannot be written is one sentence, not a traceback after training.
+
+A writer that is killed leaves at most a hidden ``.NAME.PID.XXXXXXXX.tmp`` beside ``NAME``; the next
+write of ``NAME`` removes it (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,21 +27,54 @@ from typing import Any
 from kdcore.errors import KdError
 
 
+def _temp_prefix(path: Path) -> str:
+    """Temporaries are ``.NAME.PID.XXXXXXXX.tmp`` beside ``path``: the PID tells a killed writer's from a live one's."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries a killed writer of ``path`` left beside it (those of a process that is gone).
+
+    Only kdcore's own names are touched; a name without a PID comes from an older kdcore and is stale.
+    """
+    own = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp$")
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        found = own.match(entry.name)
+        if found is None or (found.group(1) is not None and _alive(int(found.group(1)))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that is renamed to ``path`` only when the block succeeds.
 
-    The temporary name keeps ``path``'s suffix (``.loss.x1y2.tmp.png``), so a writer that picks
-    its format from the file name (matplotlib's ``savefig``) writes the right one.
+    The temporary is ``.NAME.PID.XXXXXXXX.tmp``, whatever ``path``'s suffix: a writer that picks its
+    format from the file name must be told it (``savefig(format="png")``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
+    tmp = Path(name)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -56,7 +94,8 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the directory from everyone else
