@@ -27,6 +27,37 @@ from typing import Any
 from kdcore.errors import KdError
 
 
+def umask() -> int:
+    """The process umask, read from /proc where it can be (setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path: Path) -> None:
+    """Give ``path`` (and a directory's whole tree) the modes a plain ``open()``/``mkdir()`` would.
+
+    ``mkstemp``/``mkdtemp`` make 0600/0700 temporaries, and safetensors writes 0600 files; a
+    published output must follow the umask like any other file.
+    """
+    mask = umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    for root, _dirs, files in os.walk(path):
+        os.chmod(root, dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), file_mode)
+
+
 def _temp_prefix(path: Path) -> str:
     """Temporaries are ``.NAME.PID.XXXXXXXX.tmp`` beside ``path``: the PID tells a killed writer's from a live one's."""
     return f".{path.name}.{os.getpid()}."
@@ -72,6 +103,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -98,7 +130,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the directory from everyone else
+        default_permissions(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -110,12 +142,6 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def file_sha256(path: Path) -> str:

@@ -93,3 +93,56 @@ def test_report_files_are_written_through_the_same_temporaries(tmp_path, name):
             [],
         )
     assert (tmp_path / name).is_file() and not stale.exists()
+
+
+@pytest.fixture
+def umask_027():
+    """A stricter umask than the default, so the modes visibly follow it."""
+    before = os.umask(0o027)
+    yield 0o027
+    os.umask(before)
+
+
+def modes(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_published_files_follow_the_umask(tmp_path, umask_027):
+    from kdcore.files import umask
+
+    assert umask() == 0o027
+    atomic_write_text(tmp_path / "summary.json", "{}\n")
+    with atomic_directory(tmp_path / "student") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"")
+        os.chmod(tmp / "model.safetensors", 0o600)  # as safetensors writes it
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "file").write_text("x")
+    assert modes(tmp_path / "student") == {
+        ".": 0o750,
+        "model.safetensors": 0o640,
+        "sub": 0o750,
+        "sub/file": 0o640,
+    }
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_run_s_outputs_teacher_and_checkpoints_follow_the_umask(tmp_path, umask_027):
+    from kdcore.config import resolve_config
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.runs.runner import run
+    from kdcore.teachers.resolve import spec_teacher_dir
+
+    overrides = tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 7, "training.checkpoint_every": 6})
+    cfg = resolve_config(None, overrides)
+    run_dir = run(cfg, show_progress=False).run_dir
+    teacher_dir = spec_teacher_dir(cfg.model, load_corpus(cfg.data, 0), 48, cfg.training)  # trained just now
+    found = modes(run_dir)
+    assert {"config.yaml", "summary.json", "loss.png", "student/model.safetensors"} <= set(found)
+    assert "checkpoints/step-12/model.safetensors" in found
+    for root, mode_of in ((run_dir, found), (teacher_dir, modes(teacher_dir))):
+        wrong = {
+            name: oct(mode)
+            for name, mode in mode_of.items()
+            if mode != (0o750 if (root / name).is_dir() else 0o640)
+        }
+        assert wrong == {}, root

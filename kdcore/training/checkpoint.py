@@ -45,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from kdcore.errors import KdError, PluginError
-from kdcore.files import file_sha256
+from kdcore.files import default_permissions, file_sha256
 from kdcore.summary import SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -320,6 +320,7 @@ class Checkpointer:
             }
             (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
             _fsync(tmp / META)
+            default_permissions(tmp)  # accelerate's safetensors file is 0600 otherwise
             if final.exists():  # e.g. a damaged step-N left by an earlier attempt
                 old = self.root / f".step-{step}.old"
                 shutil.rmtree(old, ignore_errors=True)
