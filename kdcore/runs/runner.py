@@ -331,7 +331,10 @@ def difficulty_spearman(scorer: Any, train: Any) -> float | None:
     known = ~torch.isnan(scores)
     if known.sum() < 3:
         return None
+    scores, levels = scores[known], train.levels[known]
+    if bool((scores == scores[0]).all()) or bool((levels == levels[0]).all()):
+        return None  # a constant has no rank correlation (scipy would warn and return NaN)
     from scipy.stats import spearmanr
 
-    value = spearmanr(scores[known].numpy(), train.levels[known].numpy()).statistic
+    value = spearmanr(scores.numpy(), levels.numpy()).statistic
     return None if math.isnan(value) else float(value)
