@@ -15,6 +15,7 @@ from kdcore.inputs.models import (
     load_tokenizer,
     model_config,
     parse_spec,
+    quiet_transformers,
 )
 from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.summary import RunSummary
@@ -65,6 +66,7 @@ def train_teacher(
     """``kd train-teacher``: the tokenizer is ``tokenizer`` for a spec, the model's own otherwise."""
     from kdcore.inputs.corpus import load_corpus
 
+    quiet_transformers()  # kd's own progress bar is the only one: no "Writing model shards" from save_pretrained
     check_seq_len(cfg.data.seq_len, model_config(source), "model", source)
     corpus = load_corpus(cfg.data, cfg.training.seed)
     if parse_spec(source) is not None:
