@@ -413,3 +413,18 @@ def test_a_second_ctrl_c_stops_at_once_and_still_prints_the_resume_command(cache
     resume = rf"resume (from step \d+ )?with: kd run --resume {run_dir}$"
     assert re.match(rf"stopped at step \d+( without a checkpoint)?; {resume}", last), text[-2000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+def test_the_python_resume_of_the_docs_uses_the_public_api_and_works(short_run, tmp_path, monkeypatch):
+    from conftest import REPO
+
+    import kdcore
+
+    text = (REPO / "docs" / "resume.md").read_text()
+    (code,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert "kdcore." not in code.replace("kdcore.run(", "")  # nothing outside kdcore.__all__
+    assert "run" in kdcore.__all__
+    run_dir = unfinished_copy(short_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace("runs/a", run_dir.name), {"__name__": "docs_resume"})
+    assert_same_run(run_dir, short_run)
