@@ -316,7 +316,7 @@ def _launch(cfg: Any, resume: bool = False) -> None:
     from kdcore.runs.runner import run as run_distillation
 
     try:
-        run_distillation(cfg, console=err, resume=resume)
+        run_distillation(cfg, console=err, resume=resume, exits_after_stop=True)
     except RunInterrupted as exc:
         if exc.main_process:
             err.print(str(exc), highlight=False, markup=False)

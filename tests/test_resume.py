@@ -428,3 +428,28 @@ def test_the_python_resume_of_the_docs_uses_the_public_api_and_works(short_run, 
     monkeypatch.chdir(tmp_path)
     exec(code.replace("runs/a", run_dir.name), {"__name__": "docs_resume"})
     assert_same_run(run_dir, short_run)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_after_a_stop_late_signals_are_ignored_only_by_a_process_that_exits(hold):
+    """kd run exits after a stop: a Ctrl-C arriving during its shutdown must not raise there."""
+    from kdcore.training.checkpoint import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with GracefulStop(True, hold_after_stop=hold) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+            assert stop.signum == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if hold else before)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_without_a_stop_the_previous_handlers_come_back_even_when_holding():
+    from kdcore.training.checkpoint import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop(True, hold_after_stop=True):
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before

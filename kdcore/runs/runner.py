@@ -138,9 +138,18 @@ def check_vocabularies(
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(
-    cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True, resume: bool = False
+    cfg: RunConfig,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+    exits_after_stop: bool = False,
 ) -> RunResult:
-    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint."""
+    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint.
+
+    ``exits_after_stop``: the caller exits when SIGINT/SIGTERM stop the run (the CLI does), so
+    later signals are ignored during its shutdown.
+    """
     console = console or Console(stderr=True)
     quiet_transformers()
     wall_start = time.perf_counter()
@@ -172,7 +181,9 @@ def run(
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     with progress:
         try:
-            result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+            result = trainer.fit(
+                resume=checkpoint["path"] if checkpoint else None, exits_after_stop=exits_after_stop
+            )
         except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, but the run can still resume
             last = trainer.checkpoints.last_step or 0
             raise RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last) from None

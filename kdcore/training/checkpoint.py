@@ -416,13 +416,16 @@ def read_state(path: Path) -> dict[str, Any]:
 class GracefulStop:
     """While active, SIGINT and SIGTERM only set a flag: the loop finishes its step, checkpoints, stops.
 
-    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once. ``hold_after_stop``: a process
+    that exits after the stop (``kd run``) ignores later signals instead of restoring the previous
+    handlers, so a late Ctrl-C cannot interrupt its shutdown (it arrives after the loop has ended).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, hold_after_stop: bool = False) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.hold_after_stop = hold_after_stop
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -438,8 +441,9 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        hold = self.hold_after_stop and self.signum is not None
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if hold else handler)
         self._previous.clear()
 
     def requested(self, accelerator: Accelerator) -> int | None:

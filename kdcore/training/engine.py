@@ -349,8 +349,11 @@ class Trainer:
         return self.teacher(input_ids=input_ids, attention_mask=mask).logits
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: Path | None = None) -> RunSummary:
+    def fit(self, resume: Path | None = None, *, exits_after_stop: bool = False) -> RunSummary:
         """Train to ``total_steps``; ``resume``: a checkpoint directory to continue from.
+
+        ``exits_after_stop``: the process ends when a signal stops the run, so later signals are
+        ignored rather than allowed to interrupt its shutdown (see :class:`GracefulStop`).
 
         Returns the training numbers of the run's summary (the run adds the teacher, timing and names).
         """
@@ -366,7 +369,7 @@ class Trainer:
         eval_every = self.cfg.eval_every or max(1, self.total_steps // 4)
         self.student.train()
         self._window_start = time.perf_counter() - self.history.window_seconds
-        with GracefulStop(enabled=self.checkpoints is not None) as stop:
+        with GracefulStop(self.checkpoints is not None, hold_after_stop=exits_after_stop) as stop:
             for step in range(self.step, self.total_steps):
                 if self.sampler.needs_refresh(step):
                     self.refresh(step)
