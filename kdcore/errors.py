@@ -20,10 +20,23 @@ class RunInterrupted(BaseException):
     """
 
     def __init__(
-        self, step: int, signum: int, run_dir: object, main_process: bool = True, what: str = ""
+        self,
+        step: int,
+        signum: int,
+        run_dir: object,
+        main_process: bool = True,
+        resume_step: int | None = None,
+        what: str = "",
     ) -> None:
         self.step, self.signum, self.run_dir = step, signum, run_dir
         self.exit_code = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
-        self.main_process = main_process
+        self.main_process, self.resume_step = main_process, resume_step
         stopped = f"stopped {what} at step {step}" if what else f"stopped at step {step}"
-        super().__init__(f"{stopped}; resume with: kd run --resume {run_dir}")
+        if resume_step is None or resume_step == step:
+            message = f"{stopped}; resume with: kd run --resume {run_dir}"
+        else:  # a second Ctrl-C: no checkpoint at this step
+            message = (
+                f"{stopped} without a checkpoint; resume from step {resume_step} with: "
+                f"kd run --resume {run_dir}"
+            )
+        super().__init__(message)

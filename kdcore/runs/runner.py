@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import shutil
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,15 +24,18 @@ from rich.console import Console
 
 from kdcore.config import ModelConfig, RunConfig
 from kdcore.errors import KdError, RunInterrupted
-from kdcore.files import atomic_directory, atomic_write_text
+from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.models import (
     build_from_spec,
+    check_seq_len,
     check_student_tokenizer,
     check_vocab_sizes,
     load_pretrained,
+    model_config,
     parse_spec,
     quiet_transformers,
+    remote_code_warning,
     vocab_size,
 )
 from kdcore.references import gap_closed
@@ -70,11 +74,19 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.strategy.label()}"
 
 
+#: What a run that failed before its first step leaves (it is written just before training starts).
+FAILED_START = {"config.yaml", "strategies.yaml"}
+
+
 def check_run_dir(path: Path) -> Path:
-    """Refuse a directory that holds another run; it is created only once inputs are checked."""
+    """Refuse a directory that holds another run; it is created only once inputs are checked.
+
+    A directory holding only a failed start (:data:`FAILED_START`) is reused: nothing in it is lost.
+    """
+    check_output_dir(path, "--output-dir")
     if (path / SUMMARY_FILE).exists():
         raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and not {p.name for p in path.iterdir()} <= FAILED_START:
         raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
     return path
 
@@ -129,9 +141,18 @@ def check_vocabularies(
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(
-    cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True, resume: bool = False
+    cfg: RunConfig,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+    exits_after_stop: bool = False,
 ) -> RunResult:
-    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint."""
+    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint.
+
+    ``exits_after_stop``: the caller exits when SIGINT/SIGTERM stop the run (the CLI does), so
+    later signals are ignored during its shutdown.
+    """
     console = console or Console(stderr=True)
     quiet_transformers()
     wall_start = time.perf_counter()
@@ -143,17 +164,28 @@ def run(
     models = load_models(cfg, console)
 
     main = PartialState().is_main_process  # with several processes, only the main one writes files
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if main and not resume and cfg.output.baseline:  # the baseline trains first, inside the run directory,
+        run_dir.mkdir(parents=True, exist_ok=True)  # and a stop there resumes from the run's config
         write_run_files(run_dir, cfg, strategy_meta)
     teacher_ppl = (
         models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
     )
     baseline = None
     if cfg.output.baseline:
-        baseline = run_baseline(cfg, run_dir, models, teacher_ppl, console, show_progress, resume)
+        baseline = run_baseline(
+            cfg, run_dir, models, teacher_ppl, console, show_progress, resume, exits_after_stop
+        )
     trainer, result, metrics = train(
-        cfg, run_dir, models, strategies, checkpoint, teacher_ppl, console, show_progress, resume=resume
+        cfg,
+        run_dir,
+        models,
+        (strategies, strategy_meta),
+        checkpoint,
+        teacher_ppl,
+        console,
+        show_progress,
+        resume=resume,
+        exits_after_stop=exits_after_stop,
     )
     if not main:  # the main process writes the student, plots and summary
         return RunResult(result, run_dir)
@@ -183,13 +215,14 @@ def train(
     cfg: RunConfig,
     run_dir: Path,
     models: Models,
-    strategies: Strategies,
+    strategies: tuple[Strategies, dict[str, Any]],
     checkpoint: dict[str, Any] | None,
     teacher_ppl: float,
     console: Console,
     show_progress: bool,
     *,
     resume: bool,
+    exits_after_stop: bool,
     label: str | None = None,
 ) -> tuple[Trainer, RunSummary, MetricsWriter]:
     """Train ``models.student`` into ``run_dir`` (from ``checkpoint`` when resuming), with the metrics file,
@@ -204,10 +237,19 @@ def train(
         total_steps(cfg.training, len(models.train)),
         label or cfg.strategy.label(),
     )
-    trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
+    trainer = make_trainer(cfg, models, strategies[0], run_dir, metrics, tracking, progress)
+    if main and not resume:  # only now that every check has passed: a failed start writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg, strategies[1])
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     with progress:
-        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+        try:
+            result = trainer.fit(
+                resume=checkpoint["path"] if checkpoint else None, exits_after_stop=exits_after_stop
+            )
+        except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, but the run can still resume
+            last = trainer.checkpoints.last_step or 0
+            raise RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last) from None
     tracking.finish()
     return trainer, result, metrics
 
@@ -220,6 +262,7 @@ def run_baseline(
     console: Console,
     show_progress: bool,
     resume: bool,
+    exits_after_stop: bool,
 ) -> RunSummary | None:
     """``output.baseline``: the run's CE-only student, in ``RUN_DIR/baseline`` with its own summary: read back
     when it finished before, continued when a resumed run stopped inside it, else trained from scratch.
@@ -248,11 +291,10 @@ def run_baseline(
             state.num_processes,
             lambda msg: console.print(f"[yellow]{msg}[/yellow]"),
         )
-    elif state.is_main_process:
-        if base_dir.exists():  # left before its config was written: nothing to continue
-            shutil.rmtree(base_dir)
-        base_dir.mkdir(parents=True)
-        write_run_files(base_dir, base_cfg, strategy_meta)
+    elif (
+        state.is_main_process and base_dir.exists()
+    ):  # left before its config was written: nothing to continue
+        shutil.rmtree(base_dir)
     state.wait_for_everyone()
     if state.is_main_process:
         where = (
@@ -268,17 +310,18 @@ def run_baseline(
             base_cfg,
             base_dir,
             models,
-            strategies,
+            (strategies, strategy_meta),
             checkpoint,
             teacher_ppl,
             console,
             show_progress,
             resume=again,
+            exits_after_stop=exits_after_stop,
             label="baseline: CE only",
         )
     except RunInterrupted as exc:  # the run is what the user resumes, and it continues the baseline
         raise RunInterrupted(
-            exc.step, exc.signum, run_dir, exc.main_process, what="the CE-only baseline"
+            exc.step, exc.signum, run_dir, exc.main_process, exc.resume_step, what="the CE-only baseline"
         ) from None
     if not state.is_main_process:
         return result
@@ -357,6 +400,14 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
     strategies, strategy_meta = make_strategies(cfg.strategy)
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
+    teacher_model = None if cfg.model.teacher_cache is not None else cfg.model.teacher
+    remote = remote_code_warning(teacher_model, cfg.model.student, cfg.model.trust_remote_code)
+    if remote:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
+    for role, source in (("teacher", teacher_model), ("student", cfg.model.student)):
+        if source is not None:
+            config = model_config(source, trust_remote_code=cfg.model.trust_remote_code)
+            check_seq_len(cfg.data.seq_len, config, role, source)
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     return strategies, strategy_meta
@@ -412,7 +463,10 @@ def difficulty_spearman(scorer: Any, train: Any) -> float | None:
     known = ~torch.isnan(scores)
     if known.sum() < 3:
         return None
+    scores, levels = scores[known], train.levels[known]
+    if bool((scores == scores[0]).all()) or bool((levels == levels[0]).all()):
+        return None  # a constant has no rank correlation (scipy would warn and return NaN)
     from scipy.stats import spearmanr
 
-    value = spearmanr(scores[known].numpy(), train.levels[known].numpy()).statistic
+    value = spearmanr(scores.numpy(), levels.numpy()).statistic
     return None if math.isnan(value) else float(value)
