@@ -148,6 +148,22 @@ def test_a_stop_inside_the_baseline_names_the_run_to_resume(tmp_path, monkeypatc
     assert caught.value.exit_code == 143
 
 
+def test_a_second_ctrl_c_inside_the_baseline_names_the_step_to_resume_from(tmp_path, monkeypatch):
+    from kdcore.runs import runner
+
+    def stop(cfg, run_dir, *args, **kwargs):  # no checkpoint at step 7: the newest is step 4
+        raise RunInterrupted(7, 2, run_dir, True, resume_step=4)
+
+    monkeypatch.setattr(runner, "train", stop)
+    with pytest.raises(RunInterrupted) as caught:
+        run_in_process(tiny(tmp_path / "run", **{"output.baseline": True}))
+    assert str(caught.value) == (
+        "stopped the CE-only baseline at step 7 without a checkpoint; resume from step 4 with: "
+        f"kd run --resume {tmp_path / 'run'}"
+    )
+    assert caught.value.exit_code == 130 and caught.value.resume_step == 4
+
+
 def test_a_ce_run_has_no_baseline(tmp_path, capsys):
     result = run_in_process(tiny(tmp_path / "run", **{"output.baseline": True, "strategy.reliance": "none"}))
     assert "this run is the CE-only student already" in capsys.readouterr().err

@@ -40,7 +40,10 @@ def test_parse_arm_kinds_params_and_dotted_fields():
 
 
 def test_apply_patch_replaces_a_new_strategy_and_merges_the_same_one():
-    base = {"reliance": {"name": "fixed", "params": {"value": 0.3}}, "temperature": 2.0}
+    base = {
+        "reliance": {"name": "fixed", "params": {"value": 0.3}},
+        "temperature": 1.0,
+    }  # the default: left out below
     assert cmp.apply_patch(base, {"reliance": {"name": "threshold", "params": {}}})["reliance"] == {
         "name": "threshold",
         "params": {},
