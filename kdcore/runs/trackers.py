@@ -10,6 +10,7 @@ and closes the trackers with ``end_training``. Metric names:
 - ``lambda`` (mean λ over the log window) → ``train/lambda``
 - ``open_share``, ``lr``, ``tokens_per_second`` → ``train/open_share``, ``train/lr``, ``train/tokens_per_second``
 - ``eval_ppl`` (the student's) → ``eval/perplexity``
+- ``grad_norm`` (the gradient norm before clipping) → ``train/grad_norm``
 - the teacher's eval perplexity → ``eval/teacher_perplexity`` (at step 0)
 
 Where the data goes: TensorBoard event files in ``RUN_DIR/<tracker_project>/`` (default
@@ -47,6 +48,7 @@ METRIC_NAMES = {
     "open_share": "train/open_share",
     "lr": "train/lr",
     "tokens_per_second": "train/tokens_per_second",
+    "grad_norm": "train/grad_norm",
     "eval_ppl": "eval/perplexity",
 }
 

@@ -269,16 +269,20 @@ class Trainer:
         finite = torch.isfinite(torch.cat(losses))
         if not finite.all():
             return self.nonfinite(step, batch_ids[~finite], "loss")
-        if self.cfg.max_grad_norm:
-            norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)
-            fp16 = self.cfg.mixed_precision == "fp16"  # with fp16, inf gradients are the scaler's job
-            if norm is not None and not fp16 and not torch.isfinite(norm):
-                return self.nonfinite(step, batch_ids, "gradient")
+        # The norm before clipping (no limit: only measured), the same on every process; a wrong loss
+        # scale shows here at once while Adam and clipping hide it in the weights.
+        norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm or math.inf)
+        fp16 = self.cfg.mixed_precision == "fp16"  # with fp16, inf gradients are the scaler's job
+        if norm is not None and not fp16 and not torch.isfinite(norm):
+            return self.nonfinite(step, batch_ids, "gradient")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         n = len(batch_ids)
-        return {k: (v if k == "tokens" else v / n) for k, v in totals.items()}
+        metrics = {k: (v if k == "tokens" else v / n) for k, v in totals.items()}
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients at every backward; only the last micro-batch's is needed."""
