@@ -111,7 +111,7 @@ def test_gradient_accumulation_4x2_equals_batch_8(tmp_path):
         trainer = Trainer(student, teacher, train, eval_set, strategies, training, 2.0)
         for step in range(3):
             trainer.train_step(step)
-        return {k: v.detach().clone() for k, v in trainer.unwrapped_student().state_dict().items()}
+        return {k: v.detach().clone() for k, v in trainer.full_student()[0].state_dict().items()}
 
     whole, accumulated = weights_after(1), weights_after(4)
     for key in whole:

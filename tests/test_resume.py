@@ -260,6 +260,80 @@ def test_resume_takes_no_other_option_and_no_finished_run(short_run, tmp_path):
     assert result.exit_code == 2 and "is not a run directory" in result.output
 
 
+# -- the backend and the number of processes --------------------------------------------------------------------
+def edited_checkpoint(short_run: Path, tmp_path: Path, **meta_changes) -> tuple[Path, dict]:
+    """A copy of the run whose newest checkpoint's metadata says ``meta_changes`` (None removes a key)."""
+    run_dir = unfinished_copy(short_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step-8")
+    meta_path = run_dir / "checkpoints" / "step-12" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    for key, value in meta_changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    meta_path.write_text(json.dumps(meta))
+    return run_dir, yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_a_checkpoint_records_backend_and_processes(short_run):
+    meta = json.loads((short_run / "checkpoints" / "step-12" / "checkpoint.json").read_text())
+    assert meta["format"] == 2 and meta["world_size"] == 1 and meta["backend"] == {"type": "ddp"}
+
+
+def test_a_checkpoint_from_another_backend_is_refused(short_run, tmp_path):
+    from kdcore.training.checkpoint import find_checkpoint
+
+    backend = {"type": "fsdp", "state_dict_type": "SHARDED_STATE_DICT"}
+    run_dir, config = edited_checkpoint(short_run, tmp_path, backend=backend)
+    with pytest.raises(KdError) as info:
+        find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 1}, print)
+    assert str(info.value) == (
+        f"checkpoint {run_dir / 'checkpoints' / 'step-12'} was written under FSDP (SHARDED_STATE_DICT) and "
+        "this run uses DDP (or one process), whose checkpoint files differ; resume it with the accelerate "
+        f"config it was written with (accelerate launch --config_file CONFIG -m kdcore run --resume {run_dir})"
+    )
+    run_dir, config = edited_checkpoint(short_run, tmp_path / "b", backend={"type": "ddp"})
+    with pytest.raises(
+        KdError, match=r"written under DDP \(or one process\) and this run uses FSDP.*without"
+    ):
+        find_checkpoint(run_dir, config, {**backend, "world_size": 1}, print)
+
+
+def test_a_checkpoint_from_another_process_count_is_refused(short_run, tmp_path):
+    from kdcore.training.checkpoint import find_checkpoint
+
+    run_dir, config = edited_checkpoint(short_run, tmp_path, world_size=2)
+    with pytest.raises(KdError) as info:
+        find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 1}, print)
+    assert str(info.value) == (
+        f"checkpoint {run_dir / 'checkpoints' / 'step-12'} was written by 2 processes and this run has 1; "
+        "resume with the same number (e.g. accelerate launch --num_processes 2 -m kdcore run --resume "
+        f"{run_dir})"
+    )
+
+
+def test_damage_in_a_checkpoint_subdirectory_is_named(short_run, tmp_path):
+    """FSDP writes its sharded state into subdirectories; they are checksummed like any file."""
+    from kdcore.files import file_sha256
+    from kdcore.training.checkpoint import CheckpointDamaged, verify
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    step = run_dir / "checkpoints" / "step-12"
+    shard = step / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    shard.parent.mkdir()
+    shard.write_bytes(b"x" * 100)
+    meta = json.loads((step / "checkpoint.json").read_text())
+    meta["files"]["pytorch_model_fsdp_0/__1_0.distcp"] = {"bytes": 100, "sha256": file_sha256(shard)}
+    (step / "checkpoint.json").write_text(json.dumps(meta))
+    verify(step)
+    shard.write_bytes(b"x" * 99 + b"y")
+    with pytest.raises(
+        CheckpointDamaged, match=r"step-12 is damaged: pytorch_model_fsdp_0/__1_0.distcp does not"
+    ):
+        verify(step)
+
+
 # -- non-finite losses ------------------------------------------------------------------------------------------
 @pytest.fixture
 def nan_at_step_3(monkeypatch):

@@ -38,6 +38,7 @@ from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, wri
 from kdcore.runs.trackers import Tracking, resolve_trackers
 from kdcore.summary import SUMMARY_FILE, RunSummary
 from kdcore.teachers.resolve import resolve_teacher
+from kdcore.training import parallel
 from kdcore.training.checkpoint import (
     Checkpointer,
     check_plugins,
@@ -46,7 +47,6 @@ from kdcore.training.checkpoint import (
     truncate_metrics,
 )
 from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
-from kdcore.training.evaluation import perplexity
 from kdcore.training.progress import TrainingProgress
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
     from accelerate.utils import broadcast_object_list
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    parallel.check_backend(state.distributed_type)  # an FSDP config on CPU fails before anything is written
     found = None
     if resume:
         run_dir = Path(cfg.output.dir)
@@ -91,7 +92,7 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
         found = find_checkpoint(
             run_dir,
             cfg.to_dict(),
-            state.num_processes,
+            parallel.backend(state.num_processes),
             lambda msg: console.print(f"[yellow]{msg}[/yellow]") if state.is_main_process else None,
         )
         if state.is_main_process:
@@ -144,9 +145,6 @@ def run(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
-    teacher_ppl = (
-        models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
-    )
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     if main and resume:  # back to what metrics.jsonl held at the checkpoint
         metrics.records = truncate_metrics(metrics.path, checkpoint["metrics_bytes"] if checkpoint else 0)
@@ -157,11 +155,14 @@ def run(
         cfg.strategy.label(),
     )
     trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
+    teacher_ppl = models.cache.teacher_eval_ppl if models.cache else trainer.evaluate(trainer.teacher)
     tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
     with progress:
         result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
     tracking.finish()
-    if not main:  # the main process writes the student, plots and summary
+    # every process takes part in gathering the student's weights (FSDP); the main one writes outputs
+    student = trainer.full_student() if cfg.output.save_student else None
+    if not main:
         return RunResult(result, run_dir)
     summary = write_outputs(
         cfg,
@@ -172,6 +173,7 @@ def run(
         replace(result, teacher_eval_ppl=teacher_ppl),
         metrics,
         wall_start,
+        student,
     )
     if show_progress:
         print_summary(console, summary)
@@ -190,11 +192,14 @@ def write_outputs(
     summary: RunSummary,
     metrics: MetricsWriter,
     wall_start: float,
+    student: tuple[Any, dict[str, Any]] | None,
 ) -> RunSummary:
-    """The student with its model card, the difficulty history, the plots, and summary.json last."""
-    if cfg.output.save_student:
+    """The student (model and full weights, :meth:`Trainer.full_student`) with its model card, the
+    difficulty history, the plots, and summary.json last."""
+    if student is not None:
+        model, weights = student
         with atomic_directory(run_dir / "student") as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             models.tokenizer.save_pretrained(tmp)
             write_model_card(tmp, render_model_card(cfg.to_dict(), strategy_meta, summary))
     write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
@@ -253,6 +258,7 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
+    parallel.check_placement(cfg.training.teacher_placement)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     return strategies, strategy_meta
 

@@ -4,20 +4,23 @@ A checkpoint is written every ``training.checkpoint_every`` steps (and when SIGI
 run) into ``checkpoints/.step-N.tmp/`` and renamed to ``step-N/`` only when complete, so a killed
 process never leaves a checkpoint that looks whole. It holds:
 
-- what ``accelerator.save_state`` writes: the student (``model.safetensors``), the optimizer, the
-  LR scheduler, the gradient scaler (fp16) and one RNG file per process (``random_states_R.pkl``:
-  python, numpy and torch generators, so dropout continues with the same masks);
+- what ``accelerator.save_state`` writes: the student (``model.safetensors``; under FSDP a sharded
+  ``pytorch_model_fsdp_0/`` directory), the optimizer, the LR scheduler, the gradient scaler (fp16) and
+  one RNG file per process (``random_states_R.pkl``: python, numpy and torch generators, so dropout
+  continues with the same masks);
 - ``trainer_state.pt``: the step, the curriculum sampler, every strategy's ``state_dict()``
   (scorer scores, pacing, reliance, divergence), the :class:`~kdcore.training.engine.History` (difficulty
   snapshots, λ sums, eval curve, token and time counters, the partly filled log window);
-- ``checkpoint.json``, written last: the step, the number of processes, the resolved run config and
-  its fingerprint, the size of ``metrics.jsonl`` at that step, and the size and SHA-256 of every
-  other file, so a damaged checkpoint (a file missing, truncated or altered) is recognised.
+- ``checkpoint.json``, written last: the step, the number of processes, the backend (DDP, FSDP and its
+  state format, DeepSpeed), the resolved run config and its fingerprint, the size of ``metrics.jsonl``
+  at that step, and the size and SHA-256 of every other file (subdirectories
+  included), so a damaged checkpoint (a file missing, truncated or altered) is recognised.
 
 The newest ``output.keep_checkpoints`` are kept. ``kd run --resume DIR`` takes the newest checkpoint
 that passes these checks (a damaged one is reported and skipped), refuses one written with another
-config (naming the first field that differs) or another number of processes, truncates
-``metrics.jsonl`` to the checkpoint and continues; the result is bit-for-bit the uninterrupted run's.
+config (naming the first field that differs), another backend or another number of processes
+(:func:`check_layout`), truncates ``metrics.jsonl`` to the checkpoint and continues; the result is
+bit-for-bit the uninterrupted run's.
 
 ``trainer_state.pt`` and accelerate's RNG files are pickles (as accelerate's own checkpoints are):
 resume only run directories you trust.
@@ -51,11 +54,17 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
-FORMAT = 1
+FORMAT = 2  # 2: the backend recorded, files in subdirectories (FSDP) hashed
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: Config fields that do not change what a run computes; a checkpoint may differ from the run in them.
-NEUTRAL_FIELDS = ("output.", "training.checkpoint_every", "training.on_nonfinite")
+#: (A sharded teacher gathers the same weights it would hold replicated: its logits are identical.)
+NEUTRAL_FIELDS = (
+    "output.",
+    "training.checkpoint_every",
+    "training.on_nonfinite",
+    "training.teacher_placement",
+)
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -171,13 +180,42 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_layout(path: Path, meta: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
+    """A KdError when checkpoint ``path`` was written under another backend or by another number of
+    processes than this run's ``layout`` (:func:`kdcore.training.parallel.backend`): their files differ."""
+    from kdcore.training.parallel import describe
+
+    run_dir = path.parent.parent
+    saved_backend = {"type": "ddp", **meta.get("backend", {})}  # format 1: DDP or one process
+    saved_world, world = int(meta.get("world_size", 1)), int(layout["world_size"])
+    ours = {k: v for k, v in layout.items() if k != "world_size"}
+    if saved_backend != ours:
+        how = (
+            f"without the accelerate config (torchrun --nproc_per_node N -m kdcore run --resume {run_dir})"
+            if saved_backend["type"] == "ddp"
+            else "with the accelerate config it was written with (accelerate launch --config_file CONFIG "
+            f"-m kdcore run --resume {run_dir})"
+        )
+        raise KdError(
+            f"checkpoint {path} was written under {describe(saved_backend)} and this run uses "
+            f"{describe(ours)}, whose checkpoint files differ; resume it {how}"
+        )
+    if saved_world != world:
+        raise KdError(
+            f"checkpoint {path} was written by {saved_world} processes and this run has {world}; resume "
+            f"with the same number (e.g. accelerate launch --num_processes {saved_world} -m kdcore run "
+            f"--resume {run_dir})"
+        )
+
+
 def find_checkpoint(
-    run_dir: Path, config: Mapping[str, Any], num_processes: int, warn: Callable[[str], None]
+    run_dir: Path, config: Mapping[str, Any], layout: Mapping[str, Any], warn: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest valid checkpoint of ``run_dir`` for this config, or None when there is none at all.
 
     A damaged checkpoint is reported through ``warn`` and the previous one tried; a checkpoint
-    written with another config or another number of processes is refused with a :class:`KdError`.
+    written with another config, another backend or another number of processes (:func:`check_layout`)
+    is refused with a :class:`KdError`.
     """
     candidates = step_dirs(run_dir / CHECKPOINTS)
     problems = []
@@ -194,12 +232,7 @@ def find_checkpoint(
                 f"checkpoint {path} was written with {difference}; resume with the config it was "
                 f"written with ({run_dir / 'config.yaml'}), or start a new run"
             )
-        if int(meta.get("world_size", 1)) != num_processes:
-            raise KdError(
-                f"checkpoint {path} was written by {meta['world_size']} processes and this run has "
-                f"{num_processes}; resume with the same number (e.g. accelerate launch --num_processes "
-                f"{meta['world_size']} -m kdcore run --resume {run_dir})"
-            )
+        check_layout(path, meta, layout)
         return path, meta
     if problems:
         raise KdError(
@@ -272,8 +305,13 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0 and step != self.last_step
 
-    def save(self, accelerator: Accelerator, state: Mapping[str, Any], step: int) -> Path:
-        """Write checkpoint ``step-<step>`` atomically; collective over all processes."""
+    def save(
+        self, accelerator: Accelerator, state: Mapping[str, Any], step: int, layout: Mapping[str, Any]
+    ) -> Path:
+        """Write checkpoint ``step-<step>`` atomically; collective over all processes.
+
+        ``layout``: the backend and the process count (compared on resume).
+        """
         import torch
 
         final, tmp = self.root / f"step-{step}", self.root / f".step-{step}.tmp"
@@ -291,14 +329,16 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         if main:
             torch.save(dict(state), tmp / TRAINER_STATE)
-            files = {}
-            for file in sorted(p for p in tmp.iterdir() if p.is_file()):
+            files = {}  # FSDP's sharded state is a directory per model and optimizer
+            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 _fsync(file)
-                files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+                name = file.relative_to(tmp).as_posix()
+                files[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
             meta = {
                 "format": FORMAT,
                 "step": step,
-                "world_size": accelerator.num_processes,
+                "world_size": layout["world_size"],
+                "backend": {k: v for k, v in layout.items() if k != "world_size"},
                 "config_fingerprint": fingerprint(self.config),
                 "metrics_bytes": self.metrics_path.stat().st_size
                 if self.metrics_path and self.metrics_path.exists()
