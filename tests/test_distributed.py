@@ -235,3 +235,42 @@ def test_two_processes_resume_bit_for_bit(runs, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     a, b = (json.loads((run / "summary.json").read_text()) for run in (two, copy))
     assert a["eval_curve"] == b["eval_curve"] and a["mean_lambda"] == b["mean_lambda"]
+
+
+def unfinished(run: Path, copy: Path) -> Path:
+    """``run`` as if killed after its step-30 checkpoint."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()
+    shutil.rmtree(copy / "student")
+    shutil.rmtree(copy / "checkpoints" / "step-40")
+    return copy
+
+
+@pytest.mark.slow
+def test_resume_on_another_process_count_equals_the_uninterrupted_runs(runs, fsdp, tmp_path):
+    """2 → 1 and 1 → 2 (DDP), 2 → 1 (FSDP2, its sharded checkpoint resharded on load), from step 30 of 40.
+
+    No dropout, so the continued run may differ from either uninterrupted run only by float summation
+    order: the same tolerances as 2 processes against 1.
+    """
+    one, two = runs
+    jobs = {
+        "two-on-one": ([sys.executable, "-m", "kdcore", "run", "--resume"], two, 2, 1),
+        "one-on-two": (torchrun("run", "--resume"), one, 1, 2),
+        "fsdp-on-one": (accelerate_launch("run", "--resume", processes=1), fsdp, 2, 1),
+    }
+    started = {}
+    for name, (command, run, _, _) in jobs.items():
+        copy = unfinished(run, tmp_path / name)
+        with (tmp_path / f"{name}.log").open("w") as log:
+            started[name] = (launch([*command, str(copy)], log), copy)
+    for name, (proc, copy) in started.items():
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        _, written_by, before, after = jobs[name]
+        log = (tmp_path / f"{name}.log").read_text()
+        note = f"was written by {before} process{'es' * (before > 1)} and this run has {after}: continuing"
+        assert note in log and "checkpoints/step-30 (step 30)" in log
+        assert_trains_like(one, copy)
+        assert_trains_like(written_by, copy)

@@ -1,4 +1,4 @@
-"""kdcore.training.parallel: backend refusals, even shards, the sharded teacher, FSDP2 on one process."""
+"""kdcore.training.parallel: backend refusals, dropout detection, even shards, the sharded teacher, FSDP2 on one process."""
 
 from __future__ import annotations
 
@@ -99,6 +99,20 @@ def test_a_sharded_teacher_needs_an_fsdp_launch(tmp_path):
     ):
         run(cfg, show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# -- dropout ----------------------------------------------------------------------------------------
+def test_dropout_is_found_in_modules_and_attention_attributes():
+    assert parallel.dropout_in(tiny_gpt2(attn_pdrop=0, resid_pdrop=0, embd_pdrop=0)) is None
+    assert parallel.dropout_in(tiny_gpt2(attn_pdrop=0, resid_pdrop=0.1, embd_pdrop=0)) == (
+        "transformer.h.0.attn.resid_dropout p=0.1"
+    )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    llama = LlamaForCausalLM(LlamaConfig(**tiny, num_attention_heads=2, attention_dropout=0.2))
+    assert parallel.dropout_in(llama) == "model.layers.0.self_attn.attention_dropout=0.2"
+    assert parallel.dropout_in(LlamaForCausalLM(LlamaConfig(**tiny, num_attention_heads=2))) is None
 
 
 # -- even shards --------------------------------------------------------------------------------------

@@ -276,9 +276,10 @@ def edited_checkpoint(short_run: Path, tmp_path: Path, **meta_changes) -> tuple[
     return run_dir, yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
-def test_a_checkpoint_records_backend_and_processes(short_run):
+def test_a_checkpoint_records_backend_processes_and_dropout(short_run):
     meta = json.loads((short_run / "checkpoints" / "step-12" / "checkpoint.json").read_text())
     assert meta["format"] == 2 and meta["world_size"] == 1 and meta["backend"] == {"type": "ddp"}
+    assert meta["dropout"] == "transformer.drop p=0.1"  # the tiny GPT-2 student keeps GPT-2's dropout
 
 
 def test_a_checkpoint_from_another_backend_is_refused(short_run, tmp_path):
@@ -300,7 +301,7 @@ def test_a_checkpoint_from_another_backend_is_refused(short_run, tmp_path):
         find_checkpoint(run_dir, config, {**backend, "world_size": 1}, print)
 
 
-def test_a_checkpoint_from_another_process_count_is_refused(short_run, tmp_path):
+def test_another_process_count_is_refused_when_the_student_uses_dropout(short_run, tmp_path):
     from kdcore.training.checkpoint import find_checkpoint
 
     run_dir, config = edited_checkpoint(short_run, tmp_path, world_size=2)
@@ -308,9 +309,41 @@ def test_a_checkpoint_from_another_process_count_is_refused(short_run, tmp_path)
         find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 1}, print)
     assert str(info.value) == (
         f"checkpoint {run_dir / 'checkpoints' / 'step-12'} was written by 2 processes and this run has 1; "
-        "resume with the same number (e.g. accelerate launch --num_processes 2 -m kdcore run --resume "
-        f"{run_dir})"
+        "the student uses dropout (transformer.drop p=0.1), whose masks are drawn per process, so the "
+        "continued run could not match an uninterrupted one; resume with 2 processes (accelerate launch "
+        f"--num_processes 2 -m kdcore run --resume {run_dir})"
     )
+
+
+def test_another_process_count_continues_without_dropout_with_a_note(short_run, tmp_path):
+    from kdcore.training.checkpoint import find_checkpoint
+
+    notes: list[str] = []
+    run_dir, config = edited_checkpoint(short_run, tmp_path, world_size=2, dropout=False)
+    found = find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 1}, notes.append)
+    assert found is not None and found[0] == run_dir / "checkpoints" / "step-12"
+    assert notes == [
+        f"checkpoint {found[0]} was written by 2 processes and this run has 1: continuing, with a result "
+        "equal to the uninterrupted run's up to float rounding (not bit for bit)"
+    ]
+    # DeepSpeed keeps one state file per process: not continued on another count
+    deepspeed = {"type": "deepspeed", "zero_stage": 3}
+    run_dir, config = edited_checkpoint(
+        short_run, tmp_path / "ds", world_size=2, dropout=False, backend=deepspeed
+    )
+    with pytest.raises(KdError, match=r"by 2 processes and this run has 4; DeepSpeed's checkpoint holds one"):
+        find_checkpoint(run_dir, config, {**deepspeed, "world_size": 4}, print)
+
+
+def test_a_format_1_checkpoint_resumes_only_on_its_process_count(short_run, tmp_path):
+    from kdcore.training.checkpoint import find_checkpoint
+
+    run_dir, config = edited_checkpoint(
+        short_run, tmp_path, format=1, world_size=2, backend=None, dropout=None
+    )
+    assert find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 2}, print) is not None
+    with pytest.raises(KdError, match=r"does not record whether the student uses dropout; resume with 2"):
+        find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 1}, print)
 
 
 def test_damage_in_a_checkpoint_subdirectory_is_named(short_run, tmp_path):

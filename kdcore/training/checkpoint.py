@@ -12,15 +12,15 @@ process never leaves a checkpoint that looks whole. It holds:
   (scorer scores, pacing, reliance, divergence), the :class:`~kdcore.training.engine.History` (difficulty
   snapshots, λ sums, eval curve, token and time counters, the partly filled log window);
 - ``checkpoint.json``, written last: the step, the number of processes, the backend (DDP, FSDP and its
-  state format, DeepSpeed), the resolved run config and its fingerprint, the size of ``metrics.jsonl``
-  at that step, and the size and SHA-256 of every other file (subdirectories
+  state format, DeepSpeed), the student's dropout, the resolved run config and its fingerprint, the size
+  of ``metrics.jsonl`` at that step, and the size and SHA-256 of every other file (subdirectories
   included), so a damaged checkpoint (a file missing, truncated or altered) is recognised.
 
 The newest ``output.keep_checkpoints`` are kept. ``kd run --resume DIR`` takes the newest checkpoint
 that passes these checks (a damaged one is reported and skipped), refuses one written with another
-config (naming the first field that differs), another backend or another number of processes
-(:func:`check_layout`), truncates ``metrics.jsonl`` to the checkpoint and continues; the result is
-bit-for-bit the uninterrupted run's.
+config (naming the first field that differs) or another backend, truncates ``metrics.jsonl`` to the
+checkpoint and continues; the result is bit-for-bit the uninterrupted run's. Another number of processes
+is accepted without dropout (equal up to float rounding) and refused with it (:func:`check_layout`).
 
 ``trainer_state.pt`` and accelerate's RNG files are pickles (as accelerate's own checkpoints are):
 resume only run directories you trust.
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
-FORMAT = 2  # 2: the backend recorded, files in subdirectories (FSDP) hashed
+FORMAT = 2  # 2: the backend and the student's dropout recorded, files in subdirectories (FSDP) hashed
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: Config fields that do not change what a run computes; a checkpoint may differ from the run in them.
@@ -180,9 +180,21 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_layout(path: Path, meta: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
-    """A KdError when checkpoint ``path`` was written under another backend or by another number of
-    processes than this run's ``layout`` (:func:`kdcore.training.parallel.backend`): their files differ."""
+def processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def check_layout(
+    path: Path, meta: Mapping[str, Any], layout: Mapping[str, Any], warn: Callable[[str], None]
+) -> None:
+    """A KdError when checkpoint ``path`` cannot continue under ``layout`` (this run's backend and
+    process count, :func:`kdcore.training.parallel.backend`); a note through ``warn`` when it can,
+    but only up to float rounding.
+
+    Another process count is fine for DDP and FSDP without dropout: the weights and optimizer are
+    saved whole (DDP) or resharded on load (FSDP's distributed checkpoint), and batches, curriculum
+    and λ do not depend on it. Dropout masks are drawn per process, so they cannot be continued.
+    """
     from kdcore.training.parallel import describe
 
     run_dir = path.parent.parent
@@ -200,12 +212,26 @@ def check_layout(path: Path, meta: Mapping[str, Any], layout: Mapping[str, Any])
             f"checkpoint {path} was written under {describe(saved_backend)} and this run uses "
             f"{describe(ours)}, whose checkpoint files differ; resume it {how}"
         )
-    if saved_world != world:
+    if saved_world == world:
+        return
+    same = (
+        f"resume with {processes(saved_world)} (accelerate launch --num_processes {saved_world} -m kdcore "
+        f"run --resume {run_dir})"
+    )
+    written = f"checkpoint {path} was written by {processes(saved_world)} and this run has {world}"
+    if "dropout" not in meta:
+        raise KdError(f"{written}, and it does not record whether the student uses dropout; {same}")
+    if meta["dropout"]:
         raise KdError(
-            f"checkpoint {path} was written by {saved_world} processes and this run has {world}; resume "
-            f"with the same number (e.g. accelerate launch --num_processes {saved_world} -m kdcore run "
-            f"--resume {run_dir})"
+            f"{written}; the student uses dropout ({meta['dropout']}), whose masks are drawn per process, "
+            f"so the continued run could not match an uninterrupted one; {same}"
         )
+    if ours["type"] == "deepspeed":
+        raise KdError(f"{written}; DeepSpeed's checkpoint holds one file per process; {same}")
+    warn(
+        f"{written}: continuing, with a result equal to the uninterrupted run's up to float rounding "
+        "(not bit for bit)"
+    )
 
 
 def find_checkpoint(
@@ -214,8 +240,8 @@ def find_checkpoint(
     """The newest valid checkpoint of ``run_dir`` for this config, or None when there is none at all.
 
     A damaged checkpoint is reported through ``warn`` and the previous one tried; a checkpoint
-    written with another config, another backend or another number of processes (:func:`check_layout`)
-    is refused with a :class:`KdError`.
+    written with another config, or that this backend and process count cannot continue
+    (:func:`check_layout`), is refused with a :class:`KdError`.
     """
     candidates = step_dirs(run_dir / CHECKPOINTS)
     problems = []
@@ -232,7 +258,7 @@ def find_checkpoint(
                 f"checkpoint {path} was written with {difference}; resume with the config it was "
                 f"written with ({run_dir / 'config.yaml'}), or start a new run"
             )
-        check_layout(path, meta, layout)
+        check_layout(path, meta, layout, warn)
         return path, meta
     if problems:
         raise KdError(
@@ -310,7 +336,7 @@ class Checkpointer:
     ) -> Path:
         """Write checkpoint ``step-<step>`` atomically; collective over all processes.
 
-        ``layout``: the backend and the process count (compared on resume).
+        ``layout``: the backend, process count and the student's dropout (compared on resume).
         """
         import torch
 
@@ -338,7 +364,8 @@ class Checkpointer:
                 "format": FORMAT,
                 "step": step,
                 "world_size": layout["world_size"],
-                "backend": {k: v for k, v in layout.items() if k != "world_size"},
+                "backend": {k: v for k, v in layout.items() if k not in ("world_size", "dropout")},
+                "dropout": layout["dropout"],
                 "config_fingerprint": fingerprint(self.config),
                 "metrics_bytes": self.metrics_path.stat().st_size
                 if self.metrics_path and self.metrics_path.exists()

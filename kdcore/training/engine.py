@@ -194,7 +194,7 @@ class Trainer:
                 "micro-batch"
             )
         #: what a checkpoint records about how it was written (compared on resume)
-        self.layout = parallel.backend(self.world)
+        self.layout = {**parallel.backend(self.world), "dropout": parallel.dropout_in(student)}
         if not self.accelerator.is_main_process:  # only the main process writes metrics and files
             self.on_log, self.run_dir = (lambda record: None), None
         self.history = History()

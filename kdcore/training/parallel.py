@@ -102,6 +102,21 @@ def describe(layout: dict[str, Any]) -> str:
     return "DDP (or one process)"
 
 
+def dropout_in(model: torch.nn.Module) -> str | None:
+    """The first active dropout of ``model`` (``'transformer.h.0.attn.attn_dropout p=0.1'``), or None.
+
+    Looks at ``nn.Dropout`` modules and at float attributes named like ``attention_dropout`` (models that
+    pass the probability to the attention kernel instead).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return f"{name} p={module.p}"
+        for attr, value in vars(module).items():
+            if "dropout" in attr and isinstance(value, float) and value > 0:
+                return f"{name}.{attr}={value}"
+    return None
+
+
 def shard_for_inference(model: torch.nn.Module, block_names: set[str] | None = None) -> torch.nn.Module:
     """``model`` frozen, in eval mode, and sharded with FSDP2 over the default process group.
 
