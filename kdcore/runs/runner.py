@@ -156,7 +156,12 @@ def run(
     )
     trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
     teacher_ppl = models.cache.teacher_eval_ppl if models.cache else trainer.evaluate(trainer.teacher)
-    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
+    tracking.start(
+        trainer.accelerator,
+        cfg.to_dict(),
+        resume_step=(checkpoint["step"] if checkpoint else 0) if resume else None,
+        teacher_perplexity=teacher_ppl,
+    )
     with progress:
         result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
     tracking.finish()
