@@ -274,3 +274,22 @@ def test_resume_on_another_process_count_equals_the_uninterrupted_runs(runs, fsd
         assert note in log and "checkpoints/step-30 (step 30)" in log
         assert_trains_like(one, copy)
         assert_trains_like(written_by, copy)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_trains_like_one_process(runs, tmp_path):
+    """ZeRO-3 (parameters, gradients and optimizer state partitioned) when deepspeed is installed."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    one, _ = runs
+    config = REPO / "examples" / "accelerate" / "deepspeed_zero3.yaml"
+    command = accelerate_launch("run", "-c", config_file(tmp_path, "zero3"), config=config)
+    with (tmp_path / "zero3.log").open("w") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+        )
+        assert proc.wait(timeout=600) == 0, (tmp_path / "zero3.log").read_text()[-3000:]
+    zero3 = tmp_path / "zero3"
+    assert_trains_like(one, zero3)
+    meta = json.loads((zero3 / "checkpoints" / "step-40" / "checkpoint.json").read_text())
+    assert meta["backend"] == {"type": "deepspeed", "zero_stage": 3}
+    assert "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt" in meta["files"]  # one file per process

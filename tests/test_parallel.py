@@ -1,4 +1,4 @@
-"""kdcore.training.parallel: backend refusals, dropout detection, even shards, the sharded teacher, FSDP2 on one process."""
+"""kdcore.training.parallel: backend refusals, dropout detection, even shards, the sharded teacher."""
 
 from __future__ import annotations
 
@@ -218,3 +218,50 @@ def test_one_fsdp_process_trains_exactly_like_a_plain_run(cached_tiny_teacher, t
     assert all(torch.equal(saved[key], expected[key]) for key in expected)
     a, b = (json.loads((run_dir / "summary.json").read_text()) for run_dir in (plain, fsdp))
     assert a["eval_curve"] == b["eval_curve"] and a["teacher_eval_ppl"] == b["teacher_eval_ppl"]
+
+
+# -- DeepSpeed's config ----------------------------------------------------------------------------------
+def deepspeed_accelerator(**config):
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}, **config})
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), plugin.deepspeed_config
+
+
+def test_deepspeed_gets_the_run_configs_batch_and_clipping():
+    from kdcore.config import TrainingConfig
+
+    accelerator, config = deepspeed_accelerator(gradient_clipping="auto", gradient_accumulation_steps=1)
+    parallel.configure_deepspeed(accelerator, TrainingConfig(batch_size=16, max_grad_norm=0.5), 4)
+    assert config == {
+        "zero_optimization": {"stage": 3},
+        "gradient_clipping": 0.5,
+        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": 4,
+        "train_batch_size": 16,
+    }
+
+
+@pytest.mark.parametrize(
+    ("training", "config", "message"),
+    [
+        ({"grad_accum": 2}, {}, "set training.grad_accum: 1 (it is 2)"),
+        ({"on_nonfinite": "skip"}, {}, "on_nonfinite: skip cannot drop an update under DeepSpeed"),
+        (
+            {"max_grad_norm": 0.5},
+            {"gradient_clipping": 1.0},
+            "clips gradients at 1.0 and training.max_grad_norm is 0.5",
+        ),
+        (
+            {},
+            {"gradient_accumulation_steps": 4},
+            "accumulates 4 micro-batches; set gradient_accumulation_steps: 1",
+        ),
+    ],
+)
+def test_deepspeed_settings_kdcore_cannot_honour_are_refused(training, config, message):
+    from kdcore.config import TrainingConfig
+
+    accelerator, _ = deepspeed_accelerator(**config)
+    with pytest.raises(KdError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parallel.configure_deepspeed(accelerator, TrainingConfig(batch_size=16, **training), 2)

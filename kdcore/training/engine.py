@@ -195,6 +195,8 @@ class Trainer:
             )
         #: what a checkpoint records about how it was written (compared on resume)
         self.layout = {**parallel.backend(self.world), "dropout": parallel.dropout_in(student)}
+        if self.layout["type"] == "deepspeed":
+            parallel.configure_deepspeed(self.accelerator, training, self.world)
         if not self.accelerator.is_main_process:  # only the main process writes metrics and files
             self.on_log, self.run_dir = (lambda record: None), None
         self.history = History()
@@ -278,8 +280,9 @@ class Trainer:
         # The norm before clipping (no limit: only measured), the same on every process; a wrong loss
         # scale shows here at once while Adam and clipping hide it in the weights.
         norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm or math.inf)
+        norm = None if norm is None else float(norm)  # a tensor, or DeepSpeed's float
         fp16 = self.cfg.mixed_precision == "fp16"  # with fp16, inf gradients are the scaler's job
-        if norm is not None and not fp16 and not torch.isfinite(norm):
+        if norm is not None and not fp16 and not math.isfinite(norm):
             return self.nonfinite(step, batch_ids, "gradient")
         self.optimizer.step()
         self.scheduler.step()
@@ -287,7 +290,7 @@ class Trainer:
         n = len(batch_ids)
         metrics = {k: (v if k == "tokens" else v / n) for k, v in totals.items()}
         if norm is not None:
-            metrics["grad_norm"] = float(norm)
+            metrics["grad_norm"] = norm
         return metrics
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
@@ -506,10 +509,10 @@ class Trainer:
     def full_student(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """The student's model object and its full weights; every process must call it (FSDP gathers).
 
-        The weights are complete on the main process (other processes may get an empty dict); save with
+        The weights are complete on the main process (other processes may get nothing); save with
         ``model.save_pretrained(dir, state_dict=weights)``: under FSDP the model itself holds shards.
         """
-        weights = self.accelerator.get_state_dict(self.student)
+        weights = self.accelerator.get_state_dict(self.student) or {}  # DeepSpeed: None off the main process
         model = self.accelerator.unwrap_model(self.student)
         # A tied parameter (the LM head sharing the embedding) is saved once, as from an unsharded
         # model; gathered weights are separate copies, which save_pretrained would write twice.

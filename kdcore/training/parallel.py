@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdcore.errors import KdError
 from kdcore.inputs.packing import PackedDataset
+
+if TYPE_CHECKING:
+    from kdcore.config import TrainingConfig
 
 FSDP_EXAMPLE = "examples/accelerate/fsdp2.yaml"
 
@@ -100,6 +103,44 @@ def describe(layout: dict[str, Any]) -> str:
     if layout.get("type") == "deepspeed":
         return f"DeepSpeed ZeRO-{layout.get('zero_stage')}"
     return "DDP (or one process)"
+
+
+def configure_deepspeed(accelerator: Any, training: TrainingConfig, num_processes: int) -> None:
+    """Fill the DeepSpeed config's batch and clipping fields from the run config, before ``prepare``.
+
+    DeepSpeed steps its optimizer inside every backward that accelerate marks as the last of an
+    accumulation, and kdcore accumulates micro-batches itself; so one micro-batch per step, and the
+    gradient clipping (DeepSpeed's own) must be the run's ``max_grad_norm``.
+    """
+    if training.grad_accum != 1:
+        raise KdError(
+            f"under DeepSpeed kdcore cannot accumulate micro-batches (DeepSpeed steps its optimizer at each "
+            f"backward); set training.grad_accum: 1 (it is {training.grad_accum})"
+        )
+    if training.on_nonfinite == "skip":
+        raise KdError(
+            "training.on_nonfinite: skip cannot drop an update under DeepSpeed, which applies it inside "
+            "backward; use on_nonfinite: stop"
+        )
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clip, wanted = config.get("gradient_clipping", "auto"), float(training.max_grad_norm or 0.0)
+    if clip != "auto" and float(clip) != wanted:
+        raise KdError(
+            f"the DeepSpeed config clips gradients at {clip} and training.max_grad_norm is {wanted}; drop "
+            "gradient_clipping from the accelerate config (kdcore sets it) or make the two equal"
+        )
+    steps = config.get("gradient_accumulation_steps", "auto")
+    if steps not in ("auto", 1):
+        raise KdError(
+            f"the DeepSpeed config accumulates {steps} micro-batches; set gradient_accumulation_steps: 1 "
+            "(kdcore's training.batch_size is the whole step)"
+        )
+    config.update(
+        gradient_clipping=wanted,
+        gradient_accumulation_steps=1,
+        train_micro_batch_size_per_gpu=training.batch_size // num_processes,
+        train_batch_size=training.batch_size,
+    )
 
 
 def dropout_in(model: torch.nn.Module) -> str | None:
