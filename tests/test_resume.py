@@ -7,8 +7,10 @@ uninterrupted subprocess run of the same config, started at the same time.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -426,3 +428,135 @@ def test_skip_drops_the_update_of_a_nan_batch_and_logs_it(nan_at_step_3, tmp_pat
     last = load_file(checkpoints / "step-4" / "model.safetensors")
     assert not all(torch.equal(after[k], last[k]) for k in after)  # step 4 trained again
     assert all(bool(torch.isfinite(v).all()) for v in last.values())
+
+
+# -- a checkpoint never runs code ----------------------------------------------------------------------------
+class Payload:
+    """Pickles as a call to ``exec`` that writes ``marker``: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('the payload ran')",))
+
+
+def plant_payload(checkpoint: Path, name: str, marker: Path) -> None:
+    """Replace ``name`` with a pickle that runs code, and fix its size and hash in checkpoint.json, as
+    whoever edits the file can."""
+    from kdcore.files import file_sha256
+
+    file = checkpoint / name
+    torch.save({"step": Payload(marker), "random_state": Payload(marker)}, file)
+    meta_path = checkpoint / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"][name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_crafted_pickle_in_the_only_checkpoint_is_refused_without_running(short_run, tmp_path):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step-8")
+    checkpoint, marker = run_dir / "checkpoints" / "step-12", tmp_path / "payload-ran"
+    plant_payload(checkpoint, "trainer_state.pt", marker)
+    result = run_kd("run", "--resume", str(run_dir))
+    assert result.returncode == 2, result.stderr
+    assert not marker.exists()
+    assert f"checkpoint {checkpoint} is damaged: trainer_state.pt calls exec when loaded" in result.stderr
+    assert "Traceback" not in result.stderr and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["trainer_state.pt", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"]
+)
+def test_a_crafted_pickle_makes_a_checkpoint_damaged_and_the_previous_one_is_used(
+    short_run, tmp_path, capsys, name
+):
+    run_dir = unfinished_copy(short_run, tmp_path)
+    checkpoint, marker = run_dir / "checkpoints" / "step-12", tmp_path / "payload-ran"
+    plant_payload(checkpoint, name, marker)
+    resume_in_process(run_dir)
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} is damaged: {name} calls exec when loaded" in err
+    assert f"Resuming {run_dir} from {run_dir / 'checkpoints' / 'step-8'} (step 8)" in err
+    assert_same_run(run_dir, short_run)
+
+
+def test_an_unlisted_pickle_is_checked_too(short_run, tmp_path):
+    """A pickle that checkpoint.json does not list (a scaler.pt added later) is loaded by accelerate all the same."""
+    from kdcore.training.checkpoint import CheckpointDamaged, verify
+
+    checkpoint, marker = short_run / "checkpoints" / "step-8", tmp_path / "payload-ran"
+    copy = tmp_path / "step-8"
+    shutil.copytree(checkpoint, copy)
+    torch.save({"scale": Payload(marker)}, copy / "scaler.pt")
+    with pytest.raises(CheckpointDamaged, match=r"scaler.pt calls exec when loaded"):
+        verify(copy)
+    assert not marker.exists()
+
+
+def test_a_strategy_state_that_cannot_load_safely_is_refused_when_saving(tmp_path):
+    from kdcore.training.checkpoint import check_storable
+
+    state = {"step": 1, "strategies": {"scorer": {"when": Path("x")}, "pacing": {}}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with pytest.raises(KdError, match=r"the scorer's state_dict\(\): .*calls pathlib"):
+        check_storable(state, buffer.getvalue())
+
+
+def test_a_second_ctrl_c_stops_at_once_and_still_prints_the_resume_command(cached_tiny_teacher, tmp_path):
+    config = long_config(tmp_path, "run")
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_kd("run", "-c", str(config), log=log)
+    wait_for_checkpoint(run_dir, proc, at_least=10)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)  # two signals at once would be delivered as one
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    resume = rf"resume (from step \d+ )?with: kd run --resume {run_dir}$"
+    assert re.match(rf"stopped at step \d+( without a checkpoint)?; {resume}", last), text[-2000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+def test_the_python_resume_of_the_docs_uses_the_public_api_and_works(short_run, tmp_path, monkeypatch):
+    from conftest import REPO
+
+    import kdcore
+
+    text = (REPO / "docs" / "resume.md").read_text()
+    (code,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert "kdcore." not in code.replace("kdcore.run(", "")  # nothing outside kdcore.__all__
+    assert "run" in kdcore.__all__
+    run_dir = unfinished_copy(short_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace("runs/a", run_dir.name), {"__name__": "docs_resume"})
+    assert_same_run(run_dir, short_run)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_after_a_stop_late_signals_are_ignored_only_by_a_process_that_exits(hold):
+    """kd run exits after a stop: a Ctrl-C arriving during its shutdown must not raise there."""
+    from kdcore.training.checkpoint import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with GracefulStop(True, hold_after_stop=hold) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+            assert stop.signum == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if hold else before)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_without_a_stop_the_previous_handlers_come_back_even_when_holding():
+    from kdcore.training.checkpoint import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop(True, hold_after_stop=True):
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -22,13 +22,18 @@ config (naming the first field that differs) or another backend, truncates ``met
 checkpoint and continues; the result is bit-for-bit the uninterrupted run's. Another number of processes
 is accepted without dropout (equal up to float rounding) and refused with it (:func:`check_layout`).
 
-``trainer_state.pt`` and accelerate's RNG files are pickles (as accelerate's own checkpoints are):
-resume only run directories you trust.
+Nothing in a checkpoint runs code when it is loaded: ``trainer_state.pt`` and accelerate's
+``optimizer.bin``, ``scheduler.bin``, ``scaler.pt`` and ``random_states_R.pkl`` are pickles, and every
+one of them goes through torch's weights-only unpickler (tensors, plain Python values and numpy
+arrays; :func:`safe_load`) before anything is restored. A pickle that asks for anything else, such as
+a crafted ``__reduce__``, makes the checkpoint damaged; the SHA-256 in ``checkpoint.json`` cannot
+vouch for it, since whoever edits a file can edit its hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,12 +43,12 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
 from kdcore.errors import KdError, PluginError
-from kdcore.files import file_sha256
+from kdcore.files import default_permissions, file_sha256
 from kdcore.summary import SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -177,6 +182,10 @@ def verify(path: Path) -> dict[str, Any]:
             )
         if file_sha256(file) != info["sha256"]:
             raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} does not match its checksum")
+    # Every pickle accelerate.load_state or read_state will open, listed in checkpoint.json or not.
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != META):
+        if file.suffix != ".safetensors":
+            safe_load(file, path, mmap=True)  # mmap: the pickle is checked, the tensors are not read
     return meta
 
 
@@ -354,7 +363,10 @@ class Checkpointer:
             noisy.setLevel(level)
         accelerator.wait_for_everyone()
         if main:
-            torch.save(dict(state), tmp / TRAINER_STATE)
+            buffer = io.BytesIO()
+            torch.save(dict(state), buffer)
+            check_storable(state, buffer.getvalue())
+            (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
             files = {}  # FSDP's sharded state is a directory per model and optimizer
             for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 _fsync(file)
@@ -375,6 +387,7 @@ class Checkpointer:
             }
             (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
             _fsync(tmp / META)
+            default_permissions(tmp)  # accelerate's safetensors file is 0600 otherwise
             if final.exists():  # e.g. a damaged step-N left by an earlier attempt
                 old = self.root / f".step-{step}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -400,24 +413,86 @@ class Checkpointer:
                 shutil.rmtree(newer, ignore_errors=True)
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` of a verified checkpoint."""
+def _allowed_globals() -> list[Any]:
+    """What the weights-only unpickler may build besides tensors and plain values: numpy arrays (the
+    numpy generator state in accelerate's RNG files; accelerate loads them with the same list)."""
+    import codecs
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    if hasattr(np, "dtypes"):
+        allowed.append(np.dtypes.UInt32DType)
+    return allowed
+
+
+def safe_load(file: Path | IO[bytes], checkpoint: Path | None = None, *, mmap: bool = False) -> Any:
+    """``torch.load`` through torch's weights-only unpickler, or :class:`CheckpointDamaged`.
+
+    A pickle can name any function to call while it loads; this one builds only tensors, plain Python
+    values and numpy arrays, and refuses a file that asks for anything else without running it.
+    """
+    import pickle
+
     import torch
 
-    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    name = getattr(file, "name", "the state")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"calls {found.group(1)}" if found else "holds more than tensors and plain values"
+        problem = f"{name} {what} when loaded, which no checkpoint does, so it was not loaded"
+    except Exception as exc:
+        problem = f"{name} cannot be read ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})"
+    raise CheckpointDamaged(f"checkpoint {checkpoint} is damaged: {problem}" if checkpoint else problem)
+
+
+def check_storable(state: Mapping[str, Any], data: bytes) -> None:
+    """``data`` (``state`` saved by torch) loads back through :func:`safe_load`, or a KdError naming the
+    strategy whose ``state_dict()`` holds something else."""
+    import torch
+
+    try:
+        safe_load(io.BytesIO(data))
+        return
+    except CheckpointDamaged as exc:
+        problem = str(exc)
+    for kind, part in state.get("strategies", {}).items():
+        buffer = io.BytesIO()
+        torch.save(part, buffer)
+        try:
+            safe_load(io.BytesIO(buffer.getvalue()))
+        except CheckpointDamaged as exc:
+            problem = f"the {kind}'s state_dict(): {exc}"
+            break
+    raise KdError(
+        f"cannot write a checkpoint that loads safely ({problem}); a strategy's state_dict() must hold only "
+        "tensors, numpy arrays and plain Python values (docs/plugins.md)"
+    )
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a verified checkpoint, through the weights-only unpickler."""
+    return safe_load(path / TRAINER_STATE, path)
 
 
 # -- graceful stop ----------------------------------------------------------------------------------------
 class GracefulStop:
     """While active, SIGINT and SIGTERM only set a flag: the loop finishes its step, checkpoints, stops.
 
-    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once. ``hold_after_stop``: a process
+    that exits after the stop (``kd run``) ignores later signals instead of restoring the previous
+    handlers, so a late Ctrl-C cannot interrupt its shutdown (it arrives after the loop has ended).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, hold_after_stop: bool = False) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.hold_after_stop = hold_after_stop
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -433,8 +508,9 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        hold = self.hold_after_stop and self.signum is not None
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if hold else handler)
         self._previous.clear()
 
     def requested(self, accelerator: Accelerator) -> int | None:

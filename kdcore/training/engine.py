@@ -113,6 +113,15 @@ def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
+def check_batch_size(batch_size: int, num_samples: int) -> None:
+    """A batch draws distinct samples: it cannot be larger than the training set."""
+    if batch_size > num_samples:
+        raise KdError(
+            f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
+            f"--batch-size to at most {num_samples}, or train on more data"
+        )
+
+
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -182,6 +191,7 @@ class Trainer:
         self.run_dir = run_dir
         self.on_log = on_log or (lambda record: None)
         self.on_progress = on_progress or (lambda step, metrics: None)
+        check_batch_size(training.batch_size, len(train))
         self.total_steps = total_steps(training, len(train))
         self.accelerator = make_accelerator(training, log_with, project_dir)
         parallel.check_backend(self.accelerator.distributed_type)
@@ -352,8 +362,11 @@ class Trainer:
         return self.teacher(input_ids=input_ids, attention_mask=mask).logits
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: Path | None = None) -> RunSummary:
+    def fit(self, resume: Path | None = None, *, exits_after_stop: bool = False) -> RunSummary:
         """Train to ``total_steps``; ``resume``: a checkpoint directory to continue from.
+
+        ``exits_after_stop``: the process ends when a signal stops the run, so later signals are
+        ignored rather than allowed to interrupt its shutdown (see :class:`GracefulStop`).
 
         Returns the training numbers of the run's summary (the run adds the teacher, timing and names).
         """
@@ -369,7 +382,7 @@ class Trainer:
         eval_every = self.cfg.eval_every or max(1, self.total_steps // 4)
         self.student.train()
         self._window_start = time.perf_counter() - self.history.window_seconds
-        with GracefulStop(enabled=self.checkpoints is not None) as stop:
+        with GracefulStop(self.checkpoints is not None, hold_after_stop=exits_after_stop) as stop:
             for step in range(self.step, self.total_steps):
                 if self.sampler.needs_refresh(step):
                     self.refresh(step)
