@@ -328,13 +328,21 @@ def test_another_process_count_continues_without_dropout_with_a_note(short_run, 
         f"checkpoint {found[0]} was written by 2 processes and this run has 1: continuing, with a result "
         "equal to the uninterrupted run's up to float rounding (not bit for bit)"
     ]
-    # DeepSpeed keeps one state file per process: not continued on another count
+
+
+def test_a_deepspeed_checkpoint_is_not_resumed(short_run, tmp_path):
+    """DeepSpeed loads its own files with plain pickle, which can run code."""
+    from kdcore.training.checkpoint import find_checkpoint
+
     deepspeed = {"type": "deepspeed", "zero_stage": 3}
-    run_dir, config = edited_checkpoint(
-        short_run, tmp_path / "ds", world_size=2, dropout=False, backend=deepspeed
+    run_dir, config = edited_checkpoint(short_run, tmp_path, backend=deepspeed)
+    with pytest.raises(KdError) as info:
+        find_checkpoint(run_dir, config, {**deepspeed, "world_size": 1}, print)
+    assert str(info.value) == (
+        f"checkpoint {run_dir / 'checkpoints' / 'step-12'} was written under DeepSpeed, which loads its "
+        "files with a pickle that can run code, so kdcore does not resume it; start a new run (its files "
+        "stay in the checkpoint)"
     )
-    with pytest.raises(KdError, match=r"by 2 processes and this run has 4; DeepSpeed's checkpoint holds one"):
-        find_checkpoint(run_dir, config, {**deepspeed, "world_size": 4}, print)
 
 
 def test_a_format_1_checkpoint_resumes_only_on_its_process_count(short_run, tmp_path):
@@ -346,6 +354,58 @@ def test_a_format_1_checkpoint_resumes_only_on_its_process_count(short_run, tmp_
     assert find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 2}, print) is not None
     with pytest.raises(KdError, match=r"does not record whether the student uses dropout; resume with 2"):
         find_checkpoint(run_dir, config, {"type": "ddp", "world_size": 1}, print)
+
+
+def sharded_state(step: Path) -> Path:
+    """torch's distributed checkpoint of a small state, as FSDP writes it, listed in checkpoint.json."""
+    import torch.distributed.checkpoint as dcp
+
+    from kdcore.files import file_sha256
+
+    dcp.save({"w": torch.ones(3), "step": 4}, checkpoint_id=step / "pytorch_model_fsdp_0", no_dist=True)
+    meta = json.loads((step / "checkpoint.json").read_text())
+    for file in (step / "pytorch_model_fsdp_0").iterdir():
+        meta["files"][f"pytorch_model_fsdp_0/{file.name}"] = {
+            "bytes": file.stat().st_size,
+            "sha256": file_sha256(file),
+        }
+    (step / "checkpoint.json").write_text(json.dumps(meta))
+    return step / "pytorch_model_fsdp_0" / ".metadata"
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch ran",))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_index_that_would_run_code_is_not_loaded(short_run, tmp_path, monkeypatch):
+    """torch loads a distributed checkpoint's .metadata with plain pickle; kdcore checks it first."""
+    import pickle
+
+    from kdcore.files import file_sha256
+    from kdcore.training.checkpoint import CheckpointDamaged, verify
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    step = run_dir / "checkpoints" / "step-12"
+    index = sharded_state(step)
+    verify(step)  # torch's own index passes
+    index.write_bytes(pickle.dumps(RunsCode()))
+    meta = json.loads((step / "checkpoint.json").read_text())  # the attacker fixes the checksum too
+    meta["files"]["pytorch_model_fsdp_0/.metadata"] = {
+        "bytes": index.stat().st_size,
+        "sha256": file_sha256(index),
+    }
+    (step / "checkpoint.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        CheckpointDamaged,
+        match=r"step-12 is damaged: pytorch_model_fsdp_0/.metadata calls posix.system when loaded",
+    ):
+        verify(step)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_damage_in_a_checkpoint_subdirectory_is_named(short_run, tmp_path):

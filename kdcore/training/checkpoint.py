@@ -27,7 +27,10 @@ Nothing in a checkpoint runs code when it is loaded: ``trainer_state.pt`` and ac
 one of them goes through torch's weights-only unpickler (tensors, plain Python values and numpy
 arrays; :func:`safe_load`) before anything is restored. A pickle that asks for anything else, such as
 a crafted ``__reduce__``, makes the checkpoint damaged; the SHA-256 in ``checkpoint.json`` cannot
-vouch for it, since whoever edits a file can edit its hash.
+vouch for it, since whoever edits a file can edit its hash. FSDP's sharded state holds tensors, which
+torch reads with that unpickler, and a ``.metadata`` index, which it reads with plain pickle: kdcore
+first unpickles it allowing only the index's own classes (:func:`check_sharded_index`). DeepSpeed
+loads its checkpoint files with plain pickle too: kdcore does not resume them.
 """
 
 from __future__ import annotations
@@ -182,10 +185,18 @@ def verify(path: Path) -> dict[str, Any]:
             )
         if file_sha256(file) != info["sha256"]:
             raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} does not match its checksum")
+    if meta.get("backend", {}).get("type") == "deepspeed":
+        raise KdError(
+            f"checkpoint {path} was written under DeepSpeed, which loads its files with a pickle that can "
+            "run code, so kdcore does not resume it; start a new run (its files stay in the checkpoint)"
+        )
     # Every pickle accelerate.load_state or read_state will open, listed in checkpoint.json or not.
     for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != META):
         if file.suffix != ".safetensors":
             safe_load(file, path, mmap=True)  # mmap: the pickle is checked, the tensors are not read
+    # FSDP's sharded state: torch reads the tensors with its weights-only unpickler, the index with pickle
+    for file in sorted(path.glob("*/.metadata")):
+        check_sharded_index(file, path)
     return meta
 
 
@@ -235,8 +246,6 @@ def check_layout(
             f"{written}; the student uses dropout ({meta['dropout']}), whose masks are drawn per process, "
             f"so the continued run could not match an uninterrupted one; {same}"
         )
-    if ours["type"] == "deepspeed":
-        raise KdError(f"{written}; DeepSpeed's checkpoint holds one file per process; {same}")
     warn(
         f"{written}: continuing, with a result equal to the uninterrupted run's up to float rounding "
         "(not bit for bit)"
@@ -448,6 +457,55 @@ def safe_load(file: Path | IO[bytes], checkpoint: Path | None = None, *, mmap: b
     except Exception as exc:
         problem = f"{name} cannot be read ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})"
     raise CheckpointDamaged(f"checkpoint {checkpoint} is damaged: {problem}" if checkpoint else problem)
+
+
+#: What torch's distributed checkpoint (FSDP's sharded state) pickles into its ``.metadata`` index.
+_INDEX_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+def check_sharded_index(file: Path, checkpoint: Path) -> None:
+    """:class:`CheckpointDamaged` unless ``file`` (a distributed checkpoint's ``.metadata``, which torch
+    loads with plain pickle) names only the index's own classes, torch dtypes and sizes."""
+    import pickle
+
+    import torch
+
+    class IndexUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            known = name in _INDEX_GLOBALS.get(module, ()) or (
+                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
+            )
+            if not known:
+                raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+            return super().find_class(module, name)
+
+    name = file.relative_to(checkpoint).as_posix()
+    try:
+        with file.open("rb") as handle:
+            IndexUnpickler(handle).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointDamaged(
+            f"checkpoint {checkpoint} is damaged: {name} calls {str(exc).removeprefix('GLOBAL ')} when "
+            "loaded, which no checkpoint does, so it was not loaded"
+        ) from None
+    except Exception as exc:
+        raise CheckpointDamaged(
+            f"checkpoint {checkpoint} is damaged: {name} cannot be read ({exc})"
+        ) from None
 
 
 def check_storable(state: Mapping[str, Any], data: bytes) -> None:
