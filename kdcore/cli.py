@@ -92,6 +92,7 @@ RUN_OPTIONS: dict[str, str] = {
     "mixed_precision": "training.mixed_precision",
     "threads": "training.threads",
     "checkpoint_every": "training.checkpoint_every",
+    "teacher_placement": "training.teacher_placement",
     "output_dir": "output.dir",
     "report_to": "output.report_to",
     "push_to_hub": "output.push_to_hub",
@@ -204,6 +205,14 @@ def run(
     checkpoint_every: Annotated[
         int | None,
         Opt(help="Steps between checkpoints in RUN_DIR/checkpoints (default 100).", rich_help_panel=TRAIN),
+    ] = None,
+    teacher_placement: Annotated[
+        str | None,
+        Opt(
+            help="replicated: the whole teacher on every process; sharded: split over the processes "
+            "with FSDP2 (launch with an FSDP accelerate config, see docs/scaling.md).",
+            rich_help_panel=TRAIN,
+        ),
     ] = None,
     output_dir: Annotated[
         Path | None, Opt(help="Run directory (default runs/<timestamp>-<strategy>).")

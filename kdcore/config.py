@@ -122,6 +122,10 @@ class TrainingConfig(_Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss: stop with an error, or skip that batch's update"
     )
+    teacher_placement: Literal["replicated", "sharded"] = Field(
+        "replicated",
+        description="the teacher whole on every process, or split over them with FSDP2 (needs an FSDP launch)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:

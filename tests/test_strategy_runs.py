@@ -44,7 +44,7 @@ def setting():
         "tokenizer": tokenizer,
         "train": train,
         "eval": eval_set,
-        "teacher": trainer.unwrapped_student(),
+        "teacher": trainer.full_student()[0],
         "training": cfg.training.model_copy(update={"max_steps": 3, "batch_size": 8, "eval_every": 3}),
     }
 

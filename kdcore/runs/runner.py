@@ -45,6 +45,7 @@ from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, wri
 from kdcore.runs.trackers import Tracking, resolve_trackers
 from kdcore.summary import SUMMARY_FILE, RunSummary
 from kdcore.teachers.resolve import resolve_teacher
+from kdcore.training import parallel
 from kdcore.training.checkpoint import (
     Checkpointer,
     check_plugins,
@@ -53,7 +54,6 @@ from kdcore.training.checkpoint import (
     truncate_metrics,
 )
 from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
-from kdcore.training.evaluation import perplexity
 from kdcore.training.progress import TrainingProgress
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
     from accelerate.utils import broadcast_object_list
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    parallel.check_backend(state.distributed_type)  # an FSDP config on CPU fails before anything is written
     found = None
     if resume:
         run_dir = Path(cfg.output.dir)
@@ -106,7 +107,7 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
         found = find_checkpoint(
             run_dir,
             cfg.to_dict(),
-            state.num_processes,
+            parallel.backend(state.num_processes),
             lambda msg: console.print(f"[yellow]{msg}[/yellow]") if state.is_main_process else None,
         )
         if state.is_main_process:
@@ -167,15 +168,12 @@ def run(
     if main and not resume and cfg.output.baseline:  # the baseline trains first, inside the run directory,
         run_dir.mkdir(parents=True, exist_ok=True)  # and a stop there resumes from the run's config
         write_run_files(run_dir, cfg, strategy_meta)
-    teacher_ppl = (
-        models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
-    )
     baseline = None
+    teacher_ppl = None  # measured by the first training: the baseline's, else the run's
     if cfg.output.baseline:
-        baseline = run_baseline(
-            cfg, run_dir, models, teacher_ppl, console, show_progress, resume, exits_after_stop
-        )
-    trainer, result, metrics = train(
+        baseline = run_baseline(cfg, run_dir, models, console, show_progress, resume, exits_after_stop)
+        teacher_ppl = None if baseline is None else baseline.teacher_eval_ppl
+    trained = train(
         cfg,
         run_dir,
         models,
@@ -188,15 +186,16 @@ def run(
         exits_after_stop=exits_after_stop,
     )
     if not main:  # the main process writes the student, plots and summary
-        return RunResult(result, run_dir)
-    result = replace(result, teacher_eval_ppl=teacher_ppl)
+        return RunResult(trained.result, run_dir)
+    teacher_ppl = trained.teacher_ppl
+    result = replace(trained.result, teacher_eval_ppl=teacher_ppl)
     if baseline is not None:
         result = replace(
             result,
             baseline_eval_ppl=baseline.student_eval_ppl,
             gap_closed=gap_closed(baseline.student_eval_ppl, result.student_eval_ppl, teacher_ppl),
         )
-    summary = write_outputs(cfg, run_dir, trainer, models, strategy_meta, result, metrics, wall_start)
+    summary = write_outputs(cfg, run_dir, trained, models, strategy_meta, result, wall_start)
     if show_progress:
         print_summary(console, summary, baseline)
     if cfg.output.push_to_hub:
@@ -211,22 +210,34 @@ def write_run_files(run_dir: Path, cfg: RunConfig, strategy_meta: dict[str, Any]
     atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
 
 
+@dataclass
+class Trained:
+    """What :func:`train` leaves: the trainer, its numbers and metrics, the teacher's eval perplexity and the
+    student's full weights (gathered by every process; None when the student is not saved)."""
+
+    trainer: Trainer
+    result: RunSummary
+    metrics: MetricsWriter
+    teacher_ppl: float
+    student: tuple[Any, dict[str, Any]] | None
+
+
 def train(
     cfg: RunConfig,
     run_dir: Path,
     models: Models,
     strategies: tuple[Strategies, dict[str, Any]],
     checkpoint: dict[str, Any] | None,
-    teacher_ppl: float,
+    teacher_ppl: float | None,
     console: Console,
     show_progress: bool,
     *,
     resume: bool,
     exits_after_stop: bool,
     label: str | None = None,
-) -> tuple[Trainer, RunSummary, MetricsWriter]:
+) -> Trained:
     """Train ``models.student`` into ``run_dir`` (from ``checkpoint`` when resuming), with the metrics file,
-    trackers and progress bar; returns the trainer, the training numbers and the metrics."""
+    trackers and progress bar; ``teacher_ppl`` None: the teacher is evaluated here."""
     main = PartialState().is_main_process
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     if main and resume:  # back to what metrics.jsonl held at the checkpoint
@@ -241,7 +252,14 @@ def train(
     if main and not resume:  # only now that every check has passed: a failed start writes nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, strategies[1])
-    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
+    if teacher_ppl is None:
+        teacher_ppl = models.cache.teacher_eval_ppl if models.cache else trainer.evaluate(trainer.teacher)
+    tracking.start(
+        trainer.accelerator,
+        cfg.to_dict(),
+        resume_step=(checkpoint["step"] if checkpoint else 0) if resume else None,
+        teacher_perplexity=teacher_ppl,
+    )
     with progress:
         try:
             result = trainer.fit(
@@ -251,14 +269,15 @@ def train(
             last = trainer.checkpoints.last_step or 0
             raise RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last) from None
     tracking.finish()
-    return trainer, result, metrics
+    # every process takes part in gathering the student's weights (FSDP); the main one writes outputs
+    student = trainer.full_student() if cfg.output.save_student else None
+    return Trained(trainer, result, metrics, teacher_ppl, student)
 
 
 def run_baseline(
     cfg: RunConfig,
     run_dir: Path,
     models: Models,
-    teacher_ppl: float,
     console: Console,
     show_progress: bool,
     resume: bool,
@@ -288,13 +307,11 @@ def run_baseline(
         found = find_checkpoint(
             base_dir,
             base_cfg.to_dict(),
-            state.num_processes,
+            parallel.backend(state.num_processes),
             lambda msg: console.print(f"[yellow]{msg}[/yellow]"),
         )
-    elif (
-        state.is_main_process and base_dir.exists()
-    ):  # left before its config was written: nothing to continue
-        shutil.rmtree(base_dir)
+    elif state.is_main_process and base_dir.exists():
+        shutil.rmtree(base_dir)  # left before its config was written: nothing to continue
     state.wait_for_everyone()
     if state.is_main_process:
         where = (
@@ -306,13 +323,13 @@ def run_baseline(
     )
     checkpoint = None if found is None else {"path": found[0], **found[1]}
     try:
-        trainer, result, metrics = train(
+        trained = train(
             base_cfg,
             base_dir,
             models,
             (strategies, strategy_meta),
             checkpoint,
-            teacher_ppl,
+            None,
             console,
             show_progress,
             resume=again,
@@ -323,26 +340,28 @@ def run_baseline(
         raise RunInterrupted(
             exc.step, exc.signum, run_dir, exc.main_process, exc.resume_step, what="the CE-only baseline"
         ) from None
+    result = replace(trained.result, teacher_eval_ppl=trained.teacher_ppl)  # every process: the run's too
     if not state.is_main_process:
         return result
-    result = replace(result, teacher_eval_ppl=teacher_ppl)
-    return write_outputs(base_cfg, base_dir, trainer, models, strategy_meta, result, metrics, wall_start)
+    return write_outputs(base_cfg, base_dir, trained, models, strategy_meta, result, wall_start)
 
 
 def write_outputs(
     cfg: RunConfig,
     run_dir: Path,
-    trainer: Trainer,
+    trained: Trained,
     models: Models,
     strategy_meta: dict[str, Any],
     summary: RunSummary,
-    metrics: MetricsWriter,
     wall_start: float,
 ) -> RunSummary:
-    """The student with its model card, the difficulty history, the plots, and summary.json last."""
-    if cfg.output.save_student:
+    """The student (model and full weights, :meth:`Trainer.full_student`) with its model card, the
+    difficulty history, the plots, and summary.json last."""
+    trainer = trained.trainer
+    if trained.student is not None:
+        model, weights = trained.student
         with atomic_directory(run_dir / "student") as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             models.tokenizer.save_pretrained(tmp)
             write_model_card(tmp, render_model_card(cfg.to_dict(), strategy_meta, summary))
     write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
@@ -357,7 +376,7 @@ def write_outputs(
         seed=cfg.training.seed,
         run_dir=str(run_dir),
     )
-    write_plots(run_dir, metrics.records, trainer.history.difficulty)
+    write_plots(run_dir, trained.metrics.records, trainer.history.difficulty)
     summary.write(run_dir)
     return summary
 
@@ -409,6 +428,7 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
             config = model_config(source, trust_remote_code=cfg.model.trust_remote_code)
             check_seq_len(cfg.data.seq_len, config, role, source)
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
+    parallel.check_placement(cfg.training.teacher_placement)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     return strategies, strategy_meta
 

@@ -47,9 +47,10 @@ def train_causal_lm(
     trainer = Trainer(model, None, train, eval_set, strategies, training, 1.0, on_progress=progress.update)
     with progress:
         result = trainer.fit()
+    trained, weights = trainer.full_student()  # every process takes part (FSDP gathers the weights)
     if trainer.accelerator.is_main_process:  # several processes train it together; one writes it
         with atomic_directory(out_dir) as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
+            trained.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(
                 tmp / "kdcore_teacher.json",
