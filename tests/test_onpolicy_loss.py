@@ -24,6 +24,8 @@ IDS = torch.tensor([[2, 3, 4, 2, 3, 4, 2], [4, 3, 2, 2, 4, EOS, PAD], [3, 3, 4, 
 MASK = torch.tensor([[1] * 7, [1, 1, 1, 1, 1, 1, 0], [1] * 7])
 GENERATED_MASK = torch.tensor([[0] * 7, [0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
 GENERATED = torch.tensor([False, True, True])
+ON_POLICY = torch.tensor([True, False, False])  # labelled rows: the student wrote rows 1 and 2
+ROW_2_BY_TEACHER = torch.tensor([True, False, True])  # the teacher wrote row 2: its tokens are labels
 # what the engine builds: gold next tokens on the dataset row, generated next tokens on generated rows ...
 LABELS = torch.tensor([[3, 4, 2, 3, 4, 2, X], [X, X, 2, 4, EOS, X, X], [X, 4, 2, 2, 3, 4, X]])
 # ... and, for the scorer, the gold next tokens inside each generated row's prompt
@@ -45,11 +47,12 @@ def log_softmax_loop(row: torch.Tensor, tau: float) -> list[torch.Tensor]:
     return [x - log_norm for x in z]
 
 
-def reference(student, teacher, name: str):
-    """Per-sample (loss, ce, kd, confidence, tokens) by explicit loops over rows, positions and vocabulary."""
+def reference(student, teacher, name: str, labelled: torch.Tensor):
+    """Per-sample (loss, observed ce, kd, observed confidence, tokens) by explicit loops over rows,
+    positions and vocabulary."""
     out = []
     for i in range(3):
-        kd_tokens, ce_tokens, conf_tokens = [], [], []
+        kd_tokens, ce_tokens, seen_ce, seen_conf = [], [], [], []
         for t in range(7):
             if LABELS[i, t] != X:
                 s, q = log_softmax_loop(student[i, t], TAU), log_softmax_loop(teacher[i, t], TAU)
@@ -57,15 +60,16 @@ def reference(student, teacher, name: str):
                     kd_tokens.append(sum(torch.exp(s[v]) * (s[v] - q[v]) for v in range(V)))
                 else:
                     kd_tokens.append(sum(torch.exp(q[v]) * (q[v] - s[v]) for v in range(V)))
-            gold = PROMPT_LABELS[i, t] if GENERATED[i] else LABELS[i, t]
+                ce_tokens.append(-log_softmax_loop(student[i, t], 1.0)[int(LABELS[i, t])])
+            gold = PROMPT_LABELS[i, t] if GENERATED[i] else LABELS[i, t]  # the scorer sees gold text only
             if gold != X:
                 logp = log_softmax_loop(student[i, t], 1.0)[int(gold)]
-                ce_tokens.append(-logp)
-                conf_tokens.append(torch.exp(logp))
+                seen_ce.append(-logp)
+                seen_conf.append(torch.exp(logp))
         kd = TAU**2 * sum(kd_tokens) / len(kd_tokens)
         ce = sum(ce_tokens) / len(ce_tokens)
-        loss = LAM[i] * kd if GENERATED[i] else (1 - LAM[i]) * ce + LAM[i] * kd
-        out.append((loss, ce, kd, sum(conf_tokens) / len(conf_tokens), len(kd_tokens)))
+        loss = (1 - LAM[i]) * ce + LAM[i] * kd if labelled[i] else LAM[i] * kd
+        out.append((loss, sum(seen_ce) / len(seen_ce), kd, sum(seen_conf) / len(seen_conf), len(kd_tokens)))
     return out
 
 
@@ -74,22 +78,29 @@ def test_the_hand_built_labels_are_what_generation_produces():
     assert torch.equal(gen.labels(), LABELS[1:])
 
 
+def terms_of(student, teacher, name="reverse-kl"):
+    return source_terms(
+        student, LABELS, teacher, divergence(name), TAU, generated=GENERATED, prompt_labels=PROMPT_LABELS
+    )
+
+
+@pytest.mark.parametrize("labelled", [ON_POLICY, ROW_2_BY_TEACHER], ids=["on-policy", "teacher-wrote-row-2"])
 @pytest.mark.parametrize("name", ["reverse-kl", "forward-kl"])
-def test_mixed_batch_against_explicit_loops(name):
+def test_mixed_batch_against_explicit_loops(name, labelled):
     student, teacher = logits(0).requires_grad_(True), logits(1)
-    terms = source_terms(student, LABELS, GENERATED, PROMPT_LABELS, teacher, divergence(name), TAU)
-    loss = sample_losses(terms, LAM.double(), GENERATED)
+    terms, observed = terms_of(student, teacher, name)
+    loss = sample_losses(terms, LAM.double(), labelled)
     loss.sum().backward()
 
     ref_student = logits(0).requires_grad_(True)
-    ref = reference(ref_student, teacher, name)
+    ref = reference(ref_student, teacher, name, labelled)
     torch.stack([r[0] for r in ref]).sum().backward()
     # float64 both ways; the two differ only in summation order: 1e-12 is ~1e4 ulps of these O(1) values
-    for j, got in enumerate((loss, terms.ce, terms.kd, terms.confidence, terms.tokens)):
+    for j, got in enumerate((loss, observed.ce, observed.kd, observed.confidence, observed.tokens)):
         expected = torch.stack([torch.as_tensor(r[j], dtype=torch.float64) for r in ref])
         torch.testing.assert_close(got.detach().double(), expected.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(student.grad, ref_student.grad, rtol=0, atol=1e-12)
-    # a generated row's prompt and padding receive no gradient: its loss is the divergence on generated tokens
+    # a generated row's prompt and padding receive no gradient: it trains on its generated tokens only
     assert (student.grad[1, [0, 1, 5, 6]] == 0).all() and (student.grad[2, [0, 6]] == 0).all()
     assert (student.grad[1, [2, 3, 4]] != 0).any(dim=-1).all()
 
@@ -97,9 +108,11 @@ def test_mixed_batch_against_explicit_loops(name):
 def test_without_generated_rows_the_dataset_terms_bit_for_bit():
     student, teacher = logits(0).float().requires_grad_(True), logits(1).float()
     kl = divergence("forward-kl")
-    none = torch.zeros(3, dtype=torch.bool)
-    terms = source_terms(student, LABELS, none, None, teacher, kl, TAU)
-    loss = sample_losses(terms, LAM, none)
+    terms, observed = source_terms(
+        student, LABELS, teacher, kl, TAU, generated=torch.zeros(3, dtype=torch.bool)
+    )
+    assert observed is terms
+    loss = sample_losses(terms, LAM, torch.ones(3, dtype=torch.bool))
     loss.sum().backward()
     grad = student.grad.clone()
 
@@ -115,8 +128,8 @@ def test_without_generated_rows_the_dataset_terms_bit_for_bit():
 def test_lambda_zero_makes_a_generated_row_count_nowhere():
     student, teacher = logits(0).requires_grad_(True), logits(1)
     lam = torch.tensor([0.3, 0.0, 0.5], dtype=torch.float64)
-    terms = source_terms(student, LABELS, GENERATED, PROMPT_LABELS, teacher, divergence("reverse-kl"), TAU)
-    loss = sample_losses(terms, lam, GENERATED)
+    terms, _ = terms_of(student, teacher)
+    loss = sample_losses(terms, lam, ON_POLICY)
     assert loss[1] == 0 and math.isfinite(loss.sum().item())
     loss.sum().backward()
     assert (student.grad[1] == 0).all()
@@ -124,4 +137,4 @@ def test_lambda_zero_makes_a_generated_row_count_nowhere():
 
 def test_prompt_labels_required_with_generated_rows():
     with pytest.raises(ValueError, match="prompt_labels are required"):
-        source_terms(logits(0), LABELS, GENERATED, None, logits(1), divergence("reverse-kl"), TAU)
+        source_terms(logits(0), LABELS, logits(1), divergence("reverse-kl"), TAU, generated=GENERATED)

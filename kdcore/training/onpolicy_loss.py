@@ -1,17 +1,18 @@
-"""Per-sample terms of a batch that mixes dataset rows and on-policy (generated) rows.
+"""Per-sample terms of a batch that mixes dataset rows and generated rows.
 
-A dataset row trains on its gold tokens: ``(1 − λ)·CE + λ·KD``, exactly as in :mod:`kdcore.training.losses`.
-A generated row has no gold label on its continuation, so it trains on the divergence alone: its loss is
+Every row's loss is ``(1 − λ)·CE + λ·KD`` over the targets it trains on (its ``labels``), with one change:
+a row whose targets the **student** wrote (on-policy) has no label, so it drops the CE term and its loss is
 ``λ·KD``, where ``KD = τ² · mean over the counted generated tokens (EOS included) of D(P_T^τ ‖ P_S^τ)``.
-λ keeps one meaning everywhere, the weight of the teacher term; a generated row has no label term, so its
-``(1 − λ)`` share is dropped, not moved onto the divergence (λ = 0 makes the row count nowhere).
+λ keeps one meaning everywhere, the weight of the teacher term; the ``(1 − λ)`` share of an unlabelled row
+is dropped, not moved onto the divergence (λ = 0 makes such a row count nowhere). A row the **teacher**
+wrote (sequence-level KD) is labelled: its CE is on the teacher's tokens.
 
-Both kinds go through one :func:`~kdcore.training.losses.per_sample_terms` call: the labels of a generated row are
-its generated tokens (``IGNORE_INDEX`` on the prompt and after the first EOS), those of a dataset row its
-gold tokens. For the difficulty scorer, a generated row reports ``ce`` and ``confidence`` on its prompt's
-gold tokens (the only gold text it holds, free from the same logits, no gradient), ``kd`` on its generated
-tokens and ``tokens`` = its generated tokens, the ones its loss covers. With no generated row the result is
-``per_sample_terms``' own, bit for bit.
+The loss terms come from one :func:`~kdcore.training.losses.per_sample_terms` call over each row's labels (for a
+generated row: its generated tokens only, ``IGNORE_INDEX`` on the prompt and after the first EOS). What the
+difficulty scorer observes is the same, except on generated rows: there ``ce`` and ``confidence`` are taken on
+the prompt's gold tokens (the only dataset text the row holds; free from the same logits, no gradient), so
+that they keep their meaning, "the student on this sample's gold text"; ``kd`` and ``tokens`` stay those of
+the loss. With no generated row both are ``per_sample_terms``' own result, bit for bit.
 """
 
 from __future__ import annotations
@@ -27,38 +28,44 @@ __all__ = ["sample_losses", "source_terms"]
 def source_terms(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    generated: torch.Tensor,
-    prompt_labels: torch.Tensor | None,
     teacher_logits: torch.Tensor | TopKTeacher | None,
     divergence: Divergence | None,
     temperature: float,
+    *,
+    generated: torch.Tensor | None = None,
+    prompt_labels: torch.Tensor | None = None,
     chunk_tokens: int | None = 2048,
-) -> SampleTerms:
-    """Per-sample terms for rows that are dataset text (``generated[i]`` False) or on-policy (True).
+) -> tuple[SampleTerms, SampleTerms]:
+    """``(loss terms, observed terms)`` per row; see the module docstring.
 
-    ``labels`` ``[B, T]``: gold next tokens of dataset rows, generated next tokens of generated rows
-    (:meth:`Generated.labels <kdcore.training.generation.Generated.labels>`). ``prompt_labels`` ``[B, T]``:
-    the gold next tokens inside each generated row's prompt (``IGNORE_INDEX`` elsewhere); ``None`` when no
-    row is generated. See the module docstring for what each statistic means on a generated row.
+    ``labels`` ``[B, T]``: each row's next-token targets (gold text, or its generated tokens).
+    ``generated`` ``[B]`` bool marks rows whose continuation was generated; ``prompt_labels`` ``[B, T]``
+    holds the gold next tokens inside those rows' prompts (``IGNORE_INDEX`` elsewhere). Both may be
+    ``None`` when no row is generated.
     """
     terms = per_sample_terms(student_logits, labels, teacher_logits, divergence, temperature, chunk_tokens)
-    generated = generated.to(terms.ce.device, torch.bool)
-    if not bool(generated.any()):
-        return terms
+    if generated is None or not bool(generated.any()):
+        return terms, terms
     if prompt_labels is None:
         raise ValueError("source_terms: prompt_labels are required when some row is generated")
+    generated = generated.to(terms.ce.device, torch.bool)
     with torch.no_grad():
         prompt = per_sample_terms(student_logits.detach(), prompt_labels, chunk_tokens=chunk_tokens)
-    return SampleTerms(
-        ce=torch.where(generated, prompt.ce.to(terms.ce.dtype), terms.ce),
-        kd=terms.kd,
+    observed = SampleTerms(
+        ce=torch.where(generated, prompt.ce.to(terms.ce.dtype), terms.ce.detach()),
+        kd=terms.kd.detach(),
         confidence=torch.where(generated, prompt.confidence.to(terms.confidence.dtype), terms.confidence),
         tokens=terms.tokens,
     )
+    return terms, observed
 
 
-def sample_losses(terms: SampleTerms, lam: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss ``[B]``: ``(1 − λ)·CE + λ·KD`` for dataset rows, ``λ·KD`` for generated rows."""
+def sample_losses(
+    terms: SampleTerms, lam: torch.Tensor, labelled: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row loss ``[B]``: ``(1 − λ)·CE + λ·KD``, and ``λ·KD`` on rows that are not ``labelled``."""
     lam = lam.to(terms.ce.device)
-    ce_weight = (1 - lam).masked_fill(generated.to(lam.device, torch.bool), 0.0)
+    ce_weight = 1 - lam
+    if labelled is not None:
+        ce_weight = ce_weight.masked_fill(~labelled.to(lam.device, torch.bool), 0.0)
     return ce_weight * terms.ce + lam * terms.kd
