@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from kdcore.inputs.packing import IGNORE_INDEX
-from kdcore.training.generation import generate, row_seeds, sample_next
+from kdcore.training.generation import generate, prompts_of, row_seeds, sample_next
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,6 +162,15 @@ def test_inverse_cdf_matches_the_probabilities_and_greedy_is_argmax():
     picks = torch.stack([sample_next(logits, u.reshape(1), 1.0, 0.6) for u in grid]).squeeze(1)
     assert torch.bincount(picks, minlength=4).tolist() == [667, 333, 0, 0]
     assert sample_next(torch.tensor([[0.1, 2.0, 1.9]]), torch.tensor([0.99]), 0.0, 1.0).item() == 1
+
+
+def test_prompts_are_the_first_tokens_of_each_row():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, PAD, PAD, PAD], [4, PAD, PAD, PAD, PAD]])
+    prompts, lengths = prompts_of(ids, (ids != PAD).long(), prompt_tokens=3)
+    assert lengths.tolist() == [3, 2, 1]  # row 2 is too short to be a prompt: callers keep it as text
+    assert prompts.tolist() == [[5, 6, 7], [5, 6, PAD], [4, PAD, PAD]]
+    out = run(gpt2(), n=2, prompts=prompts[:2], lengths=lengths[:2])
+    assert out.input_ids[:, :2].tolist() == [[5, 6], [5, 6]] and out.input_ids[0, 2] == 7
 
 
 def test_bad_arguments_are_named():

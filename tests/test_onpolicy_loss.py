@@ -76,6 +76,7 @@ def reference(student, teacher, name: str, labelled: torch.Tensor):
 def test_the_hand_built_labels_are_what_generation_produces():
     gen = Generated(IDS[1:], MASK[1:], GENERATED_MASK[1:], torch.tensor([3, 2]))
     assert torch.equal(gen.labels(), LABELS[1:])
+    assert torch.equal(gen.prompt_labels(), PROMPT_LABELS[1:])
 
 
 def terms_of(student, teacher, name="reverse-kl"):

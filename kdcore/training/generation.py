@@ -37,7 +37,7 @@ import torch
 from kdcore.inputs.packing import IGNORE_INDEX
 from kdcore.training.curriculum import derive_seed
 
-__all__ = ["Generated", "eval_mode", "generate", "row_seeds", "sample_next"]
+__all__ = ["Generated", "eval_mode", "generate", "prompts_of", "row_seeds", "sample_next"]
 
 
 def row_seeds(seed: int, step: int, sample_ids: Iterable[int], stream: str = "generate") -> list[int]:
@@ -64,9 +64,29 @@ class Generated:
         labels[:, :-1] = self.input_ids[:, 1:].masked_fill(~self.generated_mask[:, 1:], IGNORE_INDEX)
         return labels
 
+    def prompt_labels(self) -> torch.Tensor:
+        """Next-token targets inside the prompt only (its gold text), aligned with the logits."""
+        labels = torch.full_like(self.input_ids, IGNORE_INDEX)
+        inside = torch.arange(1, self.input_ids.shape[1]).unsqueeze(0) < self.prompt_lengths.unsqueeze(1)
+        labels[:, :-1] = self.input_ids[:, 1:].masked_fill(~inside, IGNORE_INDEX)
+        return labels
+
     def generated_tokens(self) -> torch.Tensor:
         """Counted generated tokens per row, ``[B]`` long."""
         return self.generated_mask.sum(1)
+
+
+def prompts_of(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts of dataset rows: their first ``prompt_tokens`` valid tokens (all of a shorter row).
+
+    Returns ``(prompt_ids [B, P], prompt_lengths [B])``, left-justified like the rows. A row needs at least
+    2 valid tokens to be a prompt (one gold token for the scorer's statistics); callers keep the others
+    as dataset rows (``prompt_lengths < 2``).
+    """
+    lengths = attention_mask.sum(1).clamp(max=prompt_tokens).to("cpu", torch.long)
+    return input_ids[:, : max(1, int(lengths.max()))].to("cpu", torch.long), lengths
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
