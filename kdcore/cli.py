@@ -79,6 +79,7 @@ RUN_OPTIONS: dict[str, str] = {
     "pacing": "strategy.pacing.name",
     "reliance": "strategy.reliance.name",
     "divergence": "strategy.divergence.name",
+    "source": "strategy.source.name",
     "temperature": "strategy.temperature",
     "reverse": "strategy.reverse",
     "max_steps": "training.max_steps",
@@ -159,6 +160,13 @@ def run(
     divergence: Annotated[
         str | None, Opt(help="Divergence between teacher and student distributions.", rich_help_panel=STRAT)
     ] = None,
+    source: Annotated[
+        str | None,
+        Opt(
+            help="Where rows come from: dataset (default), on-policy, mixed or teacher-generated.",
+            rich_help_panel=STRAT,
+        ),
+    ] = None,
     scorer_arg: Annotated[
         list[str] | None, Opt(help="Scorer parameter key=value (repeatable).", rich_help_panel=STRAT)
     ] = None,
@@ -170,6 +178,10 @@ def run(
     ] = None,
     divergence_arg: Annotated[
         list[str] | None, Opt(help="Divergence parameter key=value (repeatable).", rich_help_panel=STRAT)
+    ] = None,
+    source_arg: Annotated[
+        list[str] | None,
+        Opt(help="Source parameter key=value, e.g. max_new_tokens=32 (repeatable).", rich_help_panel=STRAT),
     ] = None,
     lambda_: Annotated[
         float | None, Opt("--lambda", help="λ of the fixed policy (vanilla KD).", rich_help_panel=STRAT)

@@ -33,6 +33,7 @@ from kdcore.inputs.models import (
     quiet_transformers,
     vocab_size,
 )
+from kdcore.inputs.tokenization import pad_id
 from kdcore.runs.model_card import check_push, push_to_hub, render_model_card, write_model_card
 from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, write_plots
 from kdcore.runs.trackers import Tracking, resolve_trackers
@@ -48,6 +49,7 @@ from kdcore.training.checkpoint import (
 from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
 from kdcore.training.evaluation import perplexity
 from kdcore.training.progress import TrainingProgress
+from kdcore.training.sources import check_source, eos_ids_of
 
 if TYPE_CHECKING:
     from kdcore.inputs.packing import PackedDataset
@@ -241,6 +243,8 @@ def make_trainer(
         checkpoints=Checkpointer(
             run_dir, cfg.training.checkpoint_every, cfg.output.keep_checkpoints, cfg.to_dict(), metrics.path
         ),
+        pad_id=pad_id(models.tokenizer),
+        eos_ids=eos_ids_of(models.tokenizer.eos_token_id, models.student),
     )
 
 
@@ -250,6 +254,14 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
     if resume:  # before the strategies are built: a missing plugin is named with its package
         check_plugins(Path(cfg.output.dir), lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     strategies, strategy_meta = make_strategies(cfg.strategy)
+    names = cfg.strategy.names()
+    check_source(
+        strategies.source,
+        names["source"],
+        strategies.reliance,
+        names["reliance"],
+        cfg.model.teacher_cache is not None,
+    )
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
