@@ -505,6 +505,14 @@ def compare(
         int | None,
         Opt(help="Top-K of an auto cache (default: the whole vocabulary up to 512 tokens, else 64)."),
     ] = None,
+    equal_time: Annotated[
+        bool | None,
+        Opt(
+            "--equal-time/--equal-steps",
+            help="Also run every arm whose source generates for the steps that take the kd arm's training "
+            "time on the same seed, as ARM@equal-time (default: equal steps only).",
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, Opt("--set", help="Any base config field, e.g. --set data.max_eval_samples=64.")
     ] = None,
@@ -586,6 +594,7 @@ def _new_comparison(options: dict[str, Any]) -> dict[str, Any]:
         matched=options["matched"],
         teacher_cache=options["teacher_cache"],
         teacher_cache_k=options["teacher_cache_k"],
+        equal_time=options["equal_time"],
         command="kd compare " + " ".join(sys.argv[2:]),
     )
     out_dir = options["output_dir"] or cmp.default_output_dir()
