@@ -19,7 +19,9 @@ The logits estimate, per micro-batch of ``B = batch_size / grad_accum`` samples 
   temporaries).
 
 Weights: the student's parameters cost 16 bytes each in training (fp32 weights, gradients and
-AdamW's two moments), the teacher's 4. Activations other than the logits are not counted.
+AdamW's two moments), the teacher's 4. Activations other than the logits are not counted, so the
+estimate is a lower bound: when it exceeds the memory available now (free GPU memory on a GPU, else
+available RAM) the dry run prints its table and fails, since the run cannot fit.
 
 Nothing is written: no run directory, no teacher cache.
 """
@@ -66,6 +68,12 @@ class DryRunReport:
     seq_len: int
     memory: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    available: tuple[int, str] | None = None  # bytes free now, and where (RAM or a GPU)
+
+    def estimated_bytes(self) -> int:
+        """The logits, the student's training state and the teacher's weights: what one step needs at least."""
+        parts = ("logits total", "student weights + grads + AdamW", "teacher weights")
+        return sum(self.memory.get(part, 0) for part in parts)
 
 
 def logits_memory(
@@ -83,6 +91,31 @@ def logits_memory(
     }
     memory["logits total"] = sum(memory.values())
     return memory
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes a run could use now: free memory of the current GPU, else available RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0]), f"GPU memory ({torch.cuda.get_device_name()})"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "RAM"
+
+
+def check_memory(report: DryRunReport) -> None:
+    """Refuse a run whose estimate (a lower bound) does not fit in the memory available."""
+    if report.available is None:
+        return
+    free, where = report.available
+    need = report.estimated_bytes()
+    if need > free:
+        raise KdError(
+            f"this run needs at least {human_bytes(need)} (one micro-batch's logits "
+            f"{human_bytes(report.memory.get('logits total', 0))}, plus the weights) but only "
+            f"{human_bytes(free)} of {where} is available; lower --batch-size or --seq-len, or raise --grad-accum for smaller micro-batches"
+        )
 
 
 def count_parameters(config: Any, trust_remote_code: bool = False) -> int | None:
@@ -121,11 +154,11 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers
+    from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers, remote_code_warning
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
-    from kdcore.training.engine import total_steps
+    from kdcore.training.engine import check_batch_size, total_steps
     from kdcore.training.sources import check_source
 
     quiet_transformers()
@@ -145,11 +178,17 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, before the data loads
+    model = cfg.model
+    remote = remote_code_warning(
+        None if model.teacher_cache is not None else model.teacher, model.student, model.trust_remote_code
+    )
+    if remote and console is not None:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     notes: list[str] = []
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
     tokenizer, teacher, cache = _check_teacher(cfg, corpus, notes)
-    student = _check_student(cfg.model, tokenizer)
+    student = _check_student(cfg.model, tokenizer, cfg.data.seq_len)
     note = check_vocab_sizes(
         len(tokenizer), teacher.vocab_size, student.vocab_size, cfg.model.teacher, cfg.model.student
     )
@@ -160,6 +199,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     if cache is not None:
         cache.check_data(train, eval_set)
     t = cfg.training
+    check_batch_size(t.batch_size, len(train))
     report = DryRunReport(
         strategies=strategies,
         trackers=trackers,
@@ -174,15 +214,18 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
         seq_len=cfg.data.seq_len,
         memory=_memory(cfg, teacher, student, cache.top_k if cache is not None else None),
         notes=notes,
+        available=available_memory(),
     )
     if console is not None:
         print_dry_run(console, cfg, report)
+    check_memory(report)
     return report
 
 
 def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, ModelInfo, Any]:
     """The tokenizer, what is known of the teacher, and the teacher cache (if any); no weights are
     loaded and no teacher is trained."""
+    from kdcore.inputs.models import check_seq_len
     from kdcore.teachers.resolve import locate_teacher
 
     model = cfg.model
@@ -210,15 +253,16 @@ def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, 
         notes.append(f"the teacher is cached in {teacher.directory}")
     else:
         config = _pretrained_config(teacher.source, model.trust_remote_code)
+    check_seq_len(cfg.data.seq_len, config, "teacher", model.teacher)
     info = ModelInfo(
         model.teacher, teacher.kind, int(config.vocab_size), count_parameters(config, model.trust_remote_code)
     )
     return tokenizer, info, None
 
 
-def _check_student(model: Any, tokenizer: Any) -> ModelInfo:
+def _check_student(model: Any, tokenizer: Any, seq_len: int) -> ModelInfo:
     """What is known of the student from its config; a pretrained one must share the teacher's tokenizer."""
-    from kdcore.inputs.models import check_student_tokenizer, parse_spec
+    from kdcore.inputs.models import check_seq_len, check_student_tokenizer, parse_spec
 
     spec, trust = parse_spec(model.student), model.trust_remote_code
     if spec is not None:
@@ -227,6 +271,7 @@ def _check_student(model: Any, tokenizer: Any) -> ModelInfo:
         config = _pretrained_config(model.student, trust)
         kind = "directory" if _is_dir(model.student) else "hub"
         check_student_tokenizer(tokenizer, model)
+    check_seq_len(seq_len, config, "student", model.student)
     return ModelInfo(model.student, kind, int(config.vocab_size), count_parameters(config, trust))
 
 
@@ -282,6 +327,8 @@ def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> Non
         ("micro-batch", f"{report.micro_batch} × {report.seq_len} tokens"),
     ]
     rows += [(f"memory: {name}", human_bytes(size)) for name, size in report.memory.items()]
+    if report.available is not None:
+        rows.append((f"memory: available {report.available[1]}", human_bytes(report.available[0])))
     rows += [("note", note) for note in report.notes]
     for name, value in rows:
         table.add_row(escape(name), escape(value))  # paths and sources may hold [brackets]
