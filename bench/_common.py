@@ -91,17 +91,33 @@ def trainer(
     pacing: str = "none",
     steps: int = 1000,
     reliance_params: dict | None = None,
+    source: dict | None = None,
 ):
     """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped."""
+    from kdcore.inputs.tokenization import pad_id
     from kdcore.training.engine import Trainer, make_strategies
 
     strategy = StrategyConfig(
-        reliance={"name": reliance, "params": reliance_params or {}}, scorer=scorer, pacing=pacing
+        reliance={"name": reliance, "params": reliance_params or {}},
+        scorer=scorer,
+        pacing=pacing,
+        source=source or {"name": "dataset"},
     )
     strategies, _ = make_strategies(strategy)
     reset_accelerate()
     training = TrainingConfig(max_steps=steps, batch_size=s.batch_size, log_every=10**6)
-    t = Trainer(student(s), teacher, s.train, s.eval_set, strategies, training, 2.0, teacher_cache=cache)
+    t = Trainer(
+        student(s),
+        teacher,
+        s.train,
+        s.eval_set,
+        strategies,
+        training,
+        2.0,
+        teacher_cache=cache,
+        pad_id=pad_id(s.tokenizer),
+        eos_ids=(s.tokenizer.eos_token_id,),
+    )
     t.strategies.scorer.prepare(t.scorer_context())
     t.student.train()
     t._bench_step = 0

@@ -17,6 +17,10 @@ from kdcore.strategies import (
     PacingFunction,
     ReliancePolicy,
     ScorerContext,
+    Source,
+    SourceContext,
+    SourceRequest,
+    SourceRows,
     Strategy,
 )
 
@@ -35,6 +39,10 @@ __all__ = [
     "ReliancePolicy",
     "RunConfig",
     "ScorerContext",
+    "Source",
+    "SourceContext",
+    "SourceRequest",
+    "SourceRows",
     "Strategy",
     "StrategySpec",
     "__version__",
@@ -45,7 +53,7 @@ __all__ = [
 
 
 def create_strategy(kind: str, name: str, params: dict[str, Any] | None = None) -> Strategy:
-    """Build an installed strategy by kind (scorer, pacing, reliance, divergence) and name.
+    """Build an installed strategy by kind (scorer, pacing, reliance, divergence, source) and name.
 
     For strategies that compose others (e.g. a policy wrapping an inner policy); parameters are validated and an
     unknown name raises :class:`PluginError` listing the known ones.

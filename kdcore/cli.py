@@ -80,6 +80,7 @@ RUN_OPTIONS: dict[str, str] = {
     "pacing": "strategy.pacing.name",
     "reliance": "strategy.reliance.name",
     "divergence": "strategy.divergence.name",
+    "source": "strategy.source.name",
     "temperature": "strategy.temperature",
     "reverse": "strategy.reverse",
     "max_steps": "training.max_steps",
@@ -167,6 +168,13 @@ def run(
     divergence: Annotated[
         str | None, Opt(help="Divergence between teacher and student distributions.", rich_help_panel=STRAT)
     ] = None,
+    source: Annotated[
+        str | None,
+        Opt(
+            help="Where rows come from: dataset (default), on-policy, mixed or teacher-generated.",
+            rich_help_panel=STRAT,
+        ),
+    ] = None,
     scorer_arg: Annotated[
         list[str] | None, Opt(help="Scorer parameter key=value (repeatable).", rich_help_panel=STRAT)
     ] = None,
@@ -178,6 +186,10 @@ def run(
     ] = None,
     divergence_arg: Annotated[
         list[str] | None, Opt(help="Divergence parameter key=value (repeatable).", rich_help_panel=STRAT)
+    ] = None,
+    source_arg: Annotated[
+        list[str] | None,
+        Opt(help="Source parameter key=value, e.g. max_new_tokens=32 (repeatable).", rich_help_panel=STRAT),
     ] = None,
     lambda_: Annotated[
         float | None, Opt("--lambda", help="λ of the fixed policy (vanilla KD).", rich_help_panel=STRAT)
@@ -542,6 +554,14 @@ def compare(
         int | None,
         Opt(help="Top-K of an auto cache (default: the whole vocabulary up to 512 tokens, else 64)."),
     ] = None,
+    equal_time: Annotated[
+        bool | None,
+        Opt(
+            "--equal-time/--equal-steps",
+            help="Also run every arm whose source generates for the steps that take the kd arm's training "
+            "time on the same seed, as ARM@equal-time (default: equal steps only).",
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, Opt("--set", help="Any base config field, e.g. --set data.max_eval_samples=64.")
     ] = None,
@@ -643,6 +663,7 @@ def _new_comparison(options: dict[str, Any]) -> dict[str, Any]:
         matched=options["matched"],
         teacher_cache=options["teacher_cache"],
         teacher_cache_k=options["teacher_cache_k"],
+        equal_time=options["equal_time"],
         command="kd compare " + " ".join(sys.argv[2:]),
     )
     out_dir = options["output_dir"] or cmp.default_output_dir()

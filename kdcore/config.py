@@ -79,6 +79,7 @@ class StrategyConfig(_Section):
     pacing: StrategySpec = StrategySpec(name="none")
     reliance: StrategySpec = StrategySpec(name="fixed")
     divergence: StrategySpec = StrategySpec(name="forward-kl")
+    source: StrategySpec = StrategySpec(name="dataset")
     temperature: float = Field(1.0, gt=0)
     refresh_every: int | None = Field(
         None,
@@ -97,7 +98,17 @@ class StrategyConfig(_Section):
         parts = [n["reliance"]]
         if n["scorer"] != "none" or n["pacing"] != "none":
             parts = [n["scorer"], n["pacing"], *parts]
+        if n["source"] != "dataset":
+            parts = [n["source"], *parts]
         return "-".join(parts)
+
+
+class OnPolicyEvalConfig(_Section):
+    """The held-out on-policy metric: the teacher's reverse KL on the student's greedy continuations."""
+
+    prompts: int = Field(64, ge=0, description="held-out samples whose prompts are continued (0: off)")
+    prompt_tokens: int = Field(32, ge=2, description="prompt length of a text sample (chat: its own prompt)")
+    max_new_tokens: int = Field(32, ge=1, description="the longest continuation")
 
 
 class TrainingConfig(_Section):
@@ -122,6 +133,7 @@ class TrainingConfig(_Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss: stop with an error, or skip that batch's update"
     )
+    onpolicy_eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
     teacher_placement: Literal["replicated", "sharded"] = Field(
         "replicated",
         description="the teacher whole on every process, or split over them with FSDP2 (needs an FSDP launch)",

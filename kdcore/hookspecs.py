@@ -35,3 +35,8 @@ def kd_register_reliances(register: Register) -> None:
 @hookspec
 def kd_register_divergences(register: Register) -> None:
     """Register :class:`~kdcore.strategies.Divergence` classes."""
+
+
+@hookspec
+def kd_register_sources(register: Register) -> None:
+    """Register :class:`~kdcore.strategies.Source` classes."""

@@ -13,14 +13,15 @@ from typing import Any
 
 
 def reference_strategy(strategy: Mapping[str, Any], reliance: str) -> dict[str, Any]:
-    """``strategy`` (a strategy tree, as in ``config.yaml``) with no scorer, no pacing, no reverse order
-    and the reliance policy ``reliance``: ``"none"`` is the CE-only student, ``"fixed"`` vanilla KD.
+    """``strategy`` (a strategy tree, as in ``config.yaml``) with no scorer, no pacing, no reverse order,
+    the dataset's own text as its source and the reliance policy ``reliance``: ``"none"`` is the CE-only student, ``"fixed"`` vanilla KD.
 
     The divergence, temperature and re-sort interval stay; a kind's parameters stay only when its
     strategy does (vanilla KD keeps a fixed policy's λ, a CE-only student has none).
     """
     out = copy.deepcopy(dict(strategy))
-    for kind, name in (("scorer", "none"), ("pacing", "none"), ("reliance", reliance)):
+    kinds = (("scorer", "none"), ("pacing", "none"), ("reliance", reliance), ("source", "dataset"))
+    for kind, name in kinds:
         current = out.get(kind) or {"name": "none"}
         if isinstance(current, str):
             current = {"name": current}

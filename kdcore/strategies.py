@@ -1,4 +1,4 @@
-"""The four small interfaces a strategy implements.
+"""The five small interfaces a strategy implements.
 
 A strategy is a class with a pydantic ``Params`` model; kdcore builds it as ``cls(params)``.
 Nothing here imports torch at module level, so plugin modules that subclass these stay cheap to
@@ -8,6 +8,8 @@ import (``kd --help`` and ``kd list-plugins`` never load torch).
 - :class:`PacingFunction` says which share of the easy-to-hard ordering is open at a step.
 - :class:`ReliancePolicy` maps a sample's difficulty percentile to its KD weight λ.
 - :class:`Divergence` compares teacher and student token distributions.
+- :class:`Source` says where a step's rows come from: the dataset's text, or continuations a model
+  writes during training (on-policy distillation), through a :class:`SourceRequest`.
 
 :data:`KINDS` is the one table of strategy kinds: each kind's base class, registration hook
 (:mod:`kdcore.hookspecs`) and what a user calls it. Everything that lists kinds (the registry,
@@ -37,6 +39,10 @@ __all__ = [
     "PacingFunction",
     "ReliancePolicy",
     "ScorerContext",
+    "Source",
+    "SourceContext",
+    "SourceRequest",
+    "SourceRows",
     "Strategy",
 ]
 
@@ -161,6 +167,119 @@ class Divergence(Strategy):
         """Divergence of the student from the teacher at each token."""
 
 
+@dataclass
+class SourceRows:
+    """The rows a micro-batch trains on, one per requested sample, in its order: ``[b, W]`` tensors,
+    left-justified (each row starts at column 0) and right-padded (mask 0).
+
+    ``labels`` are the next-token targets the loss covers (``labels[:, t]`` is the target of position
+    ``t``; -100 elsewhere: padding, the last position, the prompt of a generated row). ``generated``
+    ``[b]`` marks rows whose continuation was written during training; ``labelled`` ``[b]`` marks rows
+    whose targets are text to learn (the dataset's, or the teacher's): they keep ``(1 − λ)·CE + λ·KD``,
+    the others (the student's own text) ``λ·KD`` alone. ``prompt_labels`` ``[b, W]`` holds the gold
+    targets inside generated rows' prompts, from which the scorer's ``ce`` and ``confidence`` come
+    (``None`` when no row is generated).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    generated: torch.Tensor
+    labelled: torch.Tensor
+    prompt_labels: torch.Tensor | None = None
+
+
+@dataclass
+class SourceContext:
+    """What a source may check once, before training: the run's lengths and the models' limit."""
+
+    seq_len: int
+    #: Positions both models can attend to (``n_positions``/``max_position_embeddings``); None: no limit known.
+    max_positions: int | None
+    #: The longest prompt the dataset gives (chat samples' ``prompt_lengths``); None for plain text.
+    longest_prompt: int | None = None
+
+
+def prompt_lengths(
+    attention_mask: torch.Tensor, dataset_prompts: torch.Tensor | None, prompt_tokens: int
+) -> torch.Tensor:
+    """``[b]`` the prompt of each sample: the dataset's prompt lengths when it gives them (chat samples),
+    else its first ``prompt_tokens`` valid tokens; never more than its valid tokens."""
+    valid = attention_mask.sum(1)
+    lengths = dataset_prompts if dataset_prompts is not None else valid.clamp(max=prompt_tokens)
+    return lengths.to(valid.device).minimum(valid).long()
+
+
+@dataclass
+class SourceRequest(ABC):
+    """A micro-batch's samples (this process's share) and what a source may use to write their rows.
+
+    kdcore builds one for every micro-batch, under ``torch.no_grad()``. Randomness comes only from
+    :meth:`generate` and :meth:`coin`, seeded by ``(seed, step, sample id)``: a source that draws from
+    torch's global RNG would change the training step's dropout masks and break ``--resume``.
+    """
+
+    sample_ids: torch.Tensor  # [b] int64
+    #: The samples' dataset rows, as packed: what the ``dataset`` source trains on.
+    dataset: SourceRows
+    #: [b] the dataset's prompt lengths (chat samples: user turns and assistant header), or None.
+    prompt_lengths: torch.Tensor | None
+    step: int  # the optimizer step, 0-based
+    seed: int
+    progress: float  # the share of training done, in [0, 1)
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+
+    def prompts(self, prompt_tokens: int) -> torch.Tensor:
+        """``[b]`` each sample's prompt length: the dataset's when it gives them, else its first
+        ``prompt_tokens`` valid tokens (all of a shorter sample)."""
+        return prompt_lengths(self.dataset.attention_mask, self.prompt_lengths, prompt_tokens)
+
+    @abstractmethod
+    def generate(
+        self,
+        model: torch.nn.Module,
+        prompt_lengths: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        labelled: bool = False,
+    ) -> SourceRows:
+        """Rows whose continuation ``model`` writes after the first ``prompt_lengths[i]`` tokens of each
+        sample's dataset row: at most ``max_new_tokens``, through its first EOS, sampled at
+        ``temperature`` (0: greedy) from the nucleus ``top_p``, with the KV cache, in eval mode. A row
+        whose prompt length is below 2 stays its dataset row (pass 0 to keep one). ``labelled``: the
+        continuation is text to learn (the teacher's), not the student's own."""
+
+    @abstractmethod
+    def coin(self, stream: str) -> torch.Tensor:
+        """``[b]`` uniform draws in [0, 1), one per sample, from ``(stream, seed, step, sample id)``."""
+
+
+class Source(Strategy):
+    """Where a step's rows come from: the dataset's text, or continuations written during training.
+
+    kdcore calls :meth:`rows` for every micro-batch; the loss then covers each row's ``labels``.
+    """
+
+    def generates(self) -> bool:
+        """Whether rows may hold text written during training (a teacher cache knows the dataset only)."""
+        return True
+
+    def has_labels(self) -> bool:
+        """Whether some rows are text to learn; False when every row is the student's own text, so that
+        the loss is the teacher term alone (and a reliance policy giving λ = 0 everywhere is refused)."""
+        return True
+
+    def check(self, ctx: SourceContext) -> None:
+        """Refuse an impossible run before training with one :class:`~kdcore.errors.KdError` sentence."""
+
+    @abstractmethod
+    def rows(self, request: SourceRequest) -> SourceRows:
+        """The rows of ``request.sample_ids``, one per sample, in that order."""
+
+
 @dataclass(frozen=True)
 class Kind:
     """One strategy kind: the config field and CLI option it is chosen with, its base class, its hook."""
@@ -179,5 +298,6 @@ KINDS: dict[str, Kind] = {
         Kind("pacing", PacingFunction, "kd_register_pacings", "pacing function"),
         Kind("reliance", ReliancePolicy, "kd_register_reliances", "reliance policy"),
         Kind("divergence", Divergence, "kd_register_divergences", "divergence"),
+        Kind("source", Source, "kd_register_sources", "source"),
     )
 }

@@ -49,6 +49,11 @@ class RunSummary(Mapping[str, Any]):
     wall_seconds: float | None = field(default=None, metadata=_label("wall time (s)"))
     mean_lambda: float | None = field(default=None, metadata=_label("mean λ"))
     final_open_share: float | None = field(default=None, metadata=_label("final open share"))
+    onpolicy_kl: float | None = field(default=None, metadata=_label("on-policy KL, held out (nats/token)"))
+    onpolicy_kl_initial: float | None = field(
+        default=None, metadata=_label("on-policy KL before training (nats/token)")
+    )
+    generation_share: float | None = field(default=None, metadata=_label("share of time generating"))
     difficulty_spearman: float | None = field(
         default=None, metadata=_label("difficulty Spearman (demo levels)")
     )

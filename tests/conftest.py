@@ -74,7 +74,7 @@ def write_fake_distribution(
 
 
 #: summary fields that measure the machine, not the run
-TIMING = {"wall_seconds", "tokens_per_second", "train_seconds", "run_dir"}
+TIMING = {"wall_seconds", "tokens_per_second", "train_seconds", "run_dir", "generation_share"}
 
 
 def assert_same_run(run: Path, reference: Path, ignore: set[str] = frozenset()) -> None:

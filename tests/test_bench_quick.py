@@ -22,9 +22,14 @@ EXPECTED = {
     "overhead.py": ["ratio snapshot/plain step time", "ratio curriculum/plain step time"],
     "loss_time.py": ["ratio ce forced-checkpoint/default time", "ratio cache-k32/ce loss time (default)"],
     "topk_error.py": ["ratio K=8/live student eval ppl", "ratio KD term K=32/full, trained student, τ=2"],
+    "source_time.py": [
+        "ratio on-policy/dataset step time",
+        "ratio on-policy generating/step time",
+        "ratio generation no-cache/cache time",
+    ],
 }
 #: scripts that take --threads
-THREADED = {"step_time.py", "peers.py", "overhead.py"}
+THREADED = {"step_time.py", "peers.py", "overhead.py", "source_time.py"}
 
 
 def test_every_benchmark_runs_quick_and_prints_its_ratios():

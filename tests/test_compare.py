@@ -438,6 +438,85 @@ def test_table_only_rebuilds_from_finished_runs_and_runs_nothing(tiny_comparison
     assert not (copy / "runs" / "sr" / "seed-1" / "summary.json").exists()
 
 
+# --------------------------------------------------------------------------------------------
+# sources: the arm grammar, dataset references, matched baselines on the arm's rows, equal time
+# --------------------------------------------------------------------------------------------
+def test_source_arms_parse_and_the_references_train_on_the_dataset(tmp_path):
+    name, patch = cmp.parse_arm("onp=source:on-policy,reliance:threshold")
+    assert name == "onp" and patch["source"] == {"name": "on-policy", "params": {}}
+    plan = _plan(
+        tmp_path,
+        [
+            "onf=source:on-policy(max_new_tokens=8),reliance:fixed",
+            "mix=source:mixed(fraction=0.5),reliance:fixed",
+        ],
+        sweep="none",
+    )
+    assert [a.name for a in plan.arms] == ["ce", "kd", "onf", "mix"]  # neither is taken for vanilla KD
+    assert plan.ce.source == plan.kd.source == "dataset"
+    assert (
+        cmp.format_strategy(plan.arm("onf").strategy) == "reliance:fixed,source:on-policy(max_new_tokens=8)"
+    )
+    assert cmp.format_strategy(plan.kd.strategy) == "reliance:fixed"  # the default source is left out
+    assert plan.timed_arms() == []  # equal steps only, unless asked
+    timed = _plan(tmp_path, ["onf=source:on-policy,reliance:fixed"], sweep="none", equal_time=True)
+    assert [a.name for a in timed.timed_arms()] == ["onf"]
+    assert any("'onf@equal-time'" in note for note in timed.notes)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    with pytest.raises(
+        KdError, match=r"^arm 'onf' trains on text written during training \(source 'on-policy'\)"
+    ):
+        _plan(
+            tmp_path,
+            ["onf=source:on-policy,reliance:fixed"],
+            sweep="none",
+            teacher_cache=str(cache),
+            seeds="0",
+        )
+    _plan(
+        tmp_path,
+        ["m0=source:mixed(fraction=0),reliance:fixed"],
+        sweep="none",
+        teacher_cache=str(cache),
+        seeds="0",
+    )
+
+
+def test_an_on_policy_arm_with_its_matched_baseline_and_its_equal_time_run(tmp_path):
+    arm = "onp=source:on-policy(prompt_tokens=8,max_new_tokens=8),reliance:threshold"
+    plan = _plan(tmp_path, [arm], seeds="0", sweep="none", equal_time=True)
+    data = cmp.compare(plan, tmp_path / "cmp", log=lambda line: None)
+    out = tmp_path / "cmp"
+    runs = _summaries(out)
+    assert set(runs) == {"ce", "kd", "onp", "kd@matched-onp", "onp@equal-time"}
+
+    def config(name):
+        return yaml.safe_load((out / "runs" / name / "seed-0" / "config.yaml").read_text())
+
+    # the matched baseline trains on the arm's rows, at a constant λ
+    assert config("kd@matched-onp")["strategy"]["source"]["name"] == "on-policy"
+    assert config("kd@matched-onp")["strategy"]["reliance"]["name"] == "fixed"
+    # the equal-time run: the arm for the steps that fit in kd's training time at the arm's time per step
+    kd, onp = runs["kd"][0], runs["onp"][0]
+    kd_seconds = kd["train_tokens"] / kd["tokens_per_second"]
+    onp_step = onp["train_tokens"] / onp["tokens_per_second"] / onp["steps"]
+    steps = max(1, round(kd_seconds / onp_step))
+    assert config("onp@equal-time")["training"]["max_steps"] == steps == runs["onp@equal-time"][0]["steps"]
+    assert config("onp@equal-time")["strategy"] == config("onp")["strategy"]
+    rows = {r["name"]: r for r in data["arms"]}
+    assert rows["onp@equal-time"]["role"] == "equal-time" and rows["onp@equal-time"]["vs"]["kd"]["n"] == 1
+    assert rows["onp"]["generation_share_mean"] > 0 and rows["kd"]["generation_share_mean"] == 0
+    assert rows["onp"]["onpolicy_kl_mean"] == pytest.approx(onp["onpolicy_kl"])
+    md = (out / "comparison.md").read_text()
+    assert "on-policy KL" in md and f"{onp['onpolicy_kl']:.4f}" in md
+    assert f"onp at the kd arm's training time ({steps} steps)" in md
+    # --resume reuses every run, the equal-time one included
+    again = cmp.resume(out, log=lambda line: None)
+    assert again["runs_finished"] == again["runs_planned"] == 5
+
+
 def test_resume_never_runs_code_from_a_crafted_checkpoint(tiny_comparison, tmp_path):
     """kd compare --resume continues a partial run through kd run's resume; a crafted checkpoint is
     refused there (and the run redone from scratch), never executed."""

@@ -194,6 +194,19 @@ def test_fingerprint_tracks_data(byte_tok):
         PackedDataset(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_prompt_lengths_are_optional_per_sample_and_kept_by_head():
+    ids, mask = torch.arange(12).view(3, 4), torch.ones(3, 4, dtype=torch.long)
+    plain = PackedDataset(ids, mask)
+    assert plain.prompt_lengths is None and plain.head(2).prompt_lengths is None
+    chat = PackedDataset(ids, mask, prompt_lengths=torch.tensor([2, 3, 1]))
+    assert (
+        chat.fingerprint == plain.fingerprint
+    )  # the token ids and mask are the data; prompts do not change it
+    assert chat.head(2).prompt_lengths.tolist() == [2, 3]
+    with pytest.raises(ValueError, match=r"prompt_lengths \(2,\) must be \[3\]"):
+        PackedDataset(ids, mask, prompt_lengths=torch.tensor([2, 3]))
+
+
 def test_pack_with_bpe(small_bpe):
     texts = [t for t, _ in generate_demo_corpus(40, seed=1)]
     packed = pack(texts, small_bpe, seq_len=32)

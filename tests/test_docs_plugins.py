@@ -11,7 +11,15 @@ from conftest import REPO
 
 import kdcore
 from kdcore import hookspecs
-from kdcore.strategies import DifficultyScorer, Divergence, PacingFunction, ReliancePolicy, Strategy
+from kdcore.strategies import (
+    DifficultyScorer,
+    Divergence,
+    PacingFunction,
+    ReliancePolicy,
+    Source,
+    SourceRequest,
+    Strategy,
+)
 
 DOC = REPO / "docs" / "plugins.md"
 FENCE = re.compile(r"^```([A-Za-z]*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
@@ -68,7 +76,7 @@ def test_python_blocks_import_only_the_public_api(doc):
 def test_hook_signatures_are_exact(doc):
     python = "\n".join(c for lang, _, c in blocks(doc) if lang == "python")
     specs = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("kd_")]
-    assert len(specs) == 4
+    assert len(specs) == 5
     for spec in specs:
         assert f"def {signature(spec)}: ..." in python, f"docs/plugins.md: hook {spec.__name__}"
     assert "Register = Callable[[str, type], None]" in python
@@ -82,6 +90,8 @@ def test_hook_signatures_are_exact(doc):
         (PacingFunction, ["fraction"]),
         (ReliancePolicy, ["weights", "temperature"]),
         (Divergence, ["per_token"]),
+        (Source, ["generates", "has_labels", "check", "rows"]),
+        (SourceRequest, ["prompts", "generate", "coin"]),
         (Strategy, ["state_dict", "load_state_dict"]),
     ],
 )

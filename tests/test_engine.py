@@ -45,8 +45,12 @@ def test_a_run_writes_every_output(finished):
         "pacing": "none",
         "reliance": "fixed",
         "divergence": "forward-kl",
+        "source": "dataset",
     }
     assert summary["steps"] == 12
+    # the held-out on-policy metric, before and after training; a dataset run generates nothing
+    assert summary["onpolicy_kl"] > 0 and summary["onpolicy_kl_initial"] > 0
+    assert summary["generation_share"] == 0.0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [4, 8, 12]
     assert [r["step"] for r in records if "eval_ppl" in r] == [6, 12]

@@ -99,7 +99,7 @@ def test_plugins_use_only_the_public_api(path):
     assert unexpected == []
 
 
-@pytest.mark.parametrize("kind", ["scorer", "pacing", "reliance", "divergence"])
+@pytest.mark.parametrize("kind", ["scorer", "pacing", "reliance", "divergence", "source"])
 def test_generated_plugins_use_only_the_public_api(kind):
     from kdcore.scaffold import plugin_names, render
 

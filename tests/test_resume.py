@@ -45,11 +45,11 @@ def write_config(path: Path, run_dir: Path, **extra) -> Path:
     return path
 
 
-def long_config(tmp: Path, name: str) -> Path:
+def long_config(tmp: Path, name: str, **extra) -> Path:
     return write_config(
         tmp / f"{name}.yaml",
         tmp / name,
-        **{"training.max_steps": STEPS, "training.checkpoint_every": 10, "training.eval_every": 50},
+        **{"training.max_steps": STEPS, "training.checkpoint_every": 10, "training.eval_every": 50, **extra},
     )
 
 
@@ -102,6 +102,47 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(reference, tmp_path)
     assert_same_run(run_dir, reference())
     # only the newest output.keep_checkpoints (2) remain, and no half-written one
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-100", "step-90"]
+
+
+#: Half the rows continued by the student: generation must be seeded by (seed, step, sample id), not by
+#: the RNG state of the process, for a resumed run to write the same continuations.
+MIXED = {
+    "strategy.source": {
+        "name": "mixed",
+        "params": {"fraction": 0.5, "prompt_tokens": 16, "max_new_tokens": 16},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(cached_tiny_teacher, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed-reference")
+    proc = start_kd("run", "-c", str(long_config(tmp, "run", **MIXED)), log=tmp / "log.txt")
+    yield tmp / "run", proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_sigkill_then_resume_with_generated_rows_gives_the_uninterrupted_result(mixed_reference, tmp_path):
+    config = long_config(tmp_path, "run", **MIXED)
+    run_dir = tmp_path / "run"
+    victim = start_kd("run", "-c", str(config), log=tmp_path / "log.txt")
+    wait_for_checkpoint(run_dir, victim, at_least=20)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+
+    resumed = run_kd("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference_dir, proc = mixed_reference
+    assert proc.wait(timeout=300) == 0
+    assert_same_run(run_dir, reference_dir)
+    shares = [
+        json.loads(x)["generated"]
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in x
+    ]
+    assert all(0 < share < 1 for share in shares)  # the run did train on continuations
 
 
 def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(reference, tmp_path):
@@ -402,23 +443,24 @@ def test_damage_in_a_checkpoint_subdirectory_is_named(short_run, tmp_path):
 
 # -- non-finite losses ------------------------------------------------------------------------------------------
 @pytest.fixture
-def nan_at_step_3(monkeypatch):
+def nan_at_step_3(cached_tiny_teacher, monkeypatch):
     """The loss of the second sample of step 3's batch becomes NaN (and with it every gradient).
 
-    Yields the sample ids of every forward pass (one per step: grad_accum is 1).
+    Yields the sample ids of every forward pass of the run (one per step: grad_accum is 1); the teacher
+    is trained before the patch, so its training steps are not counted.
     """
     import kdcore.training.engine
 
     real, seen = kdcore.training.engine.Trainer.forward, []
 
-    def poisoned(self, sample_ids, lam, temperature):
-        terms = real(self, sample_ids, lam, temperature)
+    def poisoned(self, rows, sample_ids, lam, temperature):
+        terms, observed = real(self, rows, sample_ids, lam, temperature)
         seen.append(sample_ids.clone())
         if len(seen) == 3:
             poison = torch.ones_like(terms.ce)
             poison[1] = float("nan")
             terms.ce = terms.ce * poison
-        return terms
+        return terms, observed
 
     monkeypatch.setattr(kdcore.training.engine.Trainer, "forward", poisoned)
     return seen

@@ -80,11 +80,11 @@ def test_student_snapshot_costs_no_extra_forward_pass(setting):
         counts = {"n": 0, "ids": []}
         original = Trainer.forward
 
-        def counting_forward(self, sample_ids, *args, **kwargs):
+        def counting_forward(self, rows, sample_ids, *args, **kwargs):
             counts["ids"].append(sample_ids)
             handle = self.student.register_forward_hook(lambda *a: counts.__setitem__("n", counts["n"] + 1))
             try:
-                return original(self, sample_ids, *args, **kwargs)
+                return original(self, rows, sample_ids, *args, **kwargs)
             finally:
                 handle.remove()
 

@@ -21,7 +21,9 @@ Baselines added on top of the arms (so no comparison is unfair by construction):
 - ``ce`` (reliance none) and ``kd`` (vanilla KD, reliance fixed) when no arm plays that role;
 - the fixed-λ sweep ``kd@<λ>`` (default 0.1, 0.5, 0.9; ``kd`` itself stands for its own λ);
 - ``kd@matched-<arm>`` for every arm whose reliance policy varies λ per sample: vanilla KD at the
-  mean λ that arm actually used, per seed, run after that arm's run for the seed finishes.
+  mean λ that arm actually used, per seed, run after that arm's run for the seed finishes;
+- with ``--equal-time``, ``<arm>@equal-time`` for every arm whose source generates: that arm for the
+  steps that take the ``kd`` run's training time on the same seed.
 
 The package, in the order a comparison goes through it: :mod:`~kdcore.compare.arms` (the arm
 grammar), :mod:`~kdcore.compare.plan` (the plan and its validation), :mod:`~kdcore.compare.execute`

@@ -6,7 +6,7 @@ vanilla KD), a fixed-λ sweep and matched-λ baselines built from the same trees
     SPEC  := ITEM ("," ITEM)*                   commas inside (...) or [...] do not split
     ITEM  := KIND ":" NAME ["(" KEY=VALUE ("," KEY=VALUE)* ")"]      choose a strategy, with parameters
            | FIELD ("." FIELD)* "=" VALUE                            set one strategy field
-    KIND  := one of kdcore.strategies.KINDS (scorer | pacing | reliance | divergence)
+    KIND  := one of kdcore.strategies.KINDS (scorer | pacing | reliance | divergence | source)
 
 ``VALUE`` is read as YAML (``0.7`` is a number, ``[0.7, 0.9]`` a list, ``true`` a boolean).
 Dotted fields are relative to ``strategy`` (``reliance.params.quantile=0.7``, ``temperature=4``,
@@ -86,10 +86,15 @@ class Arm:
     spec: str = ""  # the text it came from (or a description)
     matched_to: str | None = None  # for role matched: the reliance arm whose mean λ it copies
     auto: bool = False  # added by kd compare, not asked for
+    timed_to: str | None = None  # for role equal-time: the arm it runs at the kd arm's wall time
 
     @property
     def reliance(self) -> str:
         return self.strategy["reliance"]["name"]
+
+    @property
+    def source(self) -> str:
+        return (self.strategy.get("source") or {}).get("name", "dataset")
 
     def is_vanilla_kd(self) -> bool:
         s = self.strategy
@@ -97,11 +102,14 @@ class Arm:
             s["reliance"]["name"] == "fixed"
             and s["scorer"]["name"] == "none"
             and s["pacing"]["name"] == "none"
+            and self.source == "dataset"
             and not s.get("reverse", False)
         )
 
     def is_ce(self) -> bool:
-        return self.reliance == "none" and self.strategy["scorer"]["name"] == "none"
+        return (
+            self.reliance == "none" and self.strategy["scorer"]["name"] == "none" and self.source == "dataset"
+        )
 
     def varies_lambda(self) -> bool:
         return self.reliance not in UNIFORM_RELIANCE
@@ -119,11 +127,13 @@ class Arm:
             "strategy": self.strategy,
             "matched_to": self.matched_to,
             "auto": self.auto,
+            "timed_to": self.timed_to,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Arm:
-        return cls(**{k: data[k] for k in ("name", "strategy", "role", "spec", "matched_to", "auto")})
+        keys = ("name", "strategy", "role", "spec", "matched_to", "auto", "timed_to")
+        return cls(**{k: data[k] for k in keys if k in data})
 
 
 def split_top(text: str) -> list[str]:
@@ -301,10 +311,8 @@ def format_strategy(strategy: Mapping[str, Any]) -> str:
         if not spec:
             continue
         name, params = spec.get("name", "none"), spec.get("params") or {}
-        if kind in ("scorer", "pacing") and name == "none" and not params:
-            continue
-        if kind == "divergence" and name == default["divergence"]["name"] and not params:
-            continue
+        if kind != "reliance" and name == default[kind]["name"] and not params:
+            continue  # a kind at its default is left out (the reliance policy always shows)
         args = ",".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
         parts.append(f"{kind}:{name}" + (f"({args})" if args else ""))
     for key in sorted(STRATEGY_FIELDS - set(KINDS)):
@@ -330,7 +338,9 @@ def with_lambda(strategy: Mapping[str, Any], value: float) -> dict[str, Any]:
 
 
 def matched_strategy(strategy: Mapping[str, Any], value: float) -> dict[str, Any]:
-    """Vanilla KD at λ = ``value`` with the arm's other KD settings (divergence, temperature):
+    """Vanilla KD at λ = ``value`` with the arm's other KD settings (divergence, temperature, source):
     no scorer, no pacing, fixed reliance. Only the per-sample variation of λ (and the curriculum) differ."""
     out = reference_strategy(strategy, "fixed")
+    if strategy.get("source"):
+        out["source"] = json.loads(json.dumps(strategy["source"]))  # the same rows, a constant λ
     return with_lambda(out, value)

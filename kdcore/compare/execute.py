@@ -1,7 +1,8 @@
 """Running a plan: every arm and seed as an ordinary ``kd run``, in this process or as subprocesses.
 
 Runs that finished before (``summary.json``) are reused, partial ones continued from their last
-checkpoint; a matched-λ baseline is queued as soon as its reliance arm's run for the seed is done.
+checkpoint; a matched-λ baseline is queued as soon as its reliance arm's run for the seed is done, an
+equal-time run as soon as its arm's and the kd arm's runs for the seed are.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rich.console import Console
 from kdcore.compare.arms import Arm, matched_strategy
 from kdcore.compare.plan import PLAN, Plan, arm_config
 from kdcore.compare.render import render_markdown, write_comparison_plots
-from kdcore.compare.results import RunOutcome, summarise
+from kdcore.compare.results import RunOutcome, summarise, train_seconds
 from kdcore.compare.teacher import describe_models, prepare_teacher_cache, resolve_plan_teacher
 from kdcore.config import RunConfig
 from kdcore.files import atomic_write_json, atomic_write_text
@@ -37,6 +38,8 @@ from kdcore.summary import SUMMARY_FILE, RunSummary
 class Task:
     arm: Arm
     seed: int
+    lam: float | None = None  # a matched-λ baseline's λ
+    steps: int | None = None  # an equal-time run's steps
 
     @property
     def key(self) -> tuple[str, int]:
@@ -151,6 +154,8 @@ class Comparison:
         self.console = console
         self.outcomes: dict[tuple[str, int], RunOutcome] = {}
         self.matched_arms: dict[str, Arm] = {}
+        self.timed_arms = {arm.name: self.timed_arm(arm) for arm in plan.timed_arms()}
+        self._timed_queued: set[tuple[str, int]] = set()
         self.teacher: dict[str, Any] = {}
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         self.cache_dir: str | None = None
@@ -173,10 +178,21 @@ class Comparison:
             )
         return self.matched_arms[name]
 
-    def config_for(self, task: Task, lam: float | None = None) -> RunConfig:
+    @staticmethod
+    def timed_arm(source: Arm) -> Arm:
+        return Arm(
+            f"{source.name}@equal-time",
+            source.strategy,
+            role="equal-time",
+            spec=f"{source.spec or source.name} for the kd arm's training time",
+            timed_to=source.name,
+            auto=True,
+        )
+
+    def config_for(self, task: Task) -> RunConfig:
         arm = task.arm
-        if lam is not None:
-            arm = Arm(arm.name, matched_strategy(arm.strategy, lam), role=arm.role)
+        if task.lam is not None:
+            arm = Arm(arm.name, matched_strategy(arm.strategy, task.lam), role=arm.role)
         return arm_config(
             self.plan,
             arm,
@@ -185,6 +201,7 @@ class Comparison:
             threads=self.threads,
             teacher=self.plan.teacher_dir,
             teacher_cache=self.cache_dir,
+            max_steps=task.steps,
         )
 
     def run(self) -> dict[str, Any]:
@@ -201,10 +218,10 @@ class Comparison:
         self.teacher.update(describe_models(self.plan))
         self.cache_dir = prepare_teacher_cache(self.plan, self.out_dir, console, self.log, self.teacher)
         primary = [Task(arm, seed) for seed in self.plan.seeds for arm in self.plan.arms]
-        ready: deque[tuple[Task, float | None]] = deque()
+        ready: deque[Task] = deque()
         for task in primary:
             if not self._reuse(task):
-                ready.append((task, None))
+                ready.append(task)
             else:
                 self._release(task, ready)
         self._drain(ready)
@@ -232,26 +249,42 @@ class Comparison:
         return False
 
     def _release(self, task: Task, ready: deque) -> None:
-        """After a reliance arm's run: queue its matched-λ baseline for the same seed (first in line)."""
+        """After a run: queue what waited for it, first in line (a matched-λ baseline, equal-time runs)."""
+        self._release_timed(task.seed, ready)
         if not (self.plan.matched and task.arm.role == "arm" and task.arm.varies_lambda()):
             return
         outcome = self.outcomes[task.key]
         matched = self.matched_arm(task.arm)
         follow = Task(matched, task.seed)
         if outcome.status != "ok":
-            self.outcomes[follow.key] = RunOutcome(
-                matched.name,
-                task.seed,
-                "skipped",
-                str(run_dir_for(self.out_dir, matched.name, task.seed)),
-                error=f"{task.arm.name} seed {task.seed} failed, so its mean λ is unknown",
-            )
-            self.done += 1
+            self._skip(follow, f"{task.arm.name} seed {task.seed} failed, so its mean λ is unknown")
             return
         if self._reuse(follow):
             return
-        lam = round(float(outcome.summary.mean_lambda), 4)
-        ready.appendleft((follow, lam))
+        follow.lam = round(float(outcome.summary.mean_lambda), 4)
+        ready.appendleft(follow)
+
+    def _release_timed(self, seed: int, ready: deque) -> None:
+        """Queue ``ARM@equal-time`` for ``seed`` once ARM's and the kd arm's runs for it are done: ARM for
+        as many steps as fit in the kd run's training time, at ARM's measured time per step."""
+        kd = self.outcomes.get((self.plan.kd.name, seed))
+        for name, timed in self.timed_arms.items():
+            arm, follow = self.outcomes.get((name, seed)), Task(timed, seed)
+            if kd is None or arm is None or follow.key in self._timed_queued:
+                continue
+            self._timed_queued.add(follow.key)
+            if kd.status != "ok" or arm.status != "ok":
+                self._skip(
+                    follow, f"{name} or {self.plan.kd.name} seed {seed} failed, so the time budget is unknown"
+                )
+            elif not self._reuse(follow):
+                follow.steps = equal_time_steps(kd.summary, arm.summary)
+                ready.appendleft(follow)
+
+    def _skip(self, task: Task, reason: str) -> None:
+        run_dir = str(run_dir_for(self.out_dir, task.arm.name, task.seed))
+        self.outcomes[task.key] = RunOutcome(task.arm.name, task.seed, "skipped", run_dir, error=reason)
+        self.done += 1
 
     def _record(self, task: Task, result: dict[str, Any], seconds: float) -> None:
         run_dir = str(run_dir_for(self.out_dir, task.arm.name, task.seed))
@@ -275,10 +308,10 @@ class Comparison:
     def _drain(self, ready: deque) -> None:
         if self.jobs == 1:
             while ready:
-                task, lam = ready.popleft()
+                task = ready.popleft()
                 start = time.perf_counter()
                 result = execute_in_process(
-                    self.config_for(task, lam).to_dict(), self._log_path(task), task.key in self._resume
+                    self.config_for(task).to_dict(), self._log_path(task), task.key in self._resume
                 )
                 self._record(task, result, time.perf_counter() - start)
                 self._release(task, ready)
@@ -287,8 +320,8 @@ class Comparison:
         with ThreadPoolExecutor(self.jobs) as pool:
             while ready or running:
                 while ready and len(running) < self.jobs:
-                    task, lam = ready.popleft()
-                    cfg = self.config_for(task, lam).to_dict()
+                    task = ready.popleft()
+                    cfg = self.config_for(task).to_dict()
                     future = pool.submit(
                         execute_subprocess, cfg, self._log_path(task), self.threads, task.key in self._resume
                     )
@@ -311,6 +344,8 @@ class Comparison:
                 tasks = [Task(arm, seed)]
                 if self.plan.matched and arm.role == "arm" and arm.varies_lambda():
                     tasks.append(Task(self.matched_arm(arm), seed))
+                if arm.name in self.timed_arms:
+                    tasks.append(Task(self.timed_arms[arm.name], seed))
                 for task in tasks:
                     run_dir = run_dir_for(self.out_dir, task.arm.name, task.seed)
                     summary = RunSummary.read(run_dir)
@@ -323,11 +358,12 @@ class Comparison:
 
     def planned_runs(self) -> int:
         matched = len(self.plan.reliance_arms()) if self.plan.matched else 0
-        return (len(self.plan.arms) + matched) * len(self.plan.seeds)
+        return (len(self.plan.arms) + matched + len(self.plan.timed_arms())) * len(self.plan.seeds)
 
     def finish(self, *, table_only: bool) -> dict[str, Any]:
         """Write comparison.json, comparison.md and the plots from the outcomes so far."""
-        data = summarise(self.plan, list(self.matched_arms.values()), self.outcomes, self.teacher)
+        derived = [*self.matched_arms.values(), *self.timed_arms.values()]
+        data = summarise(self.plan, derived, self.outcomes, self.teacher)
         data["output_dir"] = str(self.out_dir)
         data["runs_planned"] = self.planned_runs()
         data["runs_finished"] = sum(o.status == "ok" for o in self.outcomes.values())
@@ -343,3 +379,9 @@ class Comparison:
         except Exception as exc:  # plots never lose the table
             self.log(f"plots failed: {exc}")
         return data
+
+
+def equal_time_steps(reference: RunSummary, arm: RunSummary) -> int:
+    """The steps of ``arm``'s strategy that take ``reference``'s training time (eval and checkpoints left out,
+    generation included), at the time per step ``arm``'s run measured."""
+    return max(1, round(train_seconds(reference) / (train_seconds(arm) / arm.steps)))

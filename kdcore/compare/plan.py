@@ -58,6 +58,7 @@ class Plan:
     command: str = ""
     teacher_cache: str | None = None  # None, "auto" (one cache built in the comparison dir) or a directory
     teacher_cache_k: int | None = None  # top-K of an auto cache; None: the whole vocabulary up to 512 tokens
+    equal_time: bool = False  # also run each arm with a generating source at the kd arm's wall time
 
     def to_yaml(self) -> str:
         data = {
@@ -71,6 +72,7 @@ class Plan:
             "teacher_dir": self.teacher_dir,
             "teacher_cache": self.teacher_cache,
             "teacher_cache_k": self.teacher_cache_k,
+            "equal_time": self.equal_time,
             "command": self.command,
         }
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
@@ -89,6 +91,7 @@ class Plan:
             teacher_dir=data.get("teacher_dir"),
             teacher_cache=data.get("teacher_cache"),
             teacher_cache_k=data.get("teacher_cache_k"),
+            equal_time=bool(data.get("equal_time", False)),
             command=data.get("command", ""),
         )
 
@@ -109,6 +112,11 @@ class Plan:
     def reliance_arms(self) -> list[Arm]:
         return [a for a in self.arms if a.role in ("arm",) and a.varies_lambda()]
 
+    def timed_arms(self) -> list[Arm]:
+        """The arms that also run at the kd arm's wall time (``equal_time``): those whose source is not
+        the dataset, whose steps cost more."""
+        return [a for a in self.arms if a.role == "arm" and a.source != "dataset"] if self.equal_time else []
+
 
 COMPARE_KEYS = {
     "arms",
@@ -120,6 +128,7 @@ COMPARE_KEYS = {
     "preset",
     "teacher_cache",
     "teacher_cache_k",
+    "equal_time",
 }
 
 
@@ -186,6 +195,7 @@ def build_plan(
     matched: bool | None = None,
     teacher_cache: str | None = None,
     teacher_cache_k: int | None = None,
+    equal_time: bool | None = None,
     command: str = "",
 ) -> Plan:
     """Resolve the base config and every arm, and validate all of them before anything runs.
@@ -225,6 +235,7 @@ def build_plan(
         command=command,
         teacher_cache=_teacher_cache_option(option(teacher_cache, "teacher_cache")),
         teacher_cache_k=option(teacher_cache_k, "teacher_cache_k"),
+        equal_time=bool(option(equal_time, "equal_time", False)),
     )
     check_seed(plan.teacher_seed, "--teacher-seed")
     _check_teacher_cache(plan)
@@ -233,6 +244,11 @@ def build_plan(
             notes.append(
                 f"'kd@matched-{arm.name}' is vanilla KD at the mean λ '{arm.name}' used on the same seed"
             )
+    for arm in plan.timed_arms():
+        notes.append(
+            f"'{arm.name}@equal-time' is '{arm.name}' for the steps that take as long as '{plan.kd.name}'s "
+            "run on the same seed (training time, generation included)"
+        )
     validate_plan(plan)
     return plan
 
@@ -391,9 +407,14 @@ def validate_plan(plan: Plan) -> None:
     for arm in plan.arms:
         cfg = arm_config(plan, arm, plan.seeds[0], Path("unused"))
         try:
-            instantiate_strategies(cfg.strategy)
+            built = instantiate_strategies(cfg.strategy)
         except KdError as exc:
             raise KdError(f"arm '{arm.name}': {exc}") from None
+        if plan.teacher_cache and built["source"][0].generates():
+            raise KdError(
+                f"arm '{arm.name}' trains on text written during training (source '{arm.source}'), which a "
+                "teacher cache cannot score; drop --teacher-cache or that arm"
+            )
     if plan.matched:
         for arm in plan.reliance_arms():
             probe = Arm(f"kd@matched-{arm.name}", matched_strategy(arm.strategy, 0.5))
@@ -412,10 +433,14 @@ def arm_config(
     threads: int | None = None,
     teacher: str | None = None,
     teacher_cache: str | None = None,
+    max_steps: int | None = None,
 ) -> RunConfig:
+    """The run config of ``arm`` and ``seed``; ``max_steps`` replaces the base's (an equal-time run)."""
     tree = json.loads(json.dumps(plan.base))
     tree["strategy"] = arm.strategy
     tree["training"]["seed"] = seed
+    if max_steps is not None:
+        tree["training"]["max_steps"] = max_steps
     tree["output"]["dir"] = str(run_dir)
     tree["output"]["baseline"] = False  # the comparison's own ce arm is every run's CE-only baseline
     if threads is not None and tree["training"].get("threads") is None:

@@ -28,6 +28,7 @@ ROLE_LABEL = {
     "kd": "vanilla KD reference",
     "sweep": "fixed-λ sweep",
     "matched": "matched-λ baseline",
+    "equal-time": "at the kd arm's training time",
     "arm": "arm",
 }
 
@@ -36,6 +37,8 @@ def role_text(row: Mapping[str, Any]) -> str:
     text = ROLE_LABEL.get(row["role"], row["role"])
     if row["role"] == "matched":
         text += f" of {row['matched_to']}"
+    if row["role"] == "equal-time" and row.get("steps_mean") is not None:
+        text = f"{row['timed_to']} {text} ({row['steps_mean']:.0f} steps)"
     if row["role"] == "kd" and row.get("fixed_lambda") is not None:
         text += f" (λ={row['fixed_lambda']:g})"
     if row.get("best_fixed"):
@@ -52,7 +55,9 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         "",
         "Student eval perplexity, mean ± sd over seeds (lower is better). Gap closed = "
         "(ppl_ce − ppl_arm)/(ppl_ce − ppl_teacher) on the means over the seeds both finished. Δ = arm − reference, paired over seeds, "
-        "mean [95% CI], paired t-test p; negative Δ means the arm is better.",
+        "mean [95% CI], paired t-test p; negative Δ means the arm is better. On-policy KL = the teacher's mean "
+        "KL(student ‖ teacher) per token on the student's greedy continuations of held-out prompts (nats, lower is "
+        "better); gen. = share of training time spent generating; train s = training time per run.",
         "",
         *markdown_table(*arms_table(data)),
     ]
@@ -108,10 +113,13 @@ ARM_COLUMNS = (
     "strategy",
     "seeds",
     "student ppl",
+    "on-policy KL",
     "gap closed",
     "mean λ",
     "Δ vs kd",
     "Δ vs matched λ",
+    "gen.",
+    "train s",
     "wall s",
     "tokens/s",
     "status",
@@ -133,10 +141,15 @@ def arms_table(data: Mapping[str, Any]) -> tuple[Sequence[str], list[list[str]]]
                 f"`{row['strategy']}`",
                 f"{row['n_ok']}/{row['n_seeds']}",
                 mean_sd(row.get("ppl_mean"), row.get("ppl_sd")),
+                mean_sd(row.get("onpolicy_kl_mean"), row.get("onpolicy_kl_sd"), lambda x: fixed(x, 4)),
                 MISSING if gap is None else f"{gap:.1%}",
                 mean_sd(row.get("mean_lambda"), row.get("mean_lambda_sd")),
                 format_paired(vs["kd"]) if "kd" in vs else MISSING,
                 format_paired(vs.get("matched")) if "matched" in vs else MISSING,
+                MISSING
+                if row.get("generation_share_mean") is None
+                else f"{row['generation_share_mean']:.0%}",
+                fixed(row.get("train_seconds_mean"), 0),
                 fixed(row.get("wall_seconds_mean"), 0),
                 fixed(row.get("tokens_per_second_mean"), 0),
                 status.replace("|", "/"),
@@ -149,7 +162,7 @@ def paired_table(data: Mapping[str, Any]) -> tuple[Sequence[str], list[list[str]
     """One row per paired test of an arm (references and baselines are what arms are compared with)."""
     rows = []
     for row in data["arms"]:
-        if row["role"] != "arm":
+        if row["role"] not in ("arm", "equal-time"):
             continue
         for p in (row.get("vs") or {}).values():
             ci = MISSING if p.get("ci_low") is None else f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
@@ -179,7 +192,7 @@ def verdict_sentences(data: Mapping[str, Any]) -> str:
     """Plain sentences: which arms beat vanilla KD and their matched baseline, significantly or not."""
     out = []
     for row in data["arms"]:
-        if row["role"] != "arm":
+        if row["role"] not in ("arm", "equal-time"):
             continue
         for key, label in (
             ("kd", "vanilla KD"),

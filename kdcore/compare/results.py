@@ -24,6 +24,8 @@ RUN_FIELDS = (
     "train_tokens",
     "steps",
     "final_open_share",
+    "onpolicy_kl",
+    "generation_share",
     "eval_curve",
 )
 
@@ -53,7 +55,7 @@ class RunOutcome:
 
 def summarise(
     plan: Plan,
-    matched_arms: Sequence[Arm],
+    derived_arms: Sequence[Arm],
     outcomes: Mapping[tuple[str, int], RunOutcome],
     teacher: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -61,10 +63,12 @@ def summarise(
     arms = list(plan.arms)
     known = {a.name for a in arms}
     for source in plan.reliance_arms() if plan.matched else []:
-        for m in matched_arms:
+        for m in derived_arms:
             if m.matched_to == source.name and m.name not in known:
                 arms.append(m)
                 known.add(m.name)
+    for source in plan.timed_arms():
+        arms += [t for t in derived_arms if t.timed_to == source.name and t.name not in known]
     table = _Outcomes(plan, outcomes)
     best_fixed = table.best_fixed(arms)
     return {
@@ -132,6 +136,9 @@ class _Outcomes:
         ppl = self.ppl_by_seed(arm.name)
         mean, sd = mean_sd(list(ppl.values()))
         lam_mean, lam_sd = mean_sd([float(o.summary.mean_lambda) for o in ok])
+        kl_mean, kl_sd = mean_sd(
+            [float(o.summary.onpolicy_kl) for o in ok if o.summary.onpolicy_kl is not None]
+        )
         matched = arm.role == "matched"
         return {
             "name": arm.name,
@@ -141,6 +148,7 @@ class _Outcomes:
             "strategy": "reliance:fixed(value=matched)" if matched else format_strategy(arm.strategy),
             "strategy_config": arm.strategy,
             "matched_to": arm.matched_to,
+            "timed_to": arm.timed_to,
             "fixed_lambda": None if matched else arm.fixed_lambda(),
             "status": self.status(arm, runs),
             "error": failed[0].error if failed else None,
@@ -151,6 +159,11 @@ class _Outcomes:
             "gap_closed": None if arm.role == "ce" else self.gap(ppl),
             "mean_lambda": lam_mean,
             "mean_lambda_sd": lam_sd,
+            "onpolicy_kl_mean": kl_mean,
+            "onpolicy_kl_sd": kl_sd,
+            "generation_share_mean": mean_sd([float(o.summary.generation_share or 0.0) for o in ok])[0],
+            "steps_mean": mean_sd([float(o.summary.steps) for o in ok])[0],
+            "train_seconds_mean": mean_sd([train_seconds(o.summary) for o in ok])[0],
             "wall_seconds_mean": mean_sd([float(o.summary.wall_seconds) for o in ok])[0],
             "tokens_per_second_mean": mean_sd([float(o.summary.tokens_per_second) for o in ok])[0],
             "runs": [o.as_json() for o in runs],
@@ -179,3 +192,8 @@ class _Outcomes:
         return {
             key: paired_difference(ppl, self.ppl_by_seed(name), name).as_json() for key, name in references
         }
+
+
+def train_seconds(summary: RunSummary) -> float:
+    """Training time of a run (eval and checkpoints left out, generation included)."""
+    return float(summary.train_tokens) / max(float(summary.tokens_per_second), 1e-9)

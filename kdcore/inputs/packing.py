@@ -49,6 +49,9 @@ class PackedDataset:
     attention_mask: torch.Tensor  # [N, L] long, 1 = real token
     levels: torch.Tensor | None = None  # [N] long, known difficulty (demo corpus only)
     fingerprint: str = ""
+    #: [N] long: how many leading tokens of each sample form its prompt (a chat sample's user turns and the
+    #: assistant header), for sources that continue prompts; None when the samples are plain text.
+    prompt_lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.shape != self.attention_mask.shape:
@@ -58,6 +61,10 @@ class PackedDataset:
             )
         if self.levels is not None and self.levels.shape != (len(self.input_ids),):
             raise ValueError(f"levels {tuple(self.levels.shape)} must be [{len(self.input_ids)}]")
+        if self.prompt_lengths is not None and self.prompt_lengths.shape != (len(self.input_ids),):
+            raise ValueError(
+                f"prompt_lengths {tuple(self.prompt_lengths.shape)} must be [{len(self.input_ids)}]"
+            )
         if not self.fingerprint:
             self.fingerprint = fingerprint_of(self.input_ids, self.attention_mask)
 
@@ -88,7 +95,10 @@ class PackedDataset:
         if n is None or n >= len(self):
             return self
         levels = None if self.levels is None else self.levels[:n].clone()
-        return PackedDataset(self.input_ids[:n].clone(), self.attention_mask[:n].clone(), levels)
+        prompts = None if self.prompt_lengths is None else self.prompt_lengths[:n].clone()
+        return PackedDataset(
+            self.input_ids[:n].clone(), self.attention_mask[:n].clone(), levels, prompt_lengths=prompts
+        )
 
 
 def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -161,12 +161,21 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
     from kdcore.training.engine import check_batch_size, total_steps
+    from kdcore.training.sources import check_source
 
     quiet_transformers()
     built = instantiate_strategies(cfg.strategy)
     strategies = {
         kind: f"{pair[1]['name']} ({pair[1].get('distribution', '?')})" for kind, pair in built.items()
     }
+    names = cfg.strategy.names()
+    check_source(
+        built["source"][0],
+        names["source"],
+        built["reliance"][0],
+        names["reliance"],
+        cfg.model.teacher_cache is not None,
+    )
     trackers = resolve_trackers(cfg.output.report_to)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     for source in (cfg.model.teacher, cfg.model.student):

@@ -30,7 +30,10 @@ def print_summary(console: Console, summary: RunSummary, baseline: RunSummary | 
     """The run's summary table; with ``baseline`` (its CE-only student) that student's perplexity, the share
     of the CE→teacher gap the run closed, and the baseline's part of the wall time."""
     strategy = summary.strategy
-    table = Table(title=f"kd run: {strategy['scorer']} / {strategy['pacing']} / {strategy['reliance']}")
+    names = [strategy[kind] for kind in ("scorer", "pacing", "reliance")]
+    if strategy.get("source", "dataset") != "dataset":
+        names.append(strategy["source"])
+    table = Table(title=f"kd run: {' / '.join(names)}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     label = RunSummary.labels()
@@ -56,6 +59,12 @@ def print_summary(console: Console, summary: RunSummary, baseline: RunSummary | 
         (label["mean_lambda"], f"{summary.mean_lambda:.3f}"),
         (label["final_open_share"], f"{summary.final_open_share:.0%}"),
     ]
+    if summary.onpolicy_kl is not None:
+        rows.append(
+            (label["onpolicy_kl"], f"{summary.onpolicy_kl:.4f} (from {summary.onpolicy_kl_initial:.4f})")
+        )
+    if summary.generation_share:
+        rows.append((label["generation_share"], f"{summary.generation_share:.0%}"))
     if summary.difficulty_spearman is not None:
         rows.append((label["difficulty_spearman"], f"{summary.difficulty_spearman:.3f}"))
     rows.append(("run directory", summary.run_dir))

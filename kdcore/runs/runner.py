@@ -38,6 +38,7 @@ from kdcore.inputs.models import (
     remote_code_warning,
     vocab_size,
 )
+from kdcore.inputs.tokenization import pad_id
 from kdcore.references import gap_closed
 from kdcore.runs.baseline import baseline_config
 from kdcore.runs.model_card import check_push, push_to_hub, render_model_card, write_model_card
@@ -55,6 +56,7 @@ from kdcore.training.checkpoint import (
 )
 from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
 from kdcore.training.progress import TrainingProgress
+from kdcore.training.sources import check_source, eos_ids_of
 
 if TYPE_CHECKING:
     from kdcore.inputs.packing import PackedDataset
@@ -408,6 +410,8 @@ def make_trainer(
         checkpoints=Checkpointer(
             run_dir, cfg.training.checkpoint_every, cfg.output.keep_checkpoints, cfg.to_dict(), metrics.path
         ),
+        pad_id=pad_id(models.tokenizer),
+        eos_ids=eos_ids_of(models.tokenizer.eos_token_id, models.student),
     )
 
 
@@ -417,6 +421,14 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
     if resume:  # before the strategies are built: a missing plugin is named with its package
         check_plugins(Path(cfg.output.dir), lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     strategies, strategy_meta = make_strategies(cfg.strategy)
+    names = cfg.strategy.names()
+    check_source(
+        strategies.source,
+        names["source"],
+        strategies.reliance,
+        names["reliance"],
+        cfg.model.teacher_cache is not None,
+    )
     for source in (cfg.model.teacher, cfg.model.student):
         parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
     teacher_model = None if cfg.model.teacher_cache is not None else cfg.model.teacher

@@ -36,7 +36,12 @@ _TAKEN = {
     "Literal",
     "PacingFunction",
     "ReliancePolicy",
+    "Recording",
     "ScorerContext",
+    "Source",
+    "SourceContext",
+    "SourceRequest",
+    "SourceRows",
 }
 
 

@@ -43,10 +43,10 @@ import torch
 from kdcore.errors import KdError
 from kdcore.strategies import PacingFunction
 
-__all__ = ["CurriculumSampler", "difficulty_ranks"]
+__all__ = ["CurriculumSampler", "derive_seed", "difficulty_ranks"]
 
 
-def _derive_seed(*parts: object) -> int:
+def derive_seed(*parts: object) -> int:
     """A 63-bit seed from ``parts``, stable across processes and Python versions."""
     data = "\x1f".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
@@ -54,7 +54,7 @@ def _derive_seed(*parts: object) -> int:
 
 def _generator(*parts: object) -> torch.Generator:
     gen = torch.Generator()
-    gen.manual_seed(_derive_seed(*parts))
+    gen.manual_seed(derive_seed(*parts))
     return gen
 
 

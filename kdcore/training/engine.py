@@ -1,8 +1,9 @@
 """The training loop: one student step reads top to bottom in :meth:`Trainer.train_step`.
 
-A step draws a batch from the curriculum sampler, runs the student (and the teacher when some λ
-is non-zero or the scorer needs the KD term), computes per-sample CE and KD terms, weights them by
-the reliance policy's λ, and hands the statistics it already has to the scorer.
+A step draws a batch from the curriculum sampler, asks the source for its rows (the dataset's, or
+continuations written by a model), runs the student (and the teacher when some λ is non-zero or the
+scorer needs the KD term), computes per-sample CE and KD terms, weights them by the reliance policy's
+λ, and hands the statistics it already has to the scorer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kdcore.config import StrategyConfig, TrainingConfig
 from kdcore.errors import KdError, RunInterrupted
-from kdcore.inputs.packing import PackedDataset, shift_labels
+from kdcore.inputs.packing import PackedDataset
 from kdcore.plugins import instantiate_strategies
 from kdcore.strategies import (
     DifficultyScorer,
@@ -30,14 +31,21 @@ from kdcore.strategies import (
     PacingFunction,
     ReliancePolicy,
     ScorerContext,
+    Source,
+    SourceContext,
+    SourceRows,
     Strategy,
+    prompt_lengths,
 )
 from kdcore.summary import RunSummary
 from kdcore.training import parallel
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
-from kdcore.training.losses import SampleTerms, TopKTeacher, per_sample_terms
+from kdcore.training.losses import SampleTerms, TopKTeacher
+from kdcore.training.onpolicy_eval import on_policy_kl_totals
+from kdcore.training.onpolicy_loss import sample_losses, source_terms
+from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
 
 
 class CachedTeacher(Protocol):
@@ -85,6 +93,7 @@ class Strategies:
     pacing: ClassVar[_OfKind[PacingFunction]] = _OfKind()
     reliance: ClassVar[_OfKind[ReliancePolicy]] = _OfKind()
     divergence: ClassVar[_OfKind[Divergence]] = _OfKind()
+    source: ClassVar[_OfKind[Source]] = _OfKind()
 
 
 @dataclass
@@ -101,6 +110,8 @@ class History:
     window_seconds: float = 0.0  # training time in that window when it was checkpointed
     train_seconds: float = 0.0  # eval and checkpoint time excluded
     tokens: float = 0.0
+    generation_seconds: float = 0.0  # of train_seconds, spent writing continuations
+    onpolicy_kl: list[tuple[int, float | None]] = field(default_factory=list)  # held-out, at start and end
     skipped_steps: list[int] = field(default_factory=list)  # non-finite loss, training.on_nonfinite=skip
 
 
@@ -180,6 +191,8 @@ class Trainer:
         project_dir: Path | None = None,
         teacher_cache: CachedTeacher | None = None,
         checkpoints: Checkpointer | None = None,
+        pad_id: int = 0,
+        eos_ids: tuple[int, ...] = (),
     ) -> None:
         self.cfg = training
         self.checkpoints = checkpoints  # None: no checkpoints, and SIGINT/SIGTERM stop at once
@@ -215,6 +228,9 @@ class Trainer:
         optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
+        self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
+        longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
+        strategies.source.check(SourceContext(train.seq_len, max_positions(student, teacher), longest))
         self.sampler = CurriculumSampler(
             len(train),
             training.batch_size,
@@ -263,23 +279,24 @@ class Trainer:
         batch_ids = self.sampler.batch(step)  # the same global batch on every process
         micro_batches = batch_ids.chunk(self.cfg.grad_accum)
         mine = slice(self.rank, None, self.world)  # this process's share of each micro-batch
-        totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "lambda": 0.0, "tokens": 0.0}
+        totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "lambda": 0.0, "tokens": 0.0, "generated": 0.0}
         losses = []
         for i, micro_ids in enumerate(micro_batches):
             lam = self.strategies.reliance.weights(
                 self.sampler.ranks[micro_ids], self.sampler.scores[micro_ids], progress
             )
+            rows = self.source_rows(micro_ids[mine], step, progress)  # dataset text or continuations
             with self.gradient_sync(last=i == len(micro_batches) - 1):
-                terms = self.forward(micro_ids[mine], lam, temperature)
+                terms, observed = self.forward(rows, micro_ids[mine], lam, temperature)
                 lam_mine = lam[mine].to(terms.ce.device)
-                per_sample = (1 - lam_mine) * terms.ce + lam_mine * terms.kd
+                per_sample = sample_losses(terms, lam_mine, rows.labelled)  # λ·KD alone on the student's text
                 # DDP averages gradients over processes: dividing each process's sum by batch/processes
                 # makes the update the mean over the whole global batch (and accumulation 4x2 = batch 8).
                 self.accelerator.backward(per_sample.sum() * self.world / len(batch_ids))
-            stats = self.gather_stats(terms, per_sample)  # the whole micro-batch, on every process
+            stats = self.gather_stats(observed, per_sample, rows.generated)  # the whole micro-batch
             losses.append(stats.pop("loss"))
             self.strategies.scorer.observe(micro_ids, stats)
-            for key in ("ce", "kd", "tokens"):
+            for key in ("ce", "kd", "tokens", "generated"):
                 totals[key] += stats[key].sum()
             totals["loss"] += losses[-1].sum()
             totals["lambda"] += lam.sum()
@@ -309,13 +326,15 @@ class Trainer:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.student)
 
-    def gather_stats(self, terms: SampleTerms, per_sample: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gather_stats(
+        self, terms: SampleTerms, per_sample: torch.Tensor, generated: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per-sample statistics (and ``loss``) of the whole micro-batch, in its order, on the CPU.
 
         With several processes each holds every ``world``-th sample; one all-gather gives every
         process the whole micro-batch, so all scorers see what a single process would.
         """
-        columns = {**vars(terms), "loss": per_sample}
+        columns = {**vars(terms), "generated": generated.to(per_sample.device), "loss": per_sample}
         local = torch.stack([v.detach().float().reshape(-1) for v in columns.values()], dim=1)
         if self.world > 1:
             gathered = self.accelerator.gather(local)  # [world · n, k], process-major
@@ -339,17 +358,44 @@ class Trainer:
         self.on_log({"step": step + 1, "skipped": f"non-finite {what}", "sample_ids": ids})
         return None
 
-    def forward(self, sample_ids: torch.Tensor, lam: torch.Tensor, temperature: float) -> SampleTerms:
-        input_ids = self.train.input_ids[sample_ids].to(self.device)
-        mask = self.train.attention_mask[sample_ids].to(self.device)
-        labels = shift_labels(input_ids, mask)
+    @torch.no_grad()
+    def source_rows(self, sample_ids: torch.Tensor, step: int, progress: float) -> SourceRows:
+        """The source's rows for ``sample_ids``; the time spent generating is recorded."""
+        request = BatchRequest(
+            sample_ids,
+            dataset_rows(self.train.input_ids[sample_ids], self.train.attention_mask[sample_ids]),
+            None if self.train.prompt_lengths is None else self.train.prompt_lengths[sample_ids],
+            step,
+            self.cfg.seed,
+            progress,
+            self.unwrapped_student(),
+            self.teacher,
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
+        )
+        rows = self.strategies.source.rows(request)
+        self.history.generation_seconds += request.generation_seconds
+        return rows
+
+    def forward(
+        self, rows: SourceRows, sample_ids: torch.Tensor, lam: torch.Tensor, temperature: float
+    ) -> tuple[SampleTerms, SampleTerms]:
+        """The loss terms of ``rows`` and the terms the scorer observes (:mod:`kdcore.training.onpolicy_loss`)."""
+        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
         student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
         teacher_logits = None
         has_teacher = self.teacher is not None or self.teacher_cache is not None
         if has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs):
-            teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)
-        return per_sample_terms(
-            student_logits, labels, teacher_logits, self.strategies.divergence, temperature
+            teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)  # the exact ids and mask
+        prompt_labels = None if rows.prompt_labels is None else rows.prompt_labels.to(self.device)
+        return source_terms(
+            student_logits,
+            rows.labels.to(self.device),
+            teacher_logits,
+            self.strategies.divergence,
+            temperature,
+            generated=rows.generated,
+            prompt_labels=prompt_labels,
         )
 
     @torch.no_grad()
@@ -379,6 +425,7 @@ class Trainer:
             self.checkpoints.resumed_from(resume, self.step, self.accelerator.is_main_process)
         else:
             self.history.eval_curve = [(0, self.evaluate())]
+            self.history.onpolicy_kl = [(0, self.evaluate_on_policy())]
         eval_every = self.cfg.eval_every or max(1, self.total_steps // 4)
         self.student.train()
         self._window_start = time.perf_counter() - self.history.window_seconds
@@ -404,6 +451,8 @@ class Trainer:
                     raise RunInterrupted(
                         done, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
                     )
+        with self.paused():
+            self.history.onpolicy_kl.append((self.total_steps, self.evaluate_on_policy()))
         history = self.history
         history.open_share_last = self.sampler.open_count(self.total_steps - 1) / len(self.train)
         return RunSummary(
@@ -415,6 +464,9 @@ class Trainer:
             mean_lambda=history.lambda_sum / max(history.lambda_count, 1),
             final_open_share=history.open_share_last,
             eval_curve=history.eval_curve,
+            onpolicy_kl=history.onpolicy_kl[-1][1],
+            onpolicy_kl_initial=history.onpolicy_kl[0][1],
+            generation_share=history.generation_seconds / max(history.train_seconds, 1e-9),
         )
 
     def add_to_window(self, metrics: Mapping[str, Any] | None) -> None:
@@ -500,6 +552,32 @@ class Trainer:
         total, count = nll_totals(model, parallel.even_shard(self.eval_set, self.rank, self.world))
         sums = self.accelerator.reduce(torch.stack([total, count]).to(self.device), "sum").cpu()
         return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
+
+    def evaluate_on_policy(self) -> float | None:
+        """The teacher's mean reverse KL on the student's greedy continuations of held-out prompts
+        (:mod:`kdcore.training.onpolicy_eval`); None without a teacher model or with ``prompts: 0``."""
+        cfg = self.cfg.onpolicy_eval
+        if self.teacher is None or cfg.prompts == 0:
+            return None
+        held_out = self.eval_set.head(cfg.prompts)
+        lengths = prompt_lengths(held_out.attention_mask, held_out.prompt_lengths, cfg.prompt_tokens)
+        mine = (lengths >= 1).nonzero().squeeze(1)[self.rank :: self.world]  # this process's prompts
+        total, count = on_policy_kl_totals(
+            self.unwrapped_student(),
+            self.teacher,
+            held_out.input_ids[mine],
+            lengths[mine],
+            max_new_tokens=cfg.max_new_tokens,
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
+        )
+        if self.world > 1:
+            sums = self.accelerator.reduce(torch.stack([total, count]).to(self.device), "sum").cpu()
+            total, count = sums[0], sums[1]
+        return float(total / count.clamp(min=1.0))
+
+    def unwrapped_student(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.student)
 
     def sample_stats(self, model: torch.nn.Module, data: PackedDataset) -> dict[str, torch.Tensor]:
         """Per-sample statistics of ``data`` (a scorer's pre-pass), each process scoring its even share."""
