@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kdcore.errors import KdError
-from kdcore.inputs.cut import CutSpec, cut_student, decoder_layout, parse_cut_spec
+from kdcore.inputs.cut import CutSpec, cut_config, cut_student, decoder_layout, parse_cut_spec
 
 
 def small(model_type: str, layers: int = 4, vocab: int = 97, **extra):
@@ -150,6 +150,11 @@ def test_per_layer_config_is_cut():
     student = cut_student(teacher, parse_cut_spec("from-teacher:layers=1,2"))
     assert student.config.layer_types == ["full_attention", "sliding_attention"]
     assert teacher.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    # The same config from the teacher's config alone (what a dry run has).
+    from_config = cut_config(teacher.config, [1, 2]).to_dict()
+    built = student.config.to_dict()
+    assert built.pop("dtype") == "float32"  # set when the student was built
+    assert {k: v for k, v in from_config.items() if k != "dtype"} == built
 
 
 def test_unknown_layout_is_refused():

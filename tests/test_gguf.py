@@ -14,6 +14,7 @@ from kdcore.inputs.gguf import (
     GgufSource,
     is_gguf_model,
     load_gguf,
+    load_gguf_config,
     load_gguf_model,
     load_gguf_tokenizer,
     parse_gguf_source,
@@ -75,6 +76,20 @@ def test_round_trip_weights_config_and_tokenizer(written, capsys):
         vocab["Ġthe"],
         vocab["<|im_end|>"],
     ]
+
+
+def test_config_without_weights(written):
+    model, path = written
+    config = load_gguf_config(str(path))
+    assert not hasattr(config, "quantization_config")
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
+        assert getattr(config, key) == getattr(model.config, key), key
 
 
 def test_plain_model_saves_and_reloads(written, tmp_path):

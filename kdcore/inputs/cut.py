@@ -26,7 +26,7 @@ from typing import Any
 
 from kdcore.errors import KdError
 
-__all__ = ["PREFIX", "CutSpec", "cut_student", "decoder_layout", "parse_cut_spec"]
+__all__ = ["PREFIX", "CutSpec", "cut_config", "cut_student", "decoder_layout", "parse_cut_spec"]
 
 PREFIX = "from-teacher"
 KEYS = ("layers", "every", "num_layers")
@@ -118,11 +118,15 @@ def decoder_layout(model: Any) -> tuple[str, Any]:
     )
 
 
-def _student_config(teacher: Any, chosen: Sequence[int]) -> Any:
-    config = copy.deepcopy(teacher.config)
+def cut_config(teacher_config: Any, chosen: Sequence[int]) -> Any:
+    """The student's config: the teacher's with ``len(chosen)`` layers (per-layer lists cut alike).
+
+    Needs no weights, so a dry run can size the student from the teacher's config alone.
+    """
+    config = copy.deepcopy(teacher_config)
     if hasattr(config, "quantization_config"):  # a GGUF-loaded teacher; the student is a plain model
         del config.quantization_config
-    total = teacher.config.num_hidden_layers
+    total = teacher_config.num_hidden_layers
     for name in PER_LAYER_CONFIG:
         value = getattr(config, name, None)
         if isinstance(value, (list, tuple)) and len(value) == total:
@@ -160,7 +164,7 @@ def cut_student(teacher: Any, spec: CutSpec | Sequence[int]) -> Any:
             state[f"{prefix}{renumber[int(index)]}.{rest}"] = tensor
     dtype = next(teacher.parameters()).dtype
     device = next(teacher.parameters()).device
-    student = AutoModelForCausalLM.from_config(_student_config(teacher, chosen), dtype=dtype).to(device)
+    student = AutoModelForCausalLM.from_config(cut_config(teacher.config, chosen), dtype=dtype).to(device)
     with torch.no_grad():
         missing, unexpected = student.load_state_dict(state, strict=False)
     # Tied heads are absent from some state dicts; anything else missing is a layout kdcore does not know.

@@ -31,6 +31,7 @@ __all__ = [
     "GgufSource",
     "is_gguf_model",
     "load_gguf",
+    "load_gguf_config",
     "load_gguf_model",
     "load_gguf_tokenizer",
     "parse_gguf_source",
@@ -225,6 +226,16 @@ def load_gguf_model(
     kwargs = {} if dtype is None else {"dtype": dtype}
     model = _load(source, AutoModelForCausalLM.from_pretrained, "model", **kwargs)
     return plain_model(model)
+
+
+def load_gguf_config(source: str | GgufSource) -> Any:
+    """The model's config from the file's metadata, without de-quantising weights (for a dry run)."""
+    from transformers import AutoConfig
+
+    config = _load(_as_source(source), AutoConfig.from_pretrained, "config")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def load_gguf_tokenizer(source: str | GgufSource) -> Any:
