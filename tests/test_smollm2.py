@@ -81,34 +81,41 @@ def test_loads_as_a_plain_savable_llama(smollm2, tmp_path):
     assert not hasattr(AutoConfig.from_pretrained(tmp_path), "quantization_config")
 
 
-def test_cut_student_copies_and_starts_ahead(smollm2):
+def test_cut_student_copies_the_teachers_tensors(smollm2):
+    from kdcore.inputs.cut import cut_student, parse_cut_spec
+
+    teacher, _ = smollm2
+    spec = parse_cut_spec("from-teacher:num_layers=4")
+    assert spec.select(30) == [0, 10, 19, 29]
+    student = cut_student(teacher, spec)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    assert len(s_state) == len(t_state) - 26 * 9  # 9 tensors per Llama layer
+    for new, old in enumerate([0, 10, 19, 29]):
+        for key in [k for k in t_state if k.startswith(f"model.layers.{old}.")]:
+            assert torch.equal(s_state[key.replace(f"layers.{old}.", f"layers.{new}.")], t_state[key]), key
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(s_state[name], t_state[name])
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+
+
+def test_dropping_a_block_of_deep_layers_starts_far_ahead_of_a_random_init(smollm2):
+    """Dropping 4 contiguous deep layers (20-23) keeps the model working: perplexity near the teacher's,
+    far below a random init of the same shape (~ the vocabulary size). Heavier cuts start *worse* than a
+    random init (num_layers=4: ~1e6, overconfident), measured in docs, not asserted here."""
     from transformers import AutoModelForCausalLM
 
     from kdcore.inputs.cut import cut_student, parse_cut_spec
 
     teacher, tokenizer = smollm2
-    spec = parse_cut_spec("from-teacher:num_layers=4")
-    assert spec.select(30) == [0, 10, 19, 29]
-    student = cut_student(teacher, spec)
-    t_state, s_state = teacher.state_dict(), student.state_dict()
-    for new, old in enumerate([0, 10, 19, 29]):
-        for name in (
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "mlp.down_proj.weight",
-            "input_layernorm.weight",
-        ):
-            assert torch.equal(s_state[f"model.layers.{new}.{name}"], t_state[f"model.layers.{old}.{name}"])
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        assert torch.equal(s_state[name], t_state[name])
-    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    keep = ",".join(str(i) for i in range(30) if not 20 <= i <= 23)
+    student = cut_student(teacher, parse_cut_spec(f"from-teacher:layers={keep}")).eval()
     torch.manual_seed(0)
-    fresh = AutoModelForCausalLM.from_config(student.config)
+    fresh = AutoModelForCausalLM.from_config(student.config).eval()
     ids = prose(tokenizer, 128)
-    teacher_ppl, cut_ppl, fresh_ppl = ppl(teacher, ids), ppl(student.eval(), ids), ppl(fresh.eval(), ids)
-    # Random init sits near the vocabulary size (49,152); the cut keeps embeddings, head and 4 trained
-    # layers. Measured: teacher ~15, cut in the thousands, fresh ~50k; a factor 5 leaves room.
-    assert teacher_ppl < cut_ppl < fresh_ppl / 5, (teacher_ppl, cut_ppl, fresh_ppl)
+    teacher_ppl, cut_ppl, fresh_ppl = ppl(teacher, ids), ppl(student, ids), ppl(fresh, ids)
+    # Measured: teacher 49.8, cut 175.5, fresh 55,720. Bounds: within 10x of the teacher, 100x below fresh.
+    assert teacher_ppl < cut_ppl < 10 * teacher_ppl, (teacher_ppl, cut_ppl)
+    assert 100 * cut_ppl < fresh_ppl, (cut_ppl, fresh_ppl)
 
 
 def test_chat_template_mask_against_the_header_tokens(smollm2):
