@@ -1,8 +1,9 @@
 """Peak memory and time of the KD loss from hidden states: fused LM head vs full logits.
 
 Each variant runs in a fresh subprocess, once per round. The figure is the peak resident memory
-of that process (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its RSS after the inputs are built
-and touched, i.e. what one forward + backward of the loss adds. Resident memory rather than
+of that process during one forward + backward of the loss (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` once the inputs are built, so the temporaries of building them do not
+count) minus its RSS at that moment, i.e. what the loss adds. Resident memory rather than
 torch's own allocation counters: on CPU every tensor is a malloc'ed block, and RSS is what the
 machine runs out of (and it includes the allocator's own retention, see docs/performance.md on
 glibc); the processes run with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the
@@ -45,7 +46,18 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 
 
 def peak_mib() -> float:
+    """The process's peak RSS since the last :func:`reset_peak` (Linux ``VmHWM``), else since it started."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak() -> None:
+    """Forget the peak reached while the inputs were built (temporaries, copies): Linux ``clear_refs`` 5."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def current_mib() -> float:
@@ -123,6 +135,7 @@ def worker(variant: str, source: str, vocab: int, tokens: int, hidden: int, chun
     x["w"].requires_grad_(True)
     x["w"].grad = torch.zeros_like(x["w"])  # the parameter's gradient buffer exists in training anyway
     base = current_mib()
+    reset_peak()
     start = time.perf_counter()
     loss = step(variant, x, div, chunk or None)
     seconds = time.perf_counter() - start
