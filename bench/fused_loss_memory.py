@@ -15,7 +15,7 @@ head ``[V, H]`` (frozen), labels; 0.5·CE + 0.5·τ²·KL (forward KL, τ = 2).
 - ``ce-fused``: CE alone on the fused path (``fused_sample_terms`` without a teacher);
 - ``kd-fused``: the fused KD loss, loss weights announced (gradients computed in the forward pass);
 - ``kd-fused-recompute``: the same without announced weights (each chunk projected again in backward);
-- ``kd-chunked``: full logits of both models, then ``kdcore.losses.per_sample_terms`` (today's engine);
+- ``kd-chunked``: full logits of both models, then ``kdcore.training.losses.per_sample_terms`` (today's engine);
 - ``kd-naive``: full logits, ``log_softmax`` of both, ``F.kl_div`` and ``F.cross_entropy``, whole.
 
 Run: ``python bench/fused_loss_memory.py`` (V = 131,072 and 49,152, N = 4096, H = 576; minutes
@@ -83,8 +83,8 @@ def step(variant: str, x: dict, div, chunk: int | None = None) -> float:
     import torch
     import torch.nn.functional as F
 
-    from kdcore.losses import per_sample_terms
     from kdcore.training.fused_loss import fused_sample_terms
+    from kdcore.training.losses import per_sample_terms
 
     h, w, th, tw, labels = x["h"], x["w"], x["th"], x["tw"], x["labels"]
     n = h.shape[0]
@@ -95,7 +95,7 @@ def step(variant: str, x: dict, div, chunk: int | None = None) -> float:
         terms = fused_sample_terms(
             h[None], w, labels[None], *teacher, loss_weights=weights, chunk_tokens=chunk
         )
-        loss = 0.5 * terms["ce"] + 0.5 * terms["kd"]
+        loss = 0.5 * terms.ce + 0.5 * terms.kd
     elif variant == "kd-chunked":
         with torch.no_grad():
             t = th @ tw.T

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdcore.errors import KdError
-from kdcore.inputs.chat import IGNORE_INDEX, encode_chat, encode_conversation, load_chat_jsonl, read_jsonl
+from kdcore.inputs.chat import encode_chat, encode_conversation, load_chat_jsonl, read_jsonl
+from kdcore.inputs.packing import IGNORE_INDEX
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chat.jsonl"
 
@@ -136,7 +137,7 @@ def test_control_tokens_in_content_are_text():
     """A user typing ``<|im_end|>`` does not end the turn (byte-level BPE, as real chat tokenizers are)."""
     import inspect
 
-    from kdcore.data import build_tokenizer
+    from kdcore.inputs.tokenization import build_tokenizer
 
     texts = [m["content"] for _, row in read_jsonl(FIXTURE) for m in row["messages"]]
     tokenizer = build_tokenizer("bpe:vocab_size=300", texts)
@@ -158,7 +159,7 @@ def test_control_tokens_in_content_are_text():
 
 def test_shifted_labels_count_only_assistant_tokens():
     """How the engine consumes these labels: shifted by one, then per-sample CE over the targets only."""
-    from kdcore.losses import per_sample_terms
+    from kdcore.training.losses import per_sample_terms
 
     tokenizer = word_tokenizer()
     samples = load_chat_jsonl(FIXTURE, tokenizer, seq_len=96)

@@ -182,8 +182,8 @@ def test_out_of_range_against_the_teacher():
 
 
 def _eval_ppl(model, data) -> float:
-    from kdcore.data import shift_labels
-    from kdcore.losses import token_nll_sum
+    from kdcore.inputs.packing import shift_labels
+    from kdcore.training.losses import token_nll_sum
 
     model.eval()
     with torch.no_grad():
@@ -194,8 +194,9 @@ def _eval_ppl(model, data) -> float:
 
 def test_cut_student_starts_far_below_a_random_init(one_thread):
     """A 4-layer teacher trained briefly on the demo corpus; its 2-layer cut vs a fresh 2-layer model."""
-    from kdcore.data import build_tokenizer, pack
-    from kdcore.demo import generate_demo_corpus
+    from kdcore.inputs.demo import generate_demo_corpus
+    from kdcore.inputs.packing import pack
+    from kdcore.inputs.tokenization import build_tokenizer
 
     tokenizer = build_tokenizer("byte")
     texts = [t for t, _ in generate_demo_corpus(300, seed=0)]
@@ -217,8 +218,8 @@ def test_cut_student_starts_far_below_a_random_init(one_thread):
     teacher = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    from kdcore.data import shift_labels
-    from kdcore.losses import per_sample_terms
+    from kdcore.inputs.packing import shift_labels
+    from kdcore.training.losses import per_sample_terms
 
     teacher.train()
     for _ in range(40):

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcore.losses import SampleTerms, per_sample_terms
 from kdcore.plugins import get_registry
 from kdcore.training.fused_loss import final_hidden_states, fused_sample_terms, linear_head
+from kdcore.training.losses import SampleTerms, per_sample_terms
 
 B, T, H, HT = 3, 9, 16, 24
 
@@ -57,9 +57,9 @@ def grads(terms, lam, params, ce_weight=None, kd_weight=None):
     return torch.autograd.grad(loss, [p for p in params if p is not None])
 
 
-def assert_same(fused: dict, ref: SampleTerms) -> None:
+def assert_same(fused: SampleTerms, ref: SampleTerms) -> None:
     for key in ("ce", "kd", "confidence", "tokens"):
-        torch.testing.assert_close(fused[key], getattr(ref, key), rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(getattr(fused, key), getattr(ref, key), rtol=1e-5, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("name", ["forward-kl", "reverse-kl", "jsd", "skew-kl", "tvd"])
@@ -74,10 +74,8 @@ def test_values_and_gradients_equal_the_unfused_loss(name, tau, mode):
         h, w, labels, th, tw, div, tau, student_bias=b, teacher_bias=tb, chunk_tokens=4, loss_weights=weights
     )
     assert_same(fused, ref)
-    assert fused["kd"].abs().min() > 0 or name == "tvd"  # a real KD term, not zeros
-    for got, want in zip(
-        grads(SampleTerms(**fused), lam, [h, w, b]), grads(ref, lam, [h, w, b]), strict=True
-    ):
+    assert fused.kd.abs().min() > 0 or name == "tvd"  # a real KD term, not zeros
+    for got, want in zip(grads(fused, lam, [h, w, b]), grads(ref, lam, [h, w, b]), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -90,7 +88,7 @@ def test_chunk_sizes_agree(chunk):
         h, w, labels, th, tw, div, 2.0, chunk_tokens=chunk, loss_weights=(1 - lam, lam)
     )
     assert_same(fused, ref)
-    for got, want in zip(grads(SampleTerms(**fused), lam, [h, w]), grads(ref, lam, [h, w]), strict=True):
+    for got, want in zip(grads(fused, lam, [h, w]), grads(ref, lam, [h, w]), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -99,9 +97,7 @@ def test_announced_weights_not_used_falls_back_to_recomputing():
     h, w, th, tw, labels, lam = make_plain(seed=3)
     div = divergence("jsd")
     ref = reference(h, w, None, th, tw, None, labels, div, 2.0)
-    fused = SampleTerms(
-        **fused_sample_terms(h, w, labels, th, tw, div, 2.0, chunk_tokens=4, loss_weights=(1 - lam, lam))
-    )
+    fused = fused_sample_terms(h, w, labels, th, tw, div, 2.0, chunk_tokens=4, loss_weights=(1 - lam, lam))
     other = torch.tensor([1.0, 0.0, 2.0])
     for got, want in zip(
         grads(fused, lam, [h, w], other, lam), grads(ref, lam, [h, w], other, lam), strict=True
@@ -114,8 +110,8 @@ def test_ce_only_and_vocabulary_mismatch():
     ce_only = fused_sample_terms(h, w, labels, student_bias=b, chunk_tokens=3, loss_weights=(1 - lam, lam))
     ref = per_sample_terms(F.linear(h, w, b), labels)
     assert_same(ce_only, ref)
-    assert torch.equal(ce_only["kd"], torch.zeros(B))
-    g_fused = torch.autograd.grad(ce_only["ce"].sum(), [h, w, b])
+    assert torch.equal(ce_only.kd, torch.zeros(B))
+    g_fused = torch.autograd.grad(ce_only.ce.sum(), [h, w, b])
     g_ref = torch.autograd.grad(ref.ce.sum(), [h, w, b])
     for got, want in zip(g_fused, g_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -125,7 +121,7 @@ def test_ce_only_and_vocabulary_mismatch():
         ref = reference(h, w, None, th, tw, None, labels, div, 2.0)
         fused = fused_sample_terms(h, w, labels, th, tw, div, 2.0, chunk_tokens=4)
         assert_same(fused, ref)
-        for got, want in zip(grads(SampleTerms(**fused), lam, [h, w]), grads(ref, lam, [h, w]), strict=True):
+        for got, want in zip(grads(fused, lam, [h, w]), grads(ref, lam, [h, w]), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -134,8 +130,8 @@ def test_no_valid_token():
     labels = torch.full_like(labels, -100)
     fused = fused_sample_terms(h, w, labels, th, tw, divergence("forward-kl"), 2.0)
     for key in ("ce", "kd", "confidence", "tokens"):
-        assert torch.equal(fused[key], torch.zeros(B)), key
-    (fused["ce"].sum() + fused["kd"].sum()).backward()  # attached to the graph, zero gradients
+        assert torch.equal(getattr(fused, key), torch.zeros(B)), key
+    (fused.ce.sum() + fused.kd.sum()).backward()  # attached to the graph, zero gradients
     assert not h.grad.any() and not w.grad.any()
 
 
@@ -158,7 +154,7 @@ def test_gradcheck_float64(weights, one_thread):
             h, w, labels, th, tw, div, 2.0, student_bias=b, chunk_tokens=3,
             loss_weights=(1 - lam, lam) if weights else None,
         )  # fmt: skip
-        return ((1 - lam) * terms["ce"] + lam * terms["kd"]).sum()
+        return ((1 - lam) * terms.ce + lam * terms.kd).sum()
 
     assert torch.autograd.gradcheck(loss, (h, w, b), eps=1e-6, atol=1e-6)
 
@@ -181,7 +177,7 @@ def test_announced_weights_save_the_recomputation(monkeypatch, weights, projecti
         h, w, labels, th, tw, divergence("forward-kl"), 2.0, chunk_tokens=8,
         loss_weights=(1 - lam, lam) if weights else None,
     )  # fmt: skip
-    ((1 - lam) * terms["ce"] + lam * terms["kd"]).sum().mul(4.0).backward()
+    ((1 - lam) * terms.ce + lam * terms.kd).sum().mul(4.0).backward()
     assert int((labels != -100).sum()) == 21
     assert sum(calls) == projections
 

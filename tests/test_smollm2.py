@@ -121,7 +121,8 @@ def test_dropping_a_block_of_deep_layers_starts_far_ahead_of_a_random_init(smoll
 def test_chat_template_mask_against_the_header_tokens(smollm2):
     """The assistant mask equals the tokens between each '<|im_start|>assistant\\n' and the following
     '<|im_end|>\\n' (inclusive of the latter), located by scanning the ids: independent of the diff."""
-    from kdcore.inputs.chat import IGNORE_INDEX, load_chat_jsonl, read_jsonl
+    from kdcore.inputs.chat import load_chat_jsonl, read_jsonl
+    from kdcore.inputs.packing import IGNORE_INDEX
 
     _, tokenizer = smollm2
     samples = load_chat_jsonl(FIXTURE, tokenizer, seq_len=160)
@@ -146,9 +147,9 @@ def test_chat_template_mask_against_the_header_tokens(smollm2):
 def test_fused_loss_on_the_real_heads(smollm2):
     """Teacher SmolLM2 and its 4-layer cut: the fused loss equals per_sample_terms on full logits."""
     from kdcore.inputs.cut import cut_student
-    from kdcore.losses import per_sample_terms
     from kdcore.plugins import get_registry
     from kdcore.training.fused_loss import final_hidden_states, fused_sample_terms, linear_head
+    from kdcore.training.losses import per_sample_terms
 
     teacher, tokenizer = smollm2
     student = cut_student(teacher, [0, 10, 19, 29])
@@ -169,9 +170,9 @@ def test_fused_loss_on_the_real_heads(smollm2):
     ref = per_sample_terms(F.linear(s_hidden, s_weight), labels, t_logits, div, 2.0)
     for key in ("ce", "kd", "confidence", "tokens"):
         # float32 over 49,152 logits per token and two matmul orders: 1e-4 relative is the budget
-        torch.testing.assert_close(fused[key], getattr(ref, key), rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(getattr(fused, key), getattr(ref, key), rtol=1e-4, atol=1e-5, msg=key)
     g_fused = torch.autograd.grad(
-        ((1 - lam) * fused["ce"] + lam * fused["kd"]).sum(), [s_weight], retain_graph=True
+        ((1 - lam) * fused.ce + lam * fused.kd).sum(), [s_weight], retain_graph=True
     )
     g_ref = torch.autograd.grad(((1 - lam) * ref.ce + lam * ref.kd).sum(), [s_weight])
     torch.testing.assert_close(g_fused[0], g_ref[0], rtol=1e-4, atol=1e-6)

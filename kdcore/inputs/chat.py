@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 from kdcore.errors import KdError
+from kdcore.inputs.packing import IGNORE_INDEX
 
 __all__ = ["ROLES", "ChatSamples", "encode_chat", "encode_conversation", "load_chat_jsonl", "read_jsonl"]
 
-IGNORE_INDEX = -100  # one definition lands in the restructure
 ROLES = ("system", "user", "assistant")
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 

@@ -7,11 +7,10 @@ projects ``chunk`` valid tokens at a time, so at most one chunk's logits, softma
 gradient exist at once (the idea of Liger-Kernel's fused linear cross-entropy, with a
 divergence plugin instead of a fixed loss).
 
-Same numbers as :func:`kdcore.losses.per_sample_terms` on the logits ``hidden @ Wᵀ + b``: per
+Same numbers as :func:`kdcore.training.losses.per_sample_terms` on the logits ``hidden @ Wᵀ + b``: per
 sample the mean CE at τ = 1 over its valid tokens, ``τ² ·`` the mean divergence at τ, the mean
 gold-token probability and the valid-token count; padding (label −100) counts nowhere, and a
-vocabulary mismatch uses the shared prefix for KD. The result is a dict with exactly the fields
-of ``SampleTerms`` (``SampleTerms(**terms)``).
+vocabulary mismatch uses the shared prefix for KD. The result is a :class:`SampleTerms`, as there.
 
 Gradients flow to the student's hidden states, head weight and bias (the teacher side is
 constant). A custom autograd function keeps only its inputs between forward and backward and
@@ -30,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from kdcore.inputs.packing import IGNORE_INDEX
+from kdcore.training.losses import SampleTerms
+
 if TYPE_CHECKING:
     from kdcore.strategies import Divergence
 
 __all__ = ["CHUNK_ELEMENTS", "final_hidden_states", "fused_sample_terms", "linear_head"]
-
-IGNORE_INDEX = -100  # one definition lands in the restructure
 
 #: Default chunk: this many elements in one chunk's ``[tokens, vocab]`` tensor (16 MiB in float32).
 CHUNK_ELEMENTS = 1 << 22
@@ -61,7 +61,7 @@ def _token_terms(
     divergence: Divergence | None,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token CE, divergence and log p(gold) of one chunk, as :mod:`kdcore.losses` computes them."""
+    """Per-token CE, divergence and log p(gold) of one chunk, as :mod:`kdcore.training.losses` computes them."""
     lse = torch.logsumexp(s, dim=-1)
     logp_gold = s.gather(1, gold.unsqueeze(1)).squeeze(1) - lse
     if t is None:
@@ -248,7 +248,7 @@ def fused_sample_terms(
     teacher_bias: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> SampleTerms:
     """Per-sample ``ce``, ``kd``, ``confidence`` and ``tokens`` (``[B]`` each) from final hidden states.
 
     ``student_hidden`` ``[B, T, H]`` and ``labels`` ``[B, T]`` are aligned as for
@@ -290,8 +290,8 @@ def fused_sample_terms(
         dtype = _compute_dtype(student_hidden, student_head)
         zero = student_hidden.reshape(-1)[:0].sum().to(dtype) + student_head.reshape(-1)[:0].sum().to(dtype)
         zeros = torch.zeros(batch, device=device, dtype=dtype)
-        return {"ce": zeros + zero, "kd": zeros + zero if teacher else zeros.clone(), "confidence": zeros.clone(),
-                "tokens": tokens}  # fmt: skip
+        kd = zeros + zero if teacher else zeros.clone()
+        return SampleTerms(ce=zeros + zero, kd=kd, confidence=zeros.clone(), tokens=tokens)
     widest = max(student_head.shape[0], teacher_head.shape[0] if teacher else 0)
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // widest)
     h = student_hidden.reshape(batch * seq, hidden).index_select(0, rows)
@@ -320,7 +320,7 @@ def fused_sample_terms(
     )
     if not teacher:
         kd = torch.zeros_like(ce)
-    return {"ce": ce, "kd": kd, "confidence": confidence, "tokens": tokens}
+    return SampleTerms(ce=ce, kd=kd, confidence=confidence, tokens=tokens)
 
 
 def linear_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
