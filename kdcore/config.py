@@ -41,8 +41,13 @@ class StrategySpec(_Section):
 
 
 class ModelConfig(_Section):
-    teacher: str = Field(DEFAULT_TEACHER, description="hub id, local directory, or spec 'gpt2:n_layer=2,...'")
-    student: str = Field(DEFAULT_STUDENT, description="hub id, local directory, or from-scratch spec")
+    teacher: str = Field(
+        DEFAULT_TEACHER, description="hub id, local directory, GGUF file, or spec 'gpt2:n_layer=2,...'"
+    )
+    student: str = Field(
+        DEFAULT_STUDENT,
+        description="hub id, local directory, GGUF file, from-scratch spec, or 'from-teacher:num_layers=4'",
+    )
     tokenizer: str | None = Field(
         None, description="for from-scratch teachers: 'byte' or 'bpe:vocab_size=N' (default byte)"
     )

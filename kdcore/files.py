@@ -1,8 +1,10 @@
-"""Atomic file output and checksums: a killed run never leaves a file (or directory) that lies.
+"""Atomic file output, checksums and kdcore's cache directory: a killed run never leaves a file (or directory)
+that lies.
 
 Every file kdcore writes for a user goes through here: text and JSON (:func:`atomic_write_text`,
 :func:`atomic_write_json`), files written by a library that takes a file name, such as plots and
-parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`).
+parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`). What kdcore
+keeps between runs (trained spec teachers, converted GGUF models) lives under :func:`cache_root`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def cache_root() -> Path:
+    """Where kdcore caches trained spec teachers and converted GGUF models (``KD_CACHE_DIR`` overrides the
+    user cache dir)."""
+    env = os.environ.get("KD_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("kdcore"))
 
 
 def file_sha256(path: Path) -> str:

@@ -12,8 +12,8 @@ import kdcore
 from kdcore.cli import app
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
+from kdcore.files import cache_root
 from kdcore.runs.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
-from kdcore.teachers.resolve import cache_root
 
 
 @pytest.mark.parametrize(

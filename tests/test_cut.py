@@ -238,3 +238,75 @@ def test_cut_student_starts_far_below_a_random_init(one_thread):
     assert fresh_ppl > 150, fresh_ppl
     assert teacher_ppl < cut_ppl, (teacher_ppl, cut_ppl)
     assert cut_ppl * 3 < fresh_ppl, (cut_ppl, fresh_ppl)
+
+
+# --------------------------------------------------------------------------- through kd run
+
+
+def test_cut_student_from_a_teacher_cache_through_a_run(cached_tiny_teacher, tmp_path, one_thread):
+    """--teacher-cache with a cut student: the teacher's weights are still loaded to copy its layers; the
+    run starts from exactly the cut's perplexity, and the saved student and its card say what it is."""
+    from conftest import tiny_overrides
+    from rich.console import Console
+
+    from kdcore.config import resolve_config
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import load_pretrained
+    from kdcore.runs.runner import run
+    from kdcore.teachers.cache import build_cache
+    from kdcore.teachers.resolve import resolve_teacher
+    from kdcore.training.evaluation import perplexity
+
+    cache_cfg = resolve_config(None, tiny_overrides(tmp_path / "unused"))
+    build_cache(cache_cfg, tmp_path / "cache", top_k=16, console=Console(quiet=True))
+    extra = {"model.teacher_cache": str(tmp_path / "cache"), "model.student": "from-teacher:layers=1"}
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **extra))
+    result = run(cfg, console=Console(quiet=True), show_progress=False)
+
+    corpus = load_corpus(cfg.data, 0)
+    source, tokenizer = resolve_teacher(
+        cfg.model, corpus, cfg.data.seq_len, cfg.training, Console(quiet=True)
+    )
+    teacher = load_pretrained(source)
+    _, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    cut = cut_student(teacher, [1])
+    assert result.summary.student_initial_eval_ppl == pytest.approx(perplexity(cut, eval_set), rel=1e-6)
+    saved = load_pretrained(str(tmp_path / "run" / "student"))
+    assert saved.config.n_layer == 1 and saved.config.n_embd == teacher.config.n_embd
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert (
+        "`from-teacher:layers=1`: decoder layers, embeddings, final norm and head copied from the teacher"
+        in card
+    )
+
+
+def test_cut_spec_typos_fail_before_anything_loads(tmp_path):
+    from conftest import run_kd
+
+    env = {"COLUMNS": "200"}
+    result = run_kd("run", "--student", "from-teacher:layer=1", "--dry-run", env_extra=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown key 'layer'; did you mean 'layers'?" in result.stderr
+    result = run_kd("run", "--teacher", "from-teacher:num_layers=2", "--dry-run", env_extra=env)
+    assert result.returncode == 2
+    assert "describes a student cut from the teacher; pass it as --student" in result.stderr
+    result = run_kd(
+        "train-teacher", "--model", "from-teacher:num_layers=2", "--output-dir", str(tmp_path / "t")
+    )
+    assert result.returncode == 2 and "which kd run builds (--student)" in result.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_dry_run_sizes_the_cut_from_the_teachers_config(cached_tiny_teacher, tmp_path):
+    from conftest import tiny_overrides
+
+    from kdcore.config import resolve_config
+    from kdcore.runs.dry_run import dry_run
+
+    cfg = resolve_config(None, tiny_overrides(tmp_path, **{"model.student": "from-teacher:every=2"}))
+    report = dry_run(cfg)  # the tiny teacher has 2 layers: every=2 keeps layer 0
+    assert report.student.kind == "cut from the teacher's layer 0"
+    config = AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=259)
+    expected = AutoModelForCausalLM.from_config(config)
+    assert report.student.parameters == sum(p.numel() for p in expected.parameters())
+    assert not (tmp_path / "student").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,24 +156,96 @@ def test_without_the_gguf_package(tmp_path, monkeypatch):
 
 def test_hub_source_offline_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(KdError, match=r"could not load 'm\.gguf' from hub repository 'no-org/no-repo'"):
+    with pytest.raises(KdError, match=r"could not download 'm\.gguf' from hub repository 'no-org/no-repo'"):
         load_gguf_model("no-org/no-repo:m.gguf")
 
 
-def test_hub_source_calls_transformers_with_the_file(monkeypatch):
-    """The hub branch hands transformers the repository id and the file name (no network here)."""
-    import transformers
+def test_hub_source_is_downloaded_then_loaded(written, monkeypatch):
+    """A hub file is fetched with hf_hub_download(repo, file) and loaded from the local copy (no network)."""
+    import huggingface_hub
 
+    model, path = written
     calls = []
 
-    class Fake:
-        @staticmethod
-        def from_pretrained(location, **kwargs):
-            calls.append((location, kwargs))
-            raise OSError("offline")
+    def download(repo_id, filename):
+        calls.append((repo_id, filename))
+        return str(path)
 
-    monkeypatch.setattr(transformers, "AutoTokenizer", Fake)
-    with pytest.raises(KdError, match="from hub repository 'org/repo'"):
-        load_gguf_tokenizer("org/repo:dir/m.Q4.gguf")
-    assert calls == [("org/repo", {"gguf_file": "dir/m.Q4.gguf"})]
-    assert Path("org/repo").exists() is False
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    tokenizer = load_gguf_tokenizer("org/repo:dir/m.Q4.gguf")
+    assert calls == [("org/repo", "dir/m.Q4.gguf")]
+    assert len(tokenizer) == model.config.vocab_size
+
+
+# -- through kdcore: converted once, then loaded from the cache ---------------------------------------
+def test_converted_once_then_reused(written, tmp_path, monkeypatch):
+    from kdcore.inputs import gguf as gguf_module
+    from kdcore.inputs.gguf import converted_directory
+    from kdcore.inputs.models import load_pretrained, load_tokenizer
+
+    model, path = written
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "cache"))
+    assert converted_directory(str(path), convert=False) is None
+    lines: list[str] = []
+    directory = converted_directory(str(path), echo=lines.append)
+    assert directory.parent == tmp_path / "cache" / "gguf"
+    assert lines == [
+        f"Converting tiny.gguf (GGUF, de-quantised to float32) once; later runs load it from {directory}"
+    ]
+    monkeypatch.setattr(gguf_module, "load_gguf", lambda *a, **k: pytest.fail("converted twice"))
+    lines.clear()
+    assert converted_directory(str(path), echo=lines.append) == directory
+    assert lines == [f"Loading tiny.gguf from its converted copy in {directory}"]
+    loaded = load_pretrained(str(path))  # from the converted directory: the same weights, bit for bit
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert load_tokenizer(str(path)).get_vocab() == load_gguf_tokenizer(str(path)).get_vocab()
+
+
+def test_gguf_teacher_and_student_through_kd_run(written, tmp_path):
+    """kd run --teacher FILE.gguf --student FILE.gguf: one loading line each, no progress bars, and the
+    teacher's eval perplexity is the written model's own."""
+    from conftest import run_kd, tiny_overrides
+
+    from kdcore.config import resolve_config
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import load_tokenizer
+    from kdcore.summary import RunSummary
+    from kdcore.training.evaluation import perplexity
+
+    model, path = written
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, **{"training.max_steps": 4, "training.threads": 1})
+    overrides.pop("model.teacher"), overrides.pop("model.student")
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    env = {"KD_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
+    result = run_kd(
+        "run", "--teacher", str(path), "--student", f"{path.parent}:tiny.gguf", *sets, env_extra=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Converting tiny.gguf") == 1  # the student is the same file: converted once
+    assert result.stderr.count("Loading tiny.gguf from its converted copy") == 1
+    assert "it/s" not in result.stderr and "%|" not in result.stderr
+    summary = RunSummary.read(out)
+    cfg = resolve_config(None, overrides)
+    _, eval_set = load_corpus(cfg.data, 0).pack(load_tokenizer(str(path)), cfg.data.seq_len)
+    assert summary.teacher_eval_ppl == pytest.approx(perplexity(model, eval_set), rel=1e-6)
+    assert summary.student_initial_eval_ppl == pytest.approx(summary.teacher_eval_ppl, rel=1e-6)
+
+
+def test_kd_run_without_the_gguf_package(tmp_path):
+    """An importable 'gguf' that raises ImportError stands in for a missing package."""
+    from conftest import run_kd
+
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "gguf.py").write_text("raise ImportError('No module named gguf')\n")
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"GGUF" + bytes(60))
+    env = {"PYTHONPATH": str(fake), "KD_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
+    result = run_kd("run", "--teacher", str(model_file), "--max-steps", "1", env_extra=env)
+    assert result.returncode == 2  # kd's exit status for a KdError
+    assert result.stderr.strip().endswith(
+        f"loading '{model_file}' needs the gguf package; install it with pip install \"kdcore[gguf]\""
+    )
+    assert "Traceback" not in result.stderr

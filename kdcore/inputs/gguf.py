@@ -12,6 +12,12 @@ refuses ``save_pretrained``, and training code that checks ``is_quantized`` trea
 :func:`plain_model` turns it into an ordinary model of the same config sharing the same tensors, and
 :func:`load_gguf_model` always returns that plain model, so a GGUF teacher or student saves like any
 other. Loading is quiet (no transformers or gguf progress bars) and says one line through ``echo``.
+
+De-quantising is slow (about a minute for a 135M-parameter model on two CPU cores), so kdcore
+does it once per file: :func:`converted_directory` saves the plain model and its tokenizer with
+``save_pretrained`` under ``<cache root>/gguf/<first 16 hex digits of the file's SHA-256>/``
+(written atomically, under a file lock so that two runs convert a file once), and every later
+load reads that directory. A hub file is downloaded into the Hugging Face cache first.
 """
 
 from __future__ import annotations
@@ -20,20 +26,24 @@ import contextlib
 import copy
 import functools
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdcore.errors import KdError
+from kdcore.files import atomic_directory, atomic_write_json, cache_root, file_sha256
 
 __all__ = [
     "GgufSource",
+    "converted_directory",
     "is_gguf_model",
     "load_gguf",
     "load_gguf_config",
     "load_gguf_model",
     "load_gguf_tokenizer",
+    "local_file",
     "parse_gguf_source",
     "plain_model",
 ]
@@ -160,25 +170,38 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _load(source: GgufSource, loader: Callable[..., Any], what: str, **kwargs: Any) -> Any:
-    """``loader(location, gguf_file=filename)`` with every failure turned into one sentence."""
+def local_file(source: str | GgufSource) -> Path:
+    """The GGUF file on this machine: a local one as given (checked), a hub one downloaded into the Hugging
+    Face cache (once; offline, the cached copy)."""
+    source = _as_source(source)
     if source.local:
         _check_local(source)
+        return Path(source.location) / source.filename
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source.location, source.filename))
+    except Exception as exc:  # not found, offline without a cached copy, gated repository
+        raise KdError(
+            f"could not download '{source.filename}' from hub repository '{source.location}' "
+            f"({_first_line(exc)}); check the repository and file name, or download the file and pass its path"
+        ) from None
+
+
+def _load(source: GgufSource, loader: Callable[..., Any], what: str, **kwargs: Any) -> Any:
+    """``loader(directory, gguf_file=name)`` on the local file (a hub file downloaded first), every failure
+    turned into one sentence."""
     require_gguf(str(source))
+    path = local_file(source)
     try:
         with _quiet_loading():
-            return loader(source.location, gguf_file=source.filename, **kwargs)
+            return loader(str(path.parent), gguf_file=path.name, **kwargs)
     except KdError:
         raise
     except ImportError:
         raise KdError(f"loading '{source}' needs the gguf package; install it with {INSTALL_HINT}") from None
     except OSError as exc:
-        if source.local:
-            raise KdError(f"could not read the {what} in GGUF file '{source}': {_first_line(exc)}") from None
-        raise KdError(
-            f"could not load '{source.filename}' from hub repository '{source.location}' "
-            f"({_first_line(exc)}); check the repository and file name, or download the file and pass its path"
-        ) from None
+        raise KdError(f"could not read the {what} in GGUF file '{source}': {_first_line(exc)}") from None
     except Exception as exc:  # a corrupt file or an architecture transformers cannot map
         raise KdError(
             f"transformers could not load the {what} from GGUF file '{source}' ({_first_line(exc)}); the "
@@ -256,3 +279,55 @@ def load_gguf(
 
 def _dtype_name(dtype: Any) -> str:
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+#: Written last into a converted directory: the source, its SHA-256, when and how long it took.
+CONVERTED_MARKER = "kdcore_gguf.json"
+
+
+def converted_directory(
+    source: str | GgufSource, *, convert: bool = True, echo: Callable[[str], None] | None = None
+) -> Path | None:
+    """The ``save_pretrained`` directory holding ``source`` converted to a plain model and its tokenizer.
+
+    Converts the file the first time (``convert``; else returns None when it has not been converted
+    yet); ``echo`` gets one line either way.
+    """
+    source = _as_source(source)
+    path = local_file(source)
+    digest = file_sha256(path)
+    directory = cache_root() / "gguf" / digest[:16]
+    if not (directory / CONVERTED_MARKER).is_file():
+        if not convert:
+            return None
+        from filelock import FileLock
+
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{directory}.lock"):
+            if not (
+                directory / CONVERTED_MARKER
+            ).is_file():  # another process may have converted it meanwhile
+                _convert(
+                    GgufSource(str(path.parent), path.name, local=True), str(source), digest, directory, echo
+                )
+                return directory
+    if echo is not None:
+        echo(f"Loading {source.name} from its converted copy in {directory}")
+    return directory
+
+
+def _convert(
+    source: GgufSource, name: str, digest: str, directory: Path, echo: Callable[[str], None] | None
+) -> None:
+    """De-quantise ``source`` to float32 and save it with its tokenizer into ``directory`` (atomically)."""
+    if echo is not None:
+        echo(
+            f"Converting {source.name} (GGUF, de-quantised to float32) once; later runs load it from {directory}"
+        )
+    start = time.perf_counter()
+    model, tokenizer = load_gguf(source)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        seconds = round(time.perf_counter() - start, 1)
+        atomic_write_json(tmp / CONVERTED_MARKER, {"source": name, "sha256": digest, "seconds": seconds})

@@ -2,10 +2,11 @@
 
 In order: the strategies (plugins load, parameters validate), the trackers and ``--push-to-hub``,
 the data (the corpus is loaded and packed with the real tokenizer), the tokenizer (a from-scratch
-teacher's is built, or read from the teacher cache; a directory's or hub id's is loaded), and the
-models' *configs* (``AutoConfig.for_model`` for a spec, ``AutoConfig.from_pretrained`` for a
-directory or hub id: no weights are loaded and no teacher is trained). Then the vocabularies are
-checked exactly as a run checks them, and a table shows samples, steps per epoch, total steps,
+teacher's is built, or read from the teacher cache; a directory's, hub id's or GGUF file's is
+loaded), and the models' *configs* (``AutoConfig.for_model`` for a spec, ``AutoConfig.from_pretrained``
+for a directory or hub id, the file's metadata for a GGUF file, the teacher's config with fewer
+layers for a student cut from it: no weights are loaded, no teacher is trained and no GGUF file is
+converted). Then the vocabularies are checked exactly as a run checks them, and a table shows samples, steps per epoch, total steps,
 parameter counts (counted on the ``meta`` device, without memory) and an estimate of the memory of
 one micro-batch's logits.
 
@@ -98,17 +99,6 @@ def count_parameters(config: Any, trust_remote_code: bool = False) -> int | None
     return sum(p.numel() for p in model.parameters())
 
 
-def _pretrained_config(source: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        from kdcore.inputs.models import _not_found
-
-        raise KdError(_not_found(source, exc, what="model config")) from None
-
-
 def _spec_config(spec: Any, tokenizer: Any) -> Any:
     try:
         return spec.config(len(tokenizer))
@@ -121,7 +111,7 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import check_vocab_sizes, parse_spec, quiet_transformers
+    from kdcore.inputs.models import check_sources, check_vocab_sizes, quiet_transformers
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
@@ -134,13 +124,12 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     }
     trackers = resolve_trackers(cfg.output.report_to)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
-    for source in (cfg.model.teacher, cfg.model.student):
-        parse_spec(source)  # a typo in a spec fails now, before the data loads
+    check_sources(cfg.model.teacher, cfg.model.student)  # a typo fails now, before the data loads
     notes: list[str] = []
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
-    tokenizer, teacher, cache = _check_teacher(cfg, corpus, notes)
-    student = _check_student(cfg.model, tokenizer)
+    tokenizer, teacher, cache, teacher_config = _check_teacher(cfg, corpus, notes)
+    student = _check_student(cfg.model, tokenizer, teacher_config)
     note = check_vocab_sizes(
         len(tokenizer), teacher.vocab_size, student.vocab_size, cfg.model.teacher, cfg.model.student
     )
@@ -171,52 +160,85 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     return report
 
 
-def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, ModelInfo, Any]:
-    """The tokenizer, what is known of the teacher, and the teacher cache (if any); no weights are
-    loaded and no teacher is trained."""
+def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, ModelInfo, Any, Any]:
+    """The tokenizer, what is known of the teacher, the teacher cache (if any) and the teacher's config
+    (None when a cache stands in for the teacher and no student is cut from it); no weights are loaded,
+    no teacher is trained and no GGUF file is converted."""
+    from kdcore.inputs.cut import parse_cut_spec
     from kdcore.teachers.resolve import locate_teacher
 
     model = cfg.model
+    teacher = locate_teacher(model, corpus, cfg.data.seq_len, cfg.training)
     if model.teacher_cache is not None:  # kd run --teacher-cache: no teacher model is loaded
         from kdcore.teachers.cache import open_for_run
 
         cache, tokenizer = open_for_run(cfg, corpus, Console(quiet=True))
+        cut = parse_cut_spec(model.student) is not None
         notes.append(
-            f"the teacher's top-{cache.top_k} come from {cache.directory}; no teacher model is loaded"
+            f"the teacher's top-{cache.top_k} come from {cache.directory}; "
+            + (
+                "the teacher's weights are loaded to cut the student, then freed"
+                if cut
+                else "no teacher model is loaded"
+            )
         )
-        return (
-            tokenizer,
-            ModelInfo(model.teacher, f"teacher cache, top-{cache.top_k}", cache.vocab_size, None),
-            cache,
-        )
-    teacher = locate_teacher(model, corpus, cfg.data.seq_len, cfg.training)
+        config = _teacher_config(teacher, tokenizer, model.trust_remote_code) if cut else None
+        info = ModelInfo(model.teacher, f"teacher cache, top-{cache.top_k}", cache.vocab_size, None)
+        return tokenizer, info, cache, config
     tokenizer = teacher.tokenizer(corpus)
+    config = _teacher_config(teacher, tokenizer, model.trust_remote_code)
     if not teacher.trained:
-        config = _spec_config(teacher.spec, tokenizer)
         notes.append(
             f"the teacher will be trained for {model.teacher_steps} steps, then cached in {teacher.directory}"
         )
     elif teacher.spec is not None:
-        config = _pretrained_config(teacher.source, False)
         notes.append(f"the teacher is cached in {teacher.directory}")
-    else:
-        config = _pretrained_config(teacher.source, model.trust_remote_code)
+    elif teacher.kind == "GGUF file":
+        notes.append(_gguf_note(model.teacher))
     info = ModelInfo(
         model.teacher, teacher.kind, int(config.vocab_size), count_parameters(config, model.trust_remote_code)
     )
-    return tokenizer, info, None
+    return tokenizer, info, None, config
 
 
-def _check_student(model: Any, tokenizer: Any) -> ModelInfo:
+def _teacher_config(teacher: Any, tokenizer: Any, trust_remote_code: bool) -> Any:
+    """The config of a located teacher: its spec's, its cached training's, or its own."""
+    from kdcore.inputs.models import pretrained_config
+
+    if not teacher.trained:
+        return _spec_config(teacher.spec, tokenizer)
+    return pretrained_config(teacher.source, trust_remote_code=trust_remote_code and teacher.spec is None)
+
+
+def _gguf_note(source: str) -> str:
+    from kdcore.inputs.gguf import converted_directory
+
+    directory = converted_directory(source, convert=False)
+    if directory is None:
+        return f"'{source}' is converted once (de-quantised to float32) on first use and cached"
+    return f"'{source}' loads from its converted copy in {directory}"
+
+
+def _check_student(model: Any, tokenizer: Any, teacher_config: Any) -> ModelInfo:
     """What is known of the student from its config; a pretrained one must share the teacher's tokenizer."""
-    from kdcore.inputs.models import check_student_tokenizer, parse_spec
+    from kdcore.inputs.cut import cut_config, parse_cut_spec
+    from kdcore.inputs.gguf import parse_gguf_source
+    from kdcore.inputs.models import check_student_tokenizer, parse_spec, pretrained_config
 
-    spec, trust = parse_spec(model.student), model.trust_remote_code
-    if spec is not None:
+    trust = model.trust_remote_code
+    cut, spec = parse_cut_spec(model.student), parse_spec(model.student)
+    if cut is not None:
+        layers = cut.select(teacher_config.num_hidden_layers)
+        config = cut_config(teacher_config, layers)
+        kind = f"cut from the teacher's layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+    elif spec is not None:
         config, kind = _spec_config(spec, tokenizer), "spec"
     else:
-        config = _pretrained_config(model.student, trust)
-        kind = "directory" if _is_dir(model.student) else "hub"
+        config = pretrained_config(model.student, trust_remote_code=trust)
+        if parse_gguf_source(model.student) is not None:
+            kind = "GGUF file"
+        else:
+            kind = "directory" if _is_dir(model.student) else "hub"
         check_student_tokenizer(tokenizer, model)
     return ModelInfo(model.student, kind, int(config.vocab_size), count_parameters(config, trust))
 
