@@ -118,6 +118,11 @@ class TrainingConfig(_Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss: stop with an error, or skip that batch's update"
     )
+    loss_path: Literal["auto", "fused", "logits"] = Field(
+        "auto",
+        description="fused: logits computed chunk by chunk from final hidden states inside the loss "
+        "(auto: whenever both heads are linear and no teacher cache is used); logits: full logits",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:

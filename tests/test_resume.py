@@ -271,8 +271,8 @@ def nan_at_step_3(monkeypatch):
 
     real, seen = kdcore.training.engine.Trainer.forward, []
 
-    def poisoned(self, sample_ids, lam, temperature):
-        terms = real(self, sample_ids, lam, temperature)
+    def poisoned(self, sample_ids, *args):
+        terms = real(self, sample_ids, *args)
         seen.append(sample_ids.clone())
         if len(seen) == 3:
             poison = torch.ones_like(terms.ce)

@@ -179,7 +179,7 @@ def test_cached_rows_are_the_teachers_top_k_and_stats_match_a_teacher_pass(cache
     cache = TeacherCache.open(root / "k8")
     train, eval_set = load_corpus(cfg.data, 0).pack(cache.tokenizer(), 48)
     ids = torch.tensor([5, 0, 17])
-    got = cache.topk(ids, train.input_ids[ids], train.attention_mask[ids])
+    got = cache.topk(ids, train.batch(ids)[2])
     with torch.no_grad():
         logits = teacher(input_ids=train.input_ids[ids], attention_mask=train.attention_mask[ids]).logits
     logp = F.log_softmax(logits.float(), -1)

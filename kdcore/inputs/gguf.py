@@ -326,7 +326,7 @@ def _convert(
         )
     start = time.perf_counter()
     model, tokenizer = load_gguf(source)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory) as tmp, _quiet_loading():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         seconds = round(time.perf_counter() - start, 1)

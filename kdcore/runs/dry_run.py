@@ -10,7 +10,9 @@ converted). Then the vocabularies are checked exactly as a run checks them, and 
 parameter counts (counted on the ``meta`` device, without memory) and an estimate of the memory of
 one micro-batch's logits.
 
-The logits estimate, per micro-batch of ``B = batch_size / grad_accum`` samples of ``L`` tokens:
+The loss path is decided as the run decides it (:func:`~kdcore.training.fused_loss.choose_loss_path`,
+on models built on the ``meta`` device) and shown. The loss's memory, per micro-batch of
+``B = batch_size / grad_accum`` samples of ``L`` tokens, on the logits path:
 
 - student logits ``B·L·V_s`` and their gradient, at 2 bytes under fp16/bf16 mixed precision, else 4;
 - teacher logits ``B·L·V_t`` at 4 bytes (the teacher runs outside autocast);
@@ -18,6 +20,13 @@ The logits estimate, per micro-batch of ``B = batch_size / grad_accum`` samples 
 - the loss's float32 working copies: it works on ``min(2048, B·L)`` tokens at a time and holds about
   four ``V``-wide copies of them (student and teacher log-softmax at temperature τ, the divergence's
   temporaries).
+
+On the fused path no logits tensor exists; instead:
+
+- the final hidden states: the student's ``B·L·H_s`` and their gradient (2 bytes each under mixed
+  precision, else 4), the teacher's ``B·L·H_t`` at 4 bytes;
+- one chunk of ``CHUNK_ELEMENTS`` (4M) float32 elements at a time, about six ``V``-wide copies of it
+  (both models' logits and log-softmaxes, the divergence's temporary, the logits' gradient).
 
 Weights: the student's parameters cost 16 bytes each in training (fp32 weights, gradients and
 AdamW's two moments), the teacher's 4. Activations other than the logits are not counted.
@@ -40,14 +49,17 @@ from kdcore.formats import human_bytes
 
 LOSS_CHUNK_TOKENS = 2048  # kdcore.training.losses.per_sample_terms' default chunk_tokens
 LOSS_COPIES = 4
+FUSED_COPIES = 6
 
 
 @dataclass
 class ModelInfo:
     source: str
-    kind: str  # "spec", "directory", "hub", "cached teacher", "spec (to be trained)", "teacher cache, top-K"
+    kind: str  # "spec", "directory", "hub", "GGUF file", "cached teacher", "teacher cache, top-K", ...
     vocab_size: int
     parameters: int | None
+    hidden_size: int | None = None
+    meta: Any = field(default=None, repr=False)  # the model built on the meta device, if it could be
 
 
 @dataclass
@@ -65,6 +77,8 @@ class DryRunReport:
     total_steps: int
     micro_batch: int
     seq_len: int
+    loss_path: str = "logits"
+    loss_path_reason: str = ""
     memory: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -86,17 +100,47 @@ def logits_memory(
     return memory
 
 
-def count_parameters(config: Any, trust_remote_code: bool = False) -> int | None:
-    """Parameters of the model ``config`` describes, built on the meta device (no memory)."""
+def fused_memory(
+    micro_batch: int,
+    seq_len: int,
+    student: tuple[int, int],
+    teacher: tuple[int, int] | None,
+    mixed_precision: str,
+) -> dict[str, int]:
+    """Bytes of one micro-batch's hidden states and the fused loss's chunk; ``student`` and ``teacher`` are
+    ``(hidden size, vocabulary)`` (see the module docstring)."""
+    from kdcore.training.fused_loss import CHUNK_ELEMENTS
+
+    tokens = micro_batch * seq_len
+    student_bytes = 2 if mixed_precision in ("fp16", "bf16") else 4
+    widest = max(student[1], teacher[1] if teacher else 0)
+    chunk_rows = min(tokens, max(1, CHUNK_ELEMENTS // widest))
+    memory = {
+        "student hidden states and gradient": 2 * tokens * student[0] * student_bytes,
+        "teacher hidden states": tokens * teacher[0] * 4 if teacher else 0,
+        "fused loss chunk": chunk_rows * widest * 4 * FUSED_COPIES,
+    }
+    memory["loss total"] = sum(memory.values())
+    return memory
+
+
+def meta_model(config: Any, trust_remote_code: bool = False) -> Any | None:
+    """The model ``config`` describes, built on the meta device (no memory); None when that fails."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # an architecture that cannot be built on meta: the count is only informative
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture that cannot be built on meta: what it tells is only informative
         return None
-    return sum(p.numel() for p in model.parameters())
+
+
+def _info(source: str, kind: str, config: Any, trust_remote_code: bool) -> ModelInfo:
+    meta = meta_model(config, trust_remote_code)
+    parameters = None if meta is None else sum(p.numel() for p in meta.parameters())
+    hidden = getattr(config, "hidden_size", None)
+    return ModelInfo(source, kind, int(config.vocab_size), parameters, hidden, meta)
 
 
 def _spec_config(spec: Any, tokenizer: Any) -> Any:
@@ -139,7 +183,10 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
     if cache is not None:
         cache.check_data(train, eval_set)
+    from kdcore.training.fused_loss import choose_loss_path
+
     t = cfg.training
+    path, reason = choose_loss_path(t.loss_path, student.meta, teacher.meta, cache is not None)
     report = DryRunReport(
         strategies=strategies,
         trackers=trackers,
@@ -152,7 +199,9 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
         total_steps=total_steps(t, len(train)),
         micro_batch=t.batch_size // t.grad_accum,
         seq_len=cfg.data.seq_len,
-        memory=_memory(cfg, teacher, student, cache.top_k if cache is not None else None),
+        loss_path=path,
+        loss_path_reason=reason,
+        memory=_memory(cfg, teacher, student, cache.top_k if cache is not None else None, path),
         notes=notes,
     )
     if console is not None:
@@ -195,10 +244,7 @@ def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, 
         notes.append(f"the teacher is cached in {teacher.directory}")
     elif teacher.kind == "GGUF file":
         notes.append(_gguf_note(model.teacher))
-    info = ModelInfo(
-        model.teacher, teacher.kind, int(config.vocab_size), count_parameters(config, model.trust_remote_code)
-    )
-    return tokenizer, info, None, config
+    return tokenizer, _info(model.teacher, teacher.kind, config, model.trust_remote_code), None, config
 
 
 def _teacher_config(teacher: Any, tokenizer: Any, trust_remote_code: bool) -> Any:
@@ -240,20 +286,26 @@ def _check_student(model: Any, tokenizer: Any, teacher_config: Any) -> ModelInfo
         else:
             kind = "directory" if _is_dir(model.student) else "hub"
         check_student_tokenizer(tokenizer, model)
-    return ModelInfo(model.student, kind, int(config.vocab_size), count_parameters(config, trust))
+    return _info(model.student, kind, config, trust)
 
 
 def _memory(
-    cfg: RunConfig, teacher: ModelInfo, student: ModelInfo, cache_top_k: int | None
+    cfg: RunConfig, teacher: ModelInfo, student: ModelInfo, cache_top_k: int | None, path: str
 ) -> dict[str, int]:
     """The memory estimate of the module docstring, by item."""
     t, seq_len = cfg.training, cfg.data.seq_len
     micro = t.batch_size // t.grad_accum
     teacher_needed = cfg.strategy.reliance.name != "none"
     live = teacher_needed and cache_top_k is None
-    memory = logits_memory(
-        micro, seq_len, student.vocab_size, teacher.vocab_size if live else None, t.mixed_precision
-    )
+    if path == "fused":
+        sizes = (teacher.hidden_size or 0, teacher.vocab_size) if live else None
+        memory = fused_memory(
+            micro, seq_len, (student.hidden_size or 0, student.vocab_size), sizes, t.mixed_precision
+        )
+    else:
+        memory = logits_memory(
+            micro, seq_len, student.vocab_size, teacher.vocab_size if live else None, t.mixed_precision
+        )
     if cache_top_k is not None and teacher_needed:  # top-K log-probs (float32) and ids (int64) per position
         total = memory.pop("logits total") - memory.pop("teacher logits")
         memory["teacher top-K rows"] = micro * seq_len * cache_top_k * (4 + 8)
@@ -293,6 +345,7 @@ def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> Non
         ("steps per epoch", f"{report.steps_per_epoch:,} (batch {cfg.training.batch_size})"),
         ("total steps", f"{report.total_steps:,}"),
         ("micro-batch", f"{report.micro_batch} × {report.seq_len} tokens"),
+        ("loss path", f"{report.loss_path}: {report.loss_path_reason}"),
     ]
     rows += [(f"memory: {name}", human_bytes(size)) for name, size in report.memory.items()]
     rows += [("note", note) for note in report.notes]

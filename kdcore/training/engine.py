@@ -3,6 +3,13 @@
 A step draws a batch from the curriculum sampler, runs the student (and the teacher when some λ
 is non-zero or the scorer needs the KD term), computes per-sample CE and KD terms, weights them by
 the reliance policy's λ, and hands the statistics it already has to the scorer.
+
+The terms come one of two ways, decided once per run (:func:`~kdcore.training.fused_loss.choose_loss_path`):
+the *fused* path asks both models for their final hidden states and projects them through the LM
+heads chunk by chunk inside the loss (:func:`~kdcore.training.fused_loss.fused_sample_terms`), so no
+``[tokens, vocab]`` logits tensor of either model exists; the *logits* path takes the models' logits
+(or a teacher cache's top-K) to :func:`~kdcore.training.losses.per_sample_terms`. Both give the same
+numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kdcore.config import StrategyConfig, TrainingConfig
 from kdcore.errors import KdError, RunInterrupted
-from kdcore.inputs.packing import PackedDataset, shift_labels
+from kdcore.inputs.packing import PackedDataset
 from kdcore.plugins import instantiate_strategies
 from kdcore.strategies import (
     DifficultyScorer,
@@ -36,16 +43,16 @@ from kdcore.summary import RunSummary
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
+from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fused_sample_terms, linear_head
 from kdcore.training.losses import SampleTerms, TopKTeacher, per_sample_terms
 
 
 class CachedTeacher(Protocol):
     """A teacher known from disk instead of a model (:class:`kdcore.teachers.cache.TeacherCache`)."""
 
-    def topk(
-        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> TopKTeacher:
-        """The teacher's top-K log-probabilities at a micro-batch's labelled positions."""
+    def topk(self, sample_ids: torch.Tensor, labels: torch.Tensor) -> TopKTeacher:
+        """The teacher's top-K log-probabilities at a micro-batch's labelled positions (``labels`` as
+        :func:`~kdcore.inputs.packing.shift_labels` makes them)."""
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
@@ -199,6 +206,9 @@ class Trainer:
         optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        self.loss_path, self.loss_path_reason = choose_loss_path(
+            training.loss_path, student, teacher, teacher_cache is not None
+        )
         self.sampler = CurriculumSampler(
             len(train),
             training.batch_size,
@@ -252,8 +262,8 @@ class Trainer:
                 self.sampler.ranks[micro_ids], self.sampler.scores[micro_ids], progress
             )
             with self.gradient_sync(last=i == len(micro_batches) - 1):
-                terms = self.forward(micro_ids[mine], lam, temperature)
-                lam_mine = lam[mine].to(terms.ce.device)
+                lam_mine = lam[mine].to(self.device)
+                terms = self.forward(micro_ids[mine], lam_mine, temperature, self.needs_teacher(lam))
                 per_sample = (1 - lam_mine) * terms.ce + lam_mine * terms.kd
                 # DDP averages gradients over processes: dividing each process's sum by batch/processes
                 # makes the update the mean over the whole global batch (and accumulation 4x2 = batch 8).
@@ -316,27 +326,50 @@ class Trainer:
         self.on_log({"step": step + 1, "skipped": f"non-finite {what}", "sample_ids": ids})
         return None
 
-    def forward(self, sample_ids: torch.Tensor, lam: torch.Tensor, temperature: float) -> SampleTerms:
-        input_ids = self.train.input_ids[sample_ids].to(self.device)
-        mask = self.train.attention_mask[sample_ids].to(self.device)
-        labels = shift_labels(input_ids, mask)
-        student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
-        teacher_logits = None
+    def needs_teacher(self, lam: torch.Tensor) -> bool:
+        """The teacher runs when a sample of the micro-batch leans on it or the scorer needs the KD term."""
         has_teacher = self.teacher is not None or self.teacher_cache is not None
-        if has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs):
-            teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)
-        return per_sample_terms(
-            student_logits, labels, teacher_logits, self.strategies.divergence, temperature
-        )
+        return has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs)
+
+    def forward(
+        self, sample_ids: torch.Tensor, lam: torch.Tensor, temperature: float, with_teacher: bool
+    ) -> SampleTerms:
+        """Per-sample terms of ``sample_ids`` (λ per sample: the weights the fused path prepares gradients for)."""
+        input_ids, mask, labels = self.train.batch(sample_ids, self.device)
+        divergence = self.strategies.divergence
+        if self.loss_path == "fused":
+            hidden = final_hidden_states(self.student, input_ids, mask)
+            weight, bias = linear_head(self.unwrapped_student())
+            teacher = self.teacher_hidden(input_ids, mask) if with_teacher else {}
+            return fused_sample_terms(
+                hidden,
+                weight,
+                labels,
+                divergence=divergence,
+                temperature=temperature,
+                student_bias=bias,
+                loss_weights=(1 - lam, lam),
+                **teacher,
+            )
+        student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
+        teacher_logits = self.teacher_logits(sample_ids, labels, input_ids, mask) if with_teacher else None
+        return per_sample_terms(student_logits, labels, teacher_logits, divergence, temperature)
 
     @torch.no_grad()
     def teacher_logits(
-        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor | TopKTeacher:
         """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
         if self.teacher_cache is not None:
-            return self.teacher_cache.topk(sample_ids, input_ids, mask)
-        return self.teacher(input_ids=input_ids, attention_mask=mask).logits
+            return self.teacher_cache.topk(sample_ids, labels)
+        return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The fused path's teacher side: its final hidden states and head, without gradient."""
+        weight, bias = linear_head(self.teacher)
+        hidden = final_hidden_states(self.teacher, input_ids, mask)
+        return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> RunSummary:
@@ -469,12 +502,7 @@ class Trainer:
         if self.world == 1:
             return perplexity(model, self.eval_set)
         # each process scores every world-th eval sample; the sums meet in one all-reduce
-        shard = PackedDataset(
-            self.eval_set.input_ids[self.rank :: self.world],
-            self.eval_set.attention_mask[self.rank :: self.world],
-            fingerprint="eval-shard",
-        )
-        total, count = nll_totals(model, shard)
+        total, count = nll_totals(model, self.eval_set.subset(slice(self.rank, None, self.world)))
         sums = self.accelerator.reduce(torch.stack([total, count]).to(self.device), "sum").cpu()
         return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
 

@@ -24,18 +24,27 @@ pass recomputes, so the result is right either way.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from kdcore.errors import KdError
 from kdcore.inputs.packing import IGNORE_INDEX
 from kdcore.training.losses import SampleTerms
 
 if TYPE_CHECKING:
     from kdcore.strategies import Divergence
 
-__all__ = ["CHUNK_ELEMENTS", "final_hidden_states", "fused_sample_terms", "linear_head"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "choose_loss_path",
+    "final_hidden_states",
+    "fusable",
+    "fused_sample_terms",
+    "linear_head",
+]
 
 #: Default chunk: this many elements in one chunk's ``[tokens, vocab]`` tensor (16 MiB in float32).
 CHUNK_ELEMENTS = 1 << 22
@@ -349,3 +358,33 @@ def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: tor
         logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
     )
     return out.hidden_states[-1]
+
+
+def fusable(model: Any) -> bool:
+    """Whether :func:`final_hidden_states` and :func:`linear_head` together reproduce ``model``'s logits."""
+    forward = getattr(model, "forward", None)
+    takes_keep = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    return takes_keep and linear_head(model) is not None
+
+
+def choose_loss_path(setting: str, student: Any, teacher: Any | None, cached: bool) -> tuple[str, str]:
+    """``("fused" | "logits", why)`` for a run, decided once from ``training.loss_path`` (``setting``).
+
+    ``auto`` is fused when the student's and the live teacher's logits are a plain linear head over
+    their final hidden states; a teacher cache holds top-K log-probabilities, not hidden states, so it
+    takes the logits path. ``fused`` where that cannot work is refused with one sentence.
+    """
+    if setting == "logits":
+        return "logits", "training.loss_path is logits"
+    problem = None
+    if cached:
+        problem = "a teacher cache holds the teacher's top-K log-probabilities, not its hidden states"
+    elif not fusable(student):
+        problem = "the student's logits are not a plain linear head over its final hidden states"
+    elif teacher is not None and not fusable(teacher):
+        problem = "the teacher's logits are not a plain linear head over its final hidden states"
+    if problem is None:
+        return "fused", "both heads are linear: logits are computed chunk by chunk inside the loss"
+    if setting == "fused":
+        raise KdError(f"training.loss_path is fused but {problem}; set training.loss_path to auto or logits")
+    return "logits", problem
