@@ -63,6 +63,11 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dataset: str = Field("demo", description="'demo', a local file or folder, or hub 'name:config:split'")
     eval_dataset: str | None = None
+    format: Literal["auto", "text", "chat"] = Field(
+        "auto",
+        description="chat: one sample per row of a .jsonl of 'messages' or 'prompt'/'completion', trained on "
+        "the assistant/completion tokens only; text: packed text; auto: chat when the first row is one",
+    )
     text_column: str = "text"
     seq_len: int = Field(128, gt=1)
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held out when no eval set is given")

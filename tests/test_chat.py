@@ -63,7 +63,7 @@ def hand_mask(messages: list[dict]) -> tuple[list[str], list[bool]]:
 
 
 def test_one_conversation_by_hand():
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(extra_text="hi ok")
     messages = [
         {"role": "user", "content": "What is 17 times 23?"},
         {"role": "assistant", "content": "17 times 23 is 391."},
@@ -97,7 +97,7 @@ def test_fixture_labels_equal_the_hand_mask(template):
 
 
 def test_truncation_keeps_the_start_and_drops_rows_without_targets(tmp_path):
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(extra_text="hi ok")
     rows = [
         {"messages": [{"role": "user", "content": "Who wrote Pride and Prejudice?"},
                       {"role": "assistant", "content": "Jane Austen, published in 1813."}]},
@@ -161,7 +161,7 @@ def test_shifted_labels_count_only_assistant_tokens():
     """How the engine consumes these labels: shifted by one, then per-sample CE over the targets only."""
     from kdcore.training.losses import per_sample_terms
 
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(extra_text="hi ok")
     samples = load_chat_jsonl(FIXTURE, tokenizer, seq_len=96)
     shifted = torch.full_like(samples.labels, IGNORE_INDEX)
     shifted[:, :-1] = samples.labels[:, 1:]
@@ -244,3 +244,132 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(KdError, match="holds no rows"):
         read_jsonl(tmp_path / "empty.jsonl")
+
+
+# -- chat data through kd cache-teacher and kd run ----------------------------------------------------
+#: Train rows and how many targets each has, counted by hand on the tiny GGUF tokenizer (bytes plus the
+#: merges 'h e' and 'Ġt he'; '<|im_end|>' is one token and its EOS): the assistant's text, then
+#: '<|im_end|>' and '\n' for a conversation; the completion's text, then EOS, for a prompt/completion row.
+CHAT_ROWS = [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}, 2 + 2),
+    (
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "and?"},
+                {"role": "assistant", "content": "no"},
+            ]
+        },
+        (3 + 2) + (2 + 2),
+    ),
+    ({"prompt": "hi", "completion": "no"}, 2 + 1),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 1 + 2),
+]
+#: The held-out last row: 'the' is 't' + 'he', so its last 4 tokens are its targets.
+EVAL_ROW = ({"messages": [{"role": "user", "content": "what"}, {"role": "assistant", "content": "the"}]}, 4)
+
+
+def test_chat_rows_through_cache_teacher_and_kd_run(tmp_path):
+    pytest.importorskip("gguf")
+    from conftest import run_kd
+    from tiny_gguf import tiny_llama, write_gguf
+
+    from kdcore.inputs.models import load_tokenizer
+    from kdcore.summary import RunSummary
+
+    model = tiny_llama(seed=3).eval()
+    gguf_file = write_gguf(model, tmp_path / "tiny.gguf")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row, _ in [*CHAT_ROWS, EVAL_ROW]))
+    env = {"KD_CACHE_DIR": str(tmp_path / "kd-cache"), "COLUMNS": "200"}
+    common = ["--teacher", str(gguf_file), "--dataset", str(data), "--seq-len", "96"]  # no row is cut
+    result = run_kd(
+        "cache-teacher",
+        *common,
+        "--set",
+        "data.eval_fraction=0.2",
+        "--output",
+        str(tmp_path / "cache"),
+        env_extra=env,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 4 and manifest["num_tokens"] == sum(n for _, n in CHAT_ROWS) == 19
+
+    out = tmp_path / "run"
+    run_args = [
+        "--student",
+        str(gguf_file),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+    ]
+    sets = ["--set", "data.eval_fraction=0.2", "--set", "training.log_every=1", "--set", "training.threads=1"]
+    result = run_kd("run", *common, *run_args, *sets, env_extra=env)
+    assert result.returncode == 0, result.stderr
+    summary = RunSummary.read(out)
+    assert summary.train_tokens == 19  # one step over the whole training set: its targets only
+    # The eval perplexity counts the eval row's last 4 tokens only, computed here from the model itself.
+    tokenizer = load_tokenizer(str(gguf_file))
+    ids = torch.tensor(
+        [tokenizer.apply_chat_template(EVAL_ROW[0]["messages"], tokenize=True, return_dict=False)]
+    )
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+    nll = -logp.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)[-EVAL_ROW[1] :]
+    assert summary.teacher_eval_ppl == pytest.approx(float(nll.mean().exp()), rel=1e-5)
+    assert summary.student_initial_eval_ppl == pytest.approx(summary.teacher_eval_ppl, rel=1e-5)
+
+
+def test_packed_chat_data_has_labels_and_prompt_lengths():
+    """PackedDataset from chat rows: labels where targets are, prompt_lengths = tokens before the first one."""
+    from kdcore.inputs.chat import ChatCorpus
+
+    tokenizer = word_tokenizer(extra_text="hi ok")
+    rows = [(1, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})]
+    corpus = ChatCorpus(rows, rows, "a.jsonl", "a.jsonl")
+    train, _ = corpus.pack(tokenizer, 32)
+    ids, _, labels = train.batch(slice(None))
+    first = int((train.labels[0] != IGNORE_INDEX).nonzero()[0])
+    assert int(train.prompt_lengths[0]) == first > 0
+    assert train[0]["prompt_length"] == first and torch.equal(train[0]["labels"], train.labels[0])
+    # shifted: position t predicts labels[t + 1]; nothing before the prompt's last token is a target
+    assert (labels[0, : first - 1] == IGNORE_INDEX).all() and labels[0, first - 1] == ids[0, first]
+    assert train.fingerprint != type(train)(train.input_ids, train.attention_mask).fingerprint
+
+
+@pytest.mark.parametrize(
+    ("template", "bad_row", "message"),
+    [
+        ("chat", {"messages": [{"role": "user", "content": "hi"}, {"content": "ok"}]},
+         r"line 3 of '.*chat\.jsonl': message 2 has no 'role'; give every message a role"),
+        (None, None, r"the tokenizer has no chat template, so the messages of line 1 of '.*chat\.jsonl' cannot"),
+    ],
+    ids=["bad-row", "template-less-tokenizer"],
+)  # fmt: skip
+def test_kd_run_refuses_bad_chat_data_in_one_sentence(tmp_path, template, bad_row, message):
+    """Through the CLI: a non-zero exit, one sentence naming the row or the tokenizer, no traceback."""
+    pytest.importorskip("gguf")
+    import re
+
+    from conftest import run_kd
+    from tiny_gguf import CHAT_TEMPLATE, tiny_llama, write_gguf
+
+    gguf_file = write_gguf(tiny_llama(), tmp_path / "tiny.gguf", CHAT_TEMPLATE if template else None)
+    rows = [row for row, _ in CHAT_ROWS[:2]] + ([bad_row] if bad_row else []) + [EVAL_ROW[0]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {"KD_CACHE_DIR": str(tmp_path / "kd-cache"), "COLUMNS": "300"}
+    result = run_kd(
+        "run", "--dry-run", "--teacher", str(gguf_file), "--student", "from-teacher:num_layers=1",
+        "--dataset", str(data), "--output-dir", str(tmp_path / "run"), env_extra=env,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert re.search(message, " ".join(result.stderr.split())), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists()

@@ -24,10 +24,17 @@ ids are stable for the same file, tokenizer and ``seq_len``; ``rows`` maps them 
 
 ``labels`` follow the Hugging Face convention: the token id where the token is a target, ``-100``
 elsewhere, *not* shifted (position ``t`` of the logits predicts ``labels[t + 1]``).
+
+As a run's data (:class:`ChatCorpus`, chosen by :func:`kdcore.inputs.corpus.load_corpus` for a
+``.jsonl`` file whose first row is a conversation or a prompt/completion pair): the eval split is
+the last ``data.eval_fraction`` of the rows (or ``data.eval_dataset``), and each split becomes a
+:class:`~kdcore.inputs.packing.PackedDataset` with these labels and ``prompt_lengths``, the tokens
+before a sample's first target.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import re
@@ -39,9 +46,19 @@ from typing import Any
 import torch
 
 from kdcore.errors import KdError
-from kdcore.inputs.packing import IGNORE_INDEX
+from kdcore.inputs.packing import IGNORE_INDEX, PackedDataset
 
-__all__ = ["ROLES", "ChatSamples", "encode_chat", "encode_conversation", "load_chat_jsonl", "read_jsonl"]
+__all__ = [
+    "ROLES",
+    "ChatCorpus",
+    "ChatSamples",
+    "encode_chat",
+    "encode_conversation",
+    "is_chat_row",
+    "load_chat_corpus",
+    "load_chat_jsonl",
+    "read_jsonl",
+]
 
 ROLES = ("system", "user", "assistant")
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -234,3 +251,100 @@ def encode_chat(
 def load_chat_jsonl(path: str | Path, tokenizer: Any, seq_len: int) -> ChatSamples:
     """:func:`encode_chat` over the rows of a ``.jsonl`` file."""
     return encode_chat(read_jsonl(path), tokenizer, seq_len, source=f"'{path}'")
+
+
+def is_chat_row(record: Any) -> bool:
+    """A conversation (``messages``) or an instruction pair (``prompt`` and ``completion``)."""
+    return isinstance(record, dict) and ("messages" in record or {"prompt", "completion"} <= record.keys())
+
+
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:5]))
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 5 else ''}"
+
+
+def _row_text(record: Any) -> str:
+    if not isinstance(record, dict):
+        return ""
+    if isinstance(record.get("messages"), list):
+        return "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
+    return f"{record.get('prompt', '')}\n{record.get('completion', '')}"
+
+
+@dataclass
+class ChatCorpus:
+    """Chat or instruction rows, split into train and eval by rows, before tokenisation.
+
+    Has what a run asks of a corpus: ``train_texts`` (the rows' text, for a BPE tokenizer trained on the
+    data), ``fingerprint`` and :meth:`pack`.
+    """
+
+    train_rows: list[tuple[int, Any]]  # (line number, row)
+    eval_rows: list[tuple[int, Any]]
+    train_source: str
+    eval_source: str
+    max_eval_samples: int | None = None
+
+    @property
+    def train_texts(self) -> list[str]:
+        return [text for _, row in self.train_rows if (text := _row_text(row))]
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex characters of sha256 over the rows of both splits (as canonical JSON) and the eval cap."""
+        digest = hashlib.sha256(f"kdcore-chat-1 {self.max_eval_samples}".encode())
+        for name, rows in (("train", self.train_rows), ("eval", self.eval_rows)):
+            digest.update(f"\0{name} {len(rows)}".encode())
+            for number, row in rows:
+                digest.update(f"{number} {json.dumps(row, sort_keys=True, ensure_ascii=False)}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def pack(
+        self, tokenizer: Any, seq_len: int, notes: list[str] | None = None
+    ) -> tuple[PackedDataset, PackedDataset]:
+        """``(train, eval)``: one sample per row, assistant/completion labels; rows cut at ``seq_len`` or
+        dropped for want of a target are reported in ``notes``."""
+        eval_rows = self.eval_rows[: self.max_eval_samples] if self.max_eval_samples else self.eval_rows
+        packed = []
+        for name, rows, source in (
+            ("training split", self.train_rows, self.train_source),
+            ("eval split", eval_rows, self.eval_source),
+        ):
+            samples = encode_chat(rows, tokenizer, seq_len, source=f"'{source}'")
+            if notes is not None and samples.truncated:
+                notes.append(
+                    f"{name}: {len(samples.truncated)} row(s) cut at seq_len={seq_len} ({_lines(samples.truncated)})"
+                )
+            if notes is not None and samples.dropped:
+                notes.append(
+                    f"{name}: {len(samples.dropped)} row(s) dropped, no assistant token within seq_len={seq_len} "
+                    f"({_lines(samples.dropped)})"
+                )
+            prompt_lengths = (samples.labels != IGNORE_INDEX).long().argmax(dim=1)
+            packed.append(
+                PackedDataset(
+                    samples.input_ids,
+                    samples.attention_mask,
+                    labels=samples.labels,
+                    prompt_lengths=prompt_lengths,
+                )
+            )
+        train, eval_set = packed
+        return train, eval_set.head(self.max_eval_samples)
+
+
+def load_chat_corpus(
+    source: str, eval_source: str | None, eval_fraction: float, max_eval_samples: int | None = None
+) -> ChatCorpus:
+    """The rows of ``source`` (a ``.jsonl`` file); eval is ``eval_source``'s rows, else the last
+    ``eval_fraction`` of them (at least one row each side)."""
+    rows = read_jsonl(source)
+    if eval_source is not None:
+        return ChatCorpus(rows, read_jsonl(eval_source), source, eval_source, max_eval_samples)
+    held = max(1, round(len(rows) * eval_fraction))
+    if held >= len(rows):
+        raise KdError(
+            f"'{source}' holds {len(rows)} row(s), too few to hold out {eval_fraction:g} of them for evaluation; "
+            "pass more rows, another data.eval_fraction, or data.eval_dataset"
+        )
+    return ChatCorpus(rows[:-held], rows[-held:], source, source, max_eval_samples)

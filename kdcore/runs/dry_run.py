@@ -154,6 +154,7 @@ def _spec_config(spec: Any, tokenizer: Any) -> Any:
 
 def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
+    from kdcore.inputs.chat import ChatCorpus
     from kdcore.inputs.corpus import load_corpus
     from kdcore.inputs.models import check_sources, check_vocab_sizes, quiet_transformers
     from kdcore.plugins import instantiate_strategies
@@ -172,6 +173,8 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     notes: list[str] = []
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
+    if isinstance(corpus, ChatCorpus):
+        notes.append("chat data: one sample per row; CE, KD and perplexity count the assistant tokens only")
     tokenizer, teacher, cache, teacher_config = _check_teacher(cfg, corpus, notes)
     student = _check_student(cfg.model, tokenizer, teacher_config)
     note = check_vocab_sizes(
@@ -180,7 +183,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     if note:
         notes.append(note)
 
-    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
     if cache is not None:
         cache.check_data(train, eval_set)
     from kdcore.training.fused_loss import choose_loss_path

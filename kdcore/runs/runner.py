@@ -313,7 +313,10 @@ def load_models(cfg: RunConfig, console: Console) -> Models:
         (cfg.model.teacher, cfg.model.student),
         console,
     )
-    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    notes: list[str] = []  # chat rows cut at seq_len or dropped
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
     if cache is not None:
         cache.check_data(train, eval_set)
     return Models(teacher, cache, student, tokenizer, train, eval_set)

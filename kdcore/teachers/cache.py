@@ -281,7 +281,10 @@ def build_cache(
     corpus = load_corpus(cfg.data, cfg.training.seed)
     source, tokenizer = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, cfg.training, console)
     teacher = load_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
-    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    notes: list[str] = []  # chat rows cut at seq_len or dropped
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
     metadata = {
         "teacher": cfg.model.teacher,
         "teacher_id": teacher_identity(cfg.model, corpus, cfg.data.seq_len, cfg.training),
