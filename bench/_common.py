@@ -91,8 +91,10 @@ def trainer(
     pacing: str = "none",
     steps: int = 1000,
     reliance_params: dict | None = None,
+    student_model: torch.nn.Module | None = None,
 ):
-    """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped."""
+    """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped
+    (its student ``student_model``, else a fresh one from ``s.student_spec``)."""
     from kdcore.training.engine import Trainer, make_strategies
 
     strategy = StrategyConfig(
@@ -101,7 +103,8 @@ def trainer(
     strategies, _ = make_strategies(strategy)
     reset_accelerate()
     training = TrainingConfig(max_steps=steps, batch_size=s.batch_size, log_every=10**6)
-    t = Trainer(student(s), teacher, s.train, s.eval_set, strategies, training, 2.0, teacher_cache=cache)
+    model = student_model if student_model is not None else student(s)
+    t = Trainer(model, teacher, s.train, s.eval_set, strategies, training, 2.0, teacher_cache=cache)
     t.strategies.scorer.prepare(t.scorer_context())
     t.student.train()
     t._bench_step = 0
