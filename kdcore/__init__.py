@@ -59,7 +59,8 @@ def run(config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> RunR
     """Run one distillation and return its result (summary and run directory).
 
     ``config`` is a :class:`RunConfig` or a mapping in its YAML shape; keyword arguments are passed
-    on to :func:`kdcore.runs.runner.run` (``console``, ``show_progress``).
+    on to :func:`kdcore.runs.runner.run` (``console``, ``show_progress``, and ``resume=True`` to continue
+    the unfinished run in ``config.output.dir`` from its newest valid checkpoint).
     """
     from kdcore.runs.runner import run as _run
 

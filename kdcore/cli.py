@@ -91,6 +91,7 @@ RUN_OPTIONS: dict[str, str] = {
     "mixed_precision": "training.mixed_precision",
     "threads": "training.threads",
     "checkpoint_every": "training.checkpoint_every",
+    "teacher_placement": "training.teacher_placement",
     "output_dir": "output.dir",
     "report_to": "output.report_to",
     "push_to_hub": "output.push_to_hub",
@@ -207,6 +208,14 @@ def run(
         int | None,
         Opt(help="Steps between checkpoints in RUN_DIR/checkpoints (default 100).", rich_help_panel=TRAIN),
     ] = None,
+    teacher_placement: Annotated[
+        str | None,
+        Opt(
+            help="replicated: the whole teacher on every process; sharded: split over the processes "
+            "with FSDP2 (launch with an FSDP accelerate config, see docs/scaling.md).",
+            rich_help_panel=TRAIN,
+        ),
+    ] = None,
     output_dir: Annotated[
         Path | None, Opt(help="Run directory (default runs/<timestamp>-<strategy>).")
     ] = None,
@@ -244,6 +253,7 @@ def run(
     cfg = _run_config(options)
     from kdcore.plugins import instantiate_strategies
 
+    _warn_broken_plugins()
     instantiate_strategies(cfg.strategy)  # unknown names and bad parameters fail here, in a second
     if print_config:
         out.print(cfg.to_yaml(), highlight=False, end="")
@@ -297,9 +307,25 @@ def _resume(run_dir: Path, options: dict[str, Any]) -> None:
         )
     from kdcore.training.checkpoint import resume_config
 
+    _warn_broken_plugins()
     cfg = resume_config(run_dir)
     _offline_hint()
     _launch(cfg, resume=True)
+
+
+def _warn_broken_plugins() -> None:
+    """One line when an installed plugin failed to load: its strategies are missing from this run's choices."""
+    from kdcore.plugins import get_registry
+
+    broken = [e for e in get_registry().entries if e.status == "broken"]
+    if len(broken) == 1:
+        line = f"warning: {broken[0].error}; kd list-plugins shows it"
+    elif broken:
+        names = ", ".join(f"'{e.name}' ({e.distribution})" for e in broken)
+        line = f"warning: {len(broken)} installed plugins failed to load: {names}; kd list-plugins shows why"
+    else:
+        return
+    err.print(line, style="yellow", highlight=False, markup=False)
 
 
 def _launch(cfg: Any, resume: bool = False) -> None:
@@ -308,7 +334,7 @@ def _launch(cfg: Any, resume: bool = False) -> None:
     from kdcore.runs.runner import run as run_distillation
 
     try:
-        run_distillation(cfg, console=err, resume=resume)
+        run_distillation(cfg, console=err, resume=resume, exits_after_stop=True)
     except RunInterrupted as exc:
         if exc.main_process:
             err.print(str(exc), highlight=False, markup=False)
@@ -336,6 +362,9 @@ def train_teacher(
     seed: Annotated[int, Opt(help="Random seed.")] = 0,
 ) -> None:
     """Train a causal LM with plain cross-entropy and save it, ready for --teacher DIR."""
+    from kdcore.files import check_output_dir
+
+    check_output_dir(output_dir, "--output-dir")
     if (output_dir / "config.json").exists():
         raise KdError(f"'{output_dir}' already holds a model; choose another --output-dir")
     cfg = resolve_config(
@@ -527,6 +556,25 @@ def compare(
     data = _resume_comparison(resume, options) if resume is not None else _new_comparison(options)
     text = (Path(data["output_dir"]) / "comparison.md").read_text()
     out.print(text, highlight=False, markup=False, soft_wrap=True)
+    _exit_if_an_arm_has_no_run(data)
+
+
+def _exit_if_an_arm_has_no_run(data: dict[str, Any]) -> None:
+    """After the table: exit 1 with one line when an arm has no finished run (its numbers are all missing)."""
+    unfinished = [row for row in data["arms"] if row["n_ok"] == 0]
+    if not unfinished:
+        return
+    first = unfinished[0]
+    names = ", ".join(f"'{row['name']}'" for row in unfinished)
+    which = f"arm {names} has" if len(unfinished) == 1 else f"arms {names} have"
+    runs_dir = Path(data["output_dir"]) / "runs" / first["name"]
+    reason = f" ({first['error']})" if first.get("error") else ""
+    err.print(
+        f"[bold red]error:[/bold red] {escape(which)} no finished run{escape(reason)}; see the logs in "
+        f"{escape(str(runs_dir))}/, then finish with kd compare --resume {escape(data['output_dir'])}",
+        highlight=False,
+    )
+    raise typer.Exit(1)
 
 
 #: kd compare's options that set the base run config every arm shares, as kd run's do.

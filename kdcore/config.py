@@ -22,6 +22,8 @@ from kdcore.strategies import KINDS
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
 DEFAULT_STEPS = 200
+#: numpy's generators (seeded by accelerate's set_seed) take seeds in [0, 2**32 - 1]
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
@@ -112,7 +114,7 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: 4 per run)")
     log_every: int = Field(10, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -127,6 +129,10 @@ class TrainingConfig(_Section):
         "auto",
         description="fused: logits computed chunk by chunk from final hidden states inside the loss "
         "(auto: whenever both heads are linear and no teacher cache is used); logits: full logits",
+    )
+    teacher_placement: Literal["replicated", "sharded"] = Field(
+        "replicated",
+        description="the teacher whole on every process, or split over them with FSDP2 (needs an FSDP launch)",
     )
 
     @model_validator(mode="after")
@@ -202,6 +208,8 @@ def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, A
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'``, creating sections on the way."""
     *parents, leaf = dotted.split(".")
+    if not all(part.strip() for part in (*parents, leaf)):
+        raise KdError(f"'{dotted}' is not a config field: a name between dots is empty; e.g. training.seed")
     node = tree
     for part in parents:
         if isinstance(node.get(part), str):  # 'scorer: root' is shorthand for {name: root}
@@ -217,6 +225,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise KdError(f"expected key=value, got '{text}'")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise KdError(f"expected key=value, got '{text}' with nothing before '='; e.g. training.seed=1")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -225,6 +235,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def load_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        inside = [path / name for name in ("config.yaml", "compare.yaml") if (path / name).is_file()]
+        example = f" such as '{inside[0]}'" if inside else ""
+        raise KdError(f"config file '{path}' is a directory; pass a YAML or JSON file{example}")
     if not path.is_file():
         raise KdError(f"config file '{path}' does not exist; pass an existing YAML or JSON file")
     text = path.read_text()

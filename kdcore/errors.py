@@ -19,8 +19,22 @@ class RunInterrupted(BaseException):
     with ``except Exception``.
     """
 
-    def __init__(self, step: int, signum: int, run_dir: object, main_process: bool = True) -> None:
+    def __init__(
+        self,
+        step: int,
+        signum: int,
+        run_dir: object,
+        main_process: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.step, self.signum, self.run_dir = step, signum, run_dir
         self.exit_code = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
         self.main_process = main_process
-        super().__init__(f"stopped at step {step}; resume with: kd run --resume {run_dir}")
+        if resume_step is None or resume_step == step:
+            message = f"stopped at step {step}; resume with: kd run --resume {run_dir}"
+        else:  # a second Ctrl-C: no checkpoint at this step
+            message = (
+                f"stopped at step {step} without a checkpoint; resume from step {resume_step} with: "
+                f"kd run --resume {run_dir}"
+            )
+        super().__init__(message)

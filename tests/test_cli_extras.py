@@ -191,3 +191,45 @@ def test_dry_run_with_a_teacher_cache(tmp_path):
     assert "teacher logits" not in report.memory
     assert report.memory["teacher top-K rows"] == 8 * 48 * 16 * 12
     assert not (tmp_path / "run").exists()
+
+
+def test_trust_remote_code_names_the_models_whose_code_will_run(saved_models, tmp_path):
+    teacher = str(saved_models / "byte")
+    base = ["run", "--dry-run", f"--teacher={teacher}", f"--student={TINY_STUDENT}", "--seq-len=48"]
+    base += ["--set=data.demo_samples=160", "--output-dir", str(tmp_path / "run")]
+    trusted = CliRunner().invoke(app, [*base, "--trust-remote-code"])
+    assert trusted.exit_code == 0, trusted.output
+    lines = [line for line in trusted.output.splitlines() if "trust_remote_code" in line]
+    assert lines == [
+        f"warning: model.trust_remote_code is on: the Python code that comes with '{teacher}' will run on "
+        "this machine"
+    ]
+    plain = CliRunner().invoke(app, base)
+    assert plain.exit_code == 0 and "trust_remote_code" not in plain.output
+    from kdcore.inputs.models import remote_code_warning
+
+    assert remote_code_warning(TINY_TEACHER, TINY_STUDENT, True) is None  # specs bring no code
+    assert "'a/b' and 'c/d'" in remote_code_warning("a/b", "c/d", True)
+
+
+def test_dry_run_refuses_an_estimate_above_the_available_memory(tmp_path, monkeypatch):
+    import kdcore.runs.dry_run as dr
+
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 11}))
+    report = dry_run(cfg)
+    need = report.estimated_bytes()
+    assert report.loss_path == "fused"  # both heads are linear: the loss's chunks, not full logits
+    assert need == report.memory["loss total"] + 16 * report.student.parameters + 4 * (
+        report.teacher.parameters
+    )
+    assert report.available is not None and report.available[0] > need  # the tiny run fits here
+    monkeypatch.setattr(dr, "available_memory", lambda: (need - 1, "RAM"))
+    with pytest.raises(KdError) as caught:
+        dry_run(cfg)
+    assert str(caught.value) == (
+        f"this run needs at least {dr.human_bytes(need)} (one micro-batch's fused loss "
+        f"{dr.human_bytes(report.memory['loss total'])}, plus the weights) but only "
+        f"{dr.human_bytes(need - 1)} of RAM is available; lower --batch-size or --seq-len, or raise --grad-accum for smaller micro-batches"
+    )
+    monkeypatch.setattr(dr, "available_memory", lambda: (need, "RAM"))
+    assert dry_run(cfg).available == (need, "RAM")

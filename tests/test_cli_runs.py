@@ -49,6 +49,8 @@ def test_train_teacher_then_distil_from_its_directory(tmp_path, text_file):
         "8",
     )
     assert trained.returncode == 0, trained.stderr
+    # kd's own progress bar is the only one: no tqdm bar from transformers ("Writing model shards")
+    assert "Writing model shards" not in trained.stderr and "it/s]" not in trained.stderr
     assert (teacher_dir / "config.json").is_file() and (teacher_dir / "tokenizer.json").is_file()
     assert json.loads((teacher_dir / "kdcore_teacher.json").read_text())["steps"] == 10
 
@@ -72,6 +74,7 @@ def test_train_teacher_then_distil_from_its_directory(tmp_path, text_file):
     teacher_tok = json.loads((teacher_dir / "tokenizer.json").read_text())
     assert student_tok["model"]["vocab"] == teacher_tok["model"]["vocab"]
     assert "student eval perplexity" in result.stderr  # the end-of-run table
+    assert "it/s]" not in result.stderr and "Loading weights" not in result.stderr
 
     again = run_kd("train-teacher", "--model", TINY_TEACHER, "--output-dir", str(teacher_dir))
     assert again.returncode == 2 and "already holds a model" in again.stderr

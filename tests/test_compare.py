@@ -372,3 +372,58 @@ def test_table_only_rebuilds_from_finished_runs_and_runs_nothing(tiny_comparison
     assert rows["sr"]["gap_closed"] == pytest.approx((ce0 - sr0) / (ce0 - data["teacher"]["eval_ppl"]))
     assert "**incomplete**: 7 of 8 runs finished" in (copy / "comparison.md").read_text()
     assert not (copy / "runs" / "sr" / "seed-1" / "summary.json").exists()
+
+
+def test_resume_never_runs_code_from_a_crafted_checkpoint(tiny_comparison, tmp_path):
+    """kd compare --resume continues a partial run through kd run's resume; a crafted checkpoint is
+    refused there (and the run redone from scratch), never executed."""
+    from tests.test_resume import plant_payload
+
+    out, _, _ = tiny_comparison
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    run_dir = copy / "runs" / "sr" / "seed-1"
+    (run_dir / "summary.json").unlink()
+    checkpoint = run_dir / "checkpoints" / "step-12"
+    checkpoint.mkdir(parents=True)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    meta = {"format": 1, "step": 12, "world_size": 1, "metrics_bytes": 0, "config": config, "files": {}}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(meta))
+    marker = tmp_path / "payload-ran"
+    plant_payload(checkpoint, "trainer_state.pt", marker)
+    data = cmp.resume(copy, log=lambda line: None)
+    assert not marker.exists()
+    log = (copy / "runs" / "sr" / "seed-1.log").read_text()
+    assert f"checkpoint {checkpoint} is damaged: trainer_state.pt calls exec when loaded" in log
+    assert "resume failed; running from scratch" in log
+    assert all(r["status"] == "ok" for r in data["arms"])
+
+
+def test_cli_exits_non_zero_when_an_arm_has_no_finished_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+    from kdcore.runs import runner
+
+    real_run = runner.run
+
+    def failing(cfg, **kwargs):
+        if cfg.strategy.reliance.name == "threshold":
+            raise RuntimeError("simulated crash")
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(runner, "run", failing)
+    overrides = tiny_overrides(tmp_path / "unused")
+    overrides.pop("output.dir")
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    out = tmp_path / "cmp"
+    args = ["compare", "--arm", ARMS[1], *sets, "--seeds", "0", "--sweep", "none", "--no-matched"]
+    result = CliRunner().invoke(app, [*args, "--output-dir", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "| **sr** |" in result.output  # the table is still printed
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: arm 'sr' has no finished run (RuntimeError: simulated crash); see the logs in "
+        f"{out / 'runs' / 'sr'}/, then finish with kd compare --resume {out}"
+    )
+    table = CliRunner().invoke(app, ["compare", "--resume", str(out), "--table-only"])
+    assert table.exit_code == 1 and "error: arm 'sr' has no finished run" in table.output

@@ -111,7 +111,7 @@ def test_gradient_accumulation_4x2_equals_batch_8(tmp_path):
         trainer = Trainer(student, teacher, train, eval_set, strategies, training, 2.0)
         for step in range(3):
             trainer.train_step(step)
-        return {k: v.detach().clone() for k, v in trainer.unwrapped_student().state_dict().items()}
+        return {k: v.detach().clone() for k, v in trainer.full_student()[0].state_dict().items()}
 
     whole, accumulated = weights_after(1), weights_after(4)
     for key in whole:
@@ -190,3 +190,39 @@ def test_summary_json_is_the_run_summary(finished):
     assert RunSummary.read(finished.run_dir) == finished.summary
     assert finished.summary["mean_lambda"] == finished.summary.mean_lambda == data["mean_lambda"]
     assert dict(finished.summary) == {**data, "eval_curve": finished.summary.eval_curve}
+
+
+def test_grad_norm_is_the_norm_before_clipping(tmp_path):
+    """metrics' grad_norm against the gradients the optimizer receives (read by a step pre-hook)."""
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.models import build_from_spec, parse_spec
+    from kdcore.inputs.tokenization import build_tokenizer
+    from kdcore.training.engine import Trainer, make_strategies
+
+    cfg = resolve_config(None, tiny_overrides(tmp_path))
+    tokenizer = build_tokenizer("byte")
+    train, eval_set = load_corpus(cfg.data, 0).pack(tokenizer, cfg.data.seq_len)
+    teacher = build_from_spec(parse_spec(TINY_TEACHER), tokenizer, seed=1)
+
+    def first_step(max_grad_norm: float | None) -> tuple[float, float]:
+        """(grad_norm reported, norm of the gradient the optimizer applied) of step 1."""
+        student = build_from_spec(
+            parse_spec(TINY_STUDENT + ",attn_pdrop=0,resid_pdrop=0,embd_pdrop=0"), tokenizer, 0
+        )
+        strategies, _ = make_strategies(cfg.strategy)
+        training = cfg.training.model_copy(update={"max_grad_norm": max_grad_norm})
+        trainer = Trainer(student, teacher, train, eval_set, strategies, training, 2.0)
+        applied = []
+        trainer.optimizer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: applied.append(
+                float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters()])))
+            )
+        )
+        return float(trainer.train_step(0)["grad_norm"]), applied[0]
+
+    reported, applied = first_step(None)
+    assert reported == pytest.approx(applied, rel=1e-6)  # no clipping: the same norm, summed in another order
+    assert reported > 0.01
+    clipped_reported, clipped_applied = first_step(0.01)
+    assert clipped_reported == pytest.approx(reported, rel=1e-6)  # reported before clipping
+    assert clipped_applied == pytest.approx(0.01, rel=1e-4)  # what the optimizer got was clipped

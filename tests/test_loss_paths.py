@@ -122,7 +122,7 @@ def test_forcing_the_fused_path_where_it_cannot_work_is_one_sentence(tmp_path):
     student.config.logit_scale = 0.5  # logits that are not the plain head's output
     from kdcore.inputs.packing import PackedDataset
 
-    data = PackedDataset(torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.long))
+    data = PackedDataset(torch.ones(8, 8, dtype=torch.long), torch.ones(8, 8, dtype=torch.long))  # one batch
     strategies, _ = make_strategies(cfg.strategy)
     with pytest.raises(
         KdError, match=r"^training.loss_path is fused but the student's logits are not a plain linear head"

@@ -261,3 +261,22 @@ def test_one_table_of_strategy_kinds():
     package = Path(hookspecs.__file__).parent
     again = [str(p.relative_to(package)) for p in package.rglob("*.py") if listing.search(p.read_text())]
     assert again == [], f"list the strategy kinds through kdcore.strategies.KINDS, not literally: {again}"
+
+
+def test_kd_run_warns_in_one_line_when_a_plugin_failed_to_load(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import kdcore.plugins
+    from kdcore.cli import app
+
+    registry = _registry_with(
+        tmp_path, monkeypatch, ("kd-broken", "0.1", {"broken": "kd_broken_mod"}, {"kd_broken_mod": "1/0"})
+    )
+    monkeypatch.setattr(kdcore.plugins, "get_registry", lambda: registry)
+    result = CliRunner().invoke(app, ["run", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: plugin 'broken' from kd-broken failed to load: ZeroDivisionError: division by zero; "
+        "kd list-plugins shows it"
+    ]
+    assert "warning" not in result.stdout  # the YAML stays clean

@@ -44,7 +44,7 @@ def setting():
         "tokenizer": tokenizer,
         "train": train,
         "eval": eval_set,
-        "teacher": trainer.unwrapped_student(),
+        "teacher": trainer.full_student()[0],
         "training": cfg.training.model_copy(update={"max_steps": 3, "batch_size": 8, "eval_every": 3}),
     }
 
@@ -142,3 +142,27 @@ def test_a_curriculum_run_records_difficulty_lambda_and_spearman(tmp_path, score
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     shares = [r["open_share"] for r in records if "open_share" in r]
     assert shares == sorted(shares) and shares[0] < 1.0
+
+
+def test_spearman_of_constant_scores_is_none_without_a_warning():
+    import warnings
+    from types import SimpleNamespace
+
+    from scipy.stats import spearmanr
+
+    from kdcore.runs.runner import difficulty_spearman
+
+    levels = torch.tensor([0, 1, 2, 0, 1, 2])
+    train = SimpleNamespace(levels=levels)
+
+    def scorer(values):
+        return SimpleNamespace(scores=lambda: torch.tensor(values, dtype=torch.float32))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's ConstantInputWarning must not reach the user
+        assert difficulty_spearman(scorer([0.5] * 6), train) is None
+        assert difficulty_spearman(scorer([0.5, float("nan"), 0.5, 0.5, 0.5, 0.5]), train) is None
+        assert difficulty_spearman(scorer([1, 2, 3, 4, 5, 6]), SimpleNamespace(levels=torch.ones(6))) is None
+        values = [0.1, 0.5, 0.9, 0.2, 0.4, 0.8]
+        expected = spearmanr(values, levels.numpy()).statistic
+        assert difficulty_spearman(scorer(values), train) == pytest.approx(expected)

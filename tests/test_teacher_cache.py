@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import TINY_TEACHER, tiny_overrides
 from safetensors.torch import load_file
 
 from kdcore.config import resolve_config
@@ -199,25 +199,46 @@ def test_cached_rows_are_the_teachers_top_k_and_stats_match_a_teacher_pass(cache
     assert cache.teacher_eval_ppl == pytest.approx(perplexity(teacher, eval_set), rel=1e-9)
 
 
-def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, caches):
+def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, caches, monkeypatch):
+    """The cached run differs from the live one only by float32 rounding of the teacher's log-probs,
+    so the two cannot be bit-identical, and AdamW amplifies rounding in near-zero gradients over the
+    steps (one ulp of the teacher's logits moves some weights by ~1e-5 after 12 steps). The tolerance
+    is therefore measured, not picked: a live run whose teacher logits are scaled by (1 + 2^-23), one
+    ulp, gives the float32 spread these 12 steps accumulate; the cached run must stay within 4 times
+    it (the cache rounds each log-prob once, and log_softmax adds a few ulp more)."""
+    import kdcore.training.engine
+
     root, _, _ = caches
-    live = run(_cfg(tmp_path / "live"), show_progress=False)
+    # The live runs take the logits path, whose teacher_logits the perturbation below reaches (the fused
+    # path projects hidden states instead, and equals the logits path: tests/test_loss_paths.py).
+    logits = {"training.loss_path": "logits"}
+    live = run(_cfg(tmp_path / "live", **logits), show_progress=False)
     cached = run(
         _cfg(tmp_path / "cached", **{"model.teacher_cache": str(root / "full")}), show_progress=False
     )
+    teacher_logits = kdcore.training.engine.Trainer.teacher_logits
+    monkeypatch.setattr(
+        kdcore.training.engine.Trainer,
+        "teacher_logits",
+        lambda self, *a: teacher_logits(self, *a) * (1 + 2**-23),
+    )
+    one_ulp = run(_cfg(tmp_path / "one-ulp", **logits), show_progress=False)
 
     def losses(result):
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["kd"]) for r in map(json.loads, lines) if "loss" in r]
+        return torch.tensor([(r["step"], r["loss"], r["kd"]) for r in map(json.loads, lines) if "loss" in r])
 
-    a, b = losses(live), losses(cached)
-    assert [s for s, *_ in a] == [s for s, *_ in b] == list(range(1, 13))
-    for (_, loss_a, kd_a), (_, loss_b, kd_b) in zip(a, b, strict=True):
-        assert abs(loss_a - loss_b) <= 1e-5 and abs(kd_a - kd_b) <= 1e-5
-    wa = load_file(live.run_dir / "student" / "model.safetensors")
-    wb = load_file(cached.run_dir / "student" / "model.safetensors")
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+    def weights(result):
+        found = load_file(result.run_dir / "student" / "model.safetensors")
+        return torch.cat([found[key].flatten() for key in sorted(found)])
+
+    a, b, c = losses(live), losses(cached), losses(one_ulp)
+    assert a[:, 0].tolist() == b[:, 0].tolist() == list(range(1, 13))
+    loss_floor = (c[:, 1:] - a[:, 1:]).abs().max()
+    weight_floor = (weights(one_ulp) - weights(live)).abs().max()
+    assert loss_floor > 0 and weight_floor > 0  # the perturbation did reach the result
+    assert (b[:, 1:] - a[:, 1:]).abs().max() <= 4 * loss_floor
+    assert (weights(cached) - weights(live)).abs().max() <= 4 * weight_floor
     assert cached.summary["teacher_eval_ppl"] == live.summary["teacher_eval_ppl"]
     assert cached.summary["student_eval_ppl"] == pytest.approx(live.summary["student_eval_ppl"], rel=1e-4)
 
@@ -266,8 +287,16 @@ def test_a_cache_that_does_not_match_the_run_is_refused_naming_the_field(tmp_pat
     cache.check_data(train, eval_set)
     with pytest.raises(KdError, match=r"its training data fingerprint is '\w+' but the run's is '\w+'"):
         cache.check_data(train.head(10), eval_set)
-    with pytest.raises(KdError, match=r"its teacher \([^)]*\) is '\S+' but the run's is '\S+'"):
+    with pytest.raises(KdError) as other_teacher:  # --teacher-cache alone: the run has another teacher
         run(_cfg(tmp_path / "c", **{"model.teacher_cache": str(tmp_path / "dir")}), show_progress=False)
+    assert str(other_teacher.value) == (
+        f"teacher cache '{tmp_path / 'dir'}' holds teacher '{full['teacher_source']}' but this run's teacher "
+        f"is '{TINY_TEACHER}'; pass --teacher {full['teacher_source']} with --teacher-cache (and the options "
+        f"the cache was made with), or rebuild the cache with kd cache-teacher --teacher {TINY_TEACHER}"
+    )
+    with pytest.raises(KdError, match=r"its teacher \([^)]*\) is '\S+' but the run's is '\S+'"):
+        other_steps = {"model.teacher_steps": 41, "model.teacher_cache": str(root / "full")}
+        run(_cfg(tmp_path / "e", **other_steps), show_progress=False)  # same name, another training
     # a tampered tokenizer hash and a corrupted file
     manifest = dict(by_dir, tokenizer_hash="0" * 16)
     (tmp_path / "dir" / "manifest.json").write_text(json.dumps(manifest))

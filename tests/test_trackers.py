@@ -131,3 +131,71 @@ def test_wandb_offline(tmp_path, monkeypatch):
     result = tiny_run(tmp_path / "run", **{"output.report_to": "wandb"})
     offline_runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs, "wandb wrote no offline run in RUN_DIR/wandb"
+
+
+# -- a resumed run continues the same tracker run -------------------------------------------------------
+def interrupted_and_resumed(path, report_to: str):
+    """A 12-step run with checkpoints at 8 and 12, cut back to a crash after step 12 but before its
+    checkpoint and summary, then resumed from step 8: steps 9-12 are logged a second time."""
+    import shutil
+
+    from kdcore.training.checkpoint import resume_config
+
+    first = tiny_run(path, **{"output.report_to": report_to, "training.checkpoint_every": 4})
+    run_dir = first.run_dir
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "student")
+    shutil.rmtree(run_dir / "checkpoints" / "step-12")
+    ids = json.loads((run_dir / trackers.IDS_FILE).read_text()) if report_to != "tensorboard" else {}
+    run(resume_config(run_dir), resume=True, show_progress=False)
+    return run_dir, ids
+
+
+def test_a_resumed_run_continues_its_tensorboard_run_without_repeated_steps(tmp_path):
+    pytest.importorskip(
+        "tensorboard", reason='tensorboard is not installed (pip install "kdcore[tensorboard]")'
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = interrupted_and_resumed(tmp_path / "run", "tensorboard")
+    events = EventAccumulator(str(run_dir / "kdcore"))
+    events.Reload()
+    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in read_metrics(run_dir):  # metrics.jsonl: cut back to step 8 on resume, then 9-12 again
+        for key, value in trackers.tracker_values(record).items():
+            expected.setdefault(key, []).append((record["step"], value))
+    for tag, points in expected.items():
+        # what TensorBoard shows is one curve: each step once, the values of metrics.jsonl
+        assert [step for step, _ in logged[tag]] == [step for step, _ in points], tag
+        for (_, shown), (_, value) in zip(logged[tag], points, strict=True):
+            assert shown == pytest.approx(value, rel=1e-6), tag  # float32 in the event file
+    assert [step for step, _ in logged["train/loss"]] == [4, 8, 12]
+    assert [step for step, _ in logged["eval/teacher_perplexity"]] == [0]  # logged at the first start only
+    assert len(list((run_dir / "kdcore").glob("*/hparams.yml"))) == 1  # one hyper-parameter entry
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason='wandb is not installed (pip install "kdcore[wandb]")')
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir, ids = interrupted_and_resumed(tmp_path / "run", "wandb")
+    sessions = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2 and all(name.endswith(f"-{ids['wandb']}") for name in sessions)
+    assert json.loads((run_dir / trackers.IDS_FILE).read_text()) == ids
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason='mlflow is not installed (pip install "kdcore[mlflow]")')
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _, ids = interrupted_and_resumed(tmp_path / "run", "mlflow")
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("kdcore").experiment_id])
+    assert run.info.run_id == ids["mlflow"]
+    # MLflow keeps every point: steps 9-12 twice, with the same values (a resumed run is bit-for-bit)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "train/loss"))
+    assert [step for step, _ in history] == [4, 8, 12, 12]
+    assert history[2][1] == history[3][1]

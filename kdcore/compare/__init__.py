@@ -42,7 +42,7 @@ from kdcore.compare.plan import PLAN, Plan, build_plan, validate_plan
 from kdcore.compare.render import format_paired, render_markdown
 from kdcore.compare.stats import paired_difference
 from kdcore.errors import KdError
-from kdcore.files import atomic_write_text
+from kdcore.files import atomic_write_text, check_output_dir
 
 __all__ = [
     "Arm",
@@ -67,6 +67,7 @@ def default_output_dir() -> Path:
 
 
 def prepare_output(out_dir: Path) -> None:
+    check_output_dir(out_dir, "--output-dir")
     if (out_dir / PLAN).exists():
         raise KdError(
             f"'{out_dir}' already holds a comparison; finish it with kd compare --resume {out_dir}, "

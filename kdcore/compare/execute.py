@@ -29,6 +29,7 @@ from kdcore.compare.results import RunOutcome, summarise
 from kdcore.compare.teacher import describe_models, prepare_teacher_cache, resolve_plan_teacher
 from kdcore.config import RunConfig
 from kdcore.files import atomic_write_json, atomic_write_text
+from kdcore.inputs.models import remote_code_warning
 from kdcore.summary import SUMMARY_FILE, RunSummary
 
 
@@ -188,6 +189,10 @@ class Comparison:
 
     def run(self) -> dict[str, Any]:
         self.started = time.perf_counter()
+        model = RunConfig.model_validate(self.plan.base).model
+        remote = remote_code_warning(model.teacher, model.student, model.trust_remote_code)
+        if remote:
+            self.log(remote)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         console = self.console or Console(stderr=True)
         teacher_dir = resolve_plan_teacher(self.plan, console, self.teacher)

@@ -26,7 +26,7 @@ from kdcore.compare.arms import (
     reference_strategy,
     with_lambda,
 )
-from kdcore.config import RunConfig, deep_merge, format_validation_error, load_file, resolve_tree
+from kdcore.config import MAX_SEED, RunConfig, deep_merge, format_validation_error, load_file, resolve_tree
 from kdcore.errors import KdError
 from kdcore.strategies import KINDS
 
@@ -128,9 +128,17 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
         raise KdError(f"seeds {values} must be integers, e.g. [0, 1, 2]") from None
     if not seeds:
         raise KdError("--seeds is empty; give at least one seed, e.g. 0,1,2")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     if len(set(seeds)) != len(seeds):
         raise KdError(f"--seeds {seeds} repeats a seed")
     return seeds
+
+
+def check_seed(seed: int, option: str) -> None:
+    """A seed every run accepts (training.seed), checked before anything runs."""
+    if not 0 <= seed <= MAX_SEED:
+        raise KdError(f"{option} {seed} is not a seed; use an integer from 0 to {MAX_SEED}")
 
 
 def parse_sweep(value: str | Sequence[float] | None) -> list[float]:
@@ -201,6 +209,7 @@ def build_plan(
         teacher_cache=_teacher_cache_option(option(teacher_cache, "teacher_cache")),
         teacher_cache_k=option(teacher_cache_k, "teacher_cache_k"),
     )
+    check_seed(plan.teacher_seed, "--teacher-seed")
     _check_teacher_cache(plan)
     if plan.matched:
         for arm in plan.reliance_arms():

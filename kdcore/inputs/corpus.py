@@ -85,6 +85,16 @@ def _column_texts(ds: Any, source: str, text_column: str) -> list[str]:
     return texts
 
 
+def _cause(exc: BaseException, kind: type[BaseException]) -> Any:
+    """The first exception of type ``kind`` in ``exc``'s chain (datasets wraps the real one), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _load_files(files: list[Path], source: str, text_column: str) -> list[str]:
     """Documents from local files, in the given order; one ``load_dataset`` call per run of a type."""
     texts: list[str] = []
@@ -101,6 +111,13 @@ def _load_files(files: list[Path], source: str, text_column: str) -> list[str]:
                     if len(data_files) == 1
                     else f"{len(data_files)} {builder} files in '{source}'"
                 )
+                undecodable = _cause(exc, UnicodeDecodeError)
+                if undecodable is not None:
+                    byte = undecodable.object[undecodable.start]
+                    raise KdError(
+                        f"could not read {where}: it is not UTF-8 text (byte 0x{byte:02x} is not valid UTF-8); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT, or pass a text file if it is binary"
+                    ) from None
                 raise KdError(f"could not read {where}: {first}") from None
             texts.extend(_column_texts(ds, source, "text" if builder == "text" else text_column))
     return texts

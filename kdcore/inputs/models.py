@@ -11,6 +11,7 @@ run builds it, since it needs the teacher's weights.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ def parse_spec(source: str) -> ModelSpec | None:
             )
         key, raw = part.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(raw)
+    check_spec_overrides(CONFIG_MAPPING[model_type], overrides, source)
     return ModelSpec(model_type, overrides)
 
 
@@ -78,6 +80,107 @@ def check_sources(teacher: str, student: str) -> None:
         parse_spec(source)
 
 
+def config_keys(config_class: type) -> set[str]:
+    """The keyword names a config class accepts: its fields or ``__init__`` parameters, their aliases
+    (``attribute_map``, e.g. ``hidden_size`` for GPT-2's ``n_embd``) and the common config attributes."""
+    import dataclasses
+    import inspect
+
+    keys = set(getattr(config_class, "attribute_map", None) or {})
+    if dataclasses.is_dataclass(config_class):
+        keys |= {f.name for f in dataclasses.fields(config_class)}
+    keys |= {
+        name
+        for name, param in inspect.signature(config_class.__init__).parameters.items()
+        if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+    }
+    keys |= set(config_class().to_dict())
+    return {key for key in keys if not key.startswith("_")}
+
+
+def check_spec_overrides(config_class: type, overrides: dict[str, Any], source: str) -> None:
+    """Refuse a key the config does not have (it would be stored and ignored) and a value of the wrong
+    type, with one sentence: a spec typo must not silently build another model."""
+    import difflib
+
+    known = config_keys(config_class)
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else f"see the fields of transformers.{config_class.__name__}"
+            )
+            raise KdError(f"model spec '{source}' has an unknown key '{key}'; {hint}")
+    try:
+        config_class(**overrides)
+    except Exception as exc:  # strict config fields raise their own error types (huggingface_hub)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = re.sub(r"^\w+Error: ", "", lines[-1])
+        raise KdError(
+            f"bad value in model spec '{source}': {reason}; e.g. gpt2:n_layer=2,n_embd=64"
+        ) from None
+
+
+def remote_code_warning(teacher: str | None, student: str | None, trust_remote_code: bool) -> str | None:
+    """One line naming the models whose own Python code will run (``model.trust_remote_code``), or None.
+
+    A spec is built by transformers itself; ``teacher`` is None when a teacher cache replaces it.
+    """
+    if not trust_remote_code:
+        return None
+    sources = [s for s in dict.fromkeys((teacher, student)) if s is not None and parse_spec(s) is None]
+    if not sources:
+        return None
+    names = " and ".join(f"'{s}'" for s in sources)
+    return (
+        f"warning: model.trust_remote_code is on: the Python code that comes with {names} will run on "
+        "this machine"
+    )
+
+
+def model_config(source: str, *, trust_remote_code: bool = False) -> Any | None:
+    """The config of a spec, directory, hub id or GGUF file without loading weights; None when it cannot
+    be read (then loading the model says why) and for a cut (the teacher's positions are its own)."""
+    from transformers import AutoConfig
+
+    spec = parse_spec(source)
+    if spec is not None:
+        return AutoConfig.for_model(spec.model_type, **spec.overrides)
+    if parse_cut_spec(source) is not None:
+        return None
+    gguf = parse_gguf_source(source)
+    if gguf is not None:
+        try:
+            return load_gguf_config(gguf)
+        except KdError:
+            return None
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def position_limit(config: Any) -> int | None:
+    """How many positions a model embeds (GPT-2's ``n_positions``, ``max_position_embeddings``), if known."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_seq_len(seq_len: int, config: Any | None, role: str, source: str) -> None:
+    """Refuse samples longer than the model's positions: they fail inside its forward pass."""
+    limit = position_limit(config) if config is not None else None
+    if limit is not None and seq_len > limit:
+        raise KdError(
+            f"data.seq_len {seq_len} is longer than the {limit} positions {role} '{source}' accepts; lower "
+            f"--seq-len to at most {limit}"
+        )
+
+
 def is_local(source: str) -> bool:
     return Path(source).is_dir()
 
@@ -86,6 +189,7 @@ def load_pretrained(
     source: str, *, trust_remote_code: bool = False, echo: Callable[[str], None] | None = None
 ) -> Any:
     """A causal LM from a local directory, the Hugging Face hub or a GGUF file (``echo`` gets its one line)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     gguf = parse_gguf_source(source)
@@ -93,7 +197,7 @@ def load_pretrained(
         source = str(converted_directory(gguf, echo=echo))
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise KdError(_not_found(source, exc)) from None
 
 
@@ -130,8 +234,26 @@ def pretrained_config(source: str, *, trust_remote_code: bool = False) -> Any:
 
 
 def _not_found(source: str, exc: Exception, what: str = "model") -> str:
+    """One sentence for a model, tokenizer or config that did not load, with the fix when it is known."""
+    from safetensors import SafetensorError
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "trust_remote_code" in str(exc):
+        return (
+            f"'{source}' needs its own Python code to load (custom code in its repository); pass "
+            "--trust-remote-code (model.trust_remote_code: true) if you trust that code"
+        )
+    if isinstance(exc, SafetensorError):
+        return (
+            f"the weights of '{source}' are damaged or incomplete ({first}); save or download the model again"
+        )
+    if what == "model" and "no file named" in first:
+        return (
+            f"could not load the model in '{source}': it has no weights ({first.rstrip('.')}); pass a "
+            "directory save_pretrained wrote, weights included"
+        )
     if Path(source).exists() or ("/" in source and source.startswith((".", "/"))):
-        return f"could not load the {what} in '{source}': {str(exc).splitlines()[0]}"
+        return f"could not load the {what} in '{source}': {first}"
     return (
         f"could not load {what} '{source}': not a local directory and not reachable on the Hugging Face hub "
         f"({str(exc).splitlines()[0][:160]}); pass a save_pretrained directory or a spec like gpt2:n_layer=2,n_embd=64"
@@ -153,7 +275,7 @@ def build_from_spec(spec: ModelSpec, tokenizer: Any, seed: int):
     torch.manual_seed(seed)
     try:
         return AutoModelForCausalLM.from_config(config)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise KdError(
             f"cannot build a causal LM from spec '{spec.model_type}': {str(exc).splitlines()[0]}"
         ) from None

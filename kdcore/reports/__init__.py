@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcore.errors import KdError
-from kdcore.files import atomic_write_text
+from kdcore.files import atomic_write_text, check_output_dir
 from kdcore.reports.comparison_page import build_comparison_report, is_comparison_dir
 from kdcore.reports.run_page import build_run_report, is_run_dir
 
@@ -43,6 +43,10 @@ def build_report(directory: Path, output: Path | None = None) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise KdError(f"'{directory}' is not a directory; pass a run directory or a kd compare directory")
+    target = Path(output) if output else directory / REPORT
+    if target.is_dir():
+        raise KdError(f"--output '{target}' is a directory; pass the path of the HTML file to write")
+    check_output_dir(target.parent, "the directory of --output")
     if is_comparison_dir(directory):
         _, text = build_comparison_report(directory)
     elif is_run_dir(directory):
@@ -52,6 +56,5 @@ def build_report(directory: Path, output: Path | None = None) -> Path:
             f"'{directory}' holds neither a run (summary.json, metrics.jsonl, config.yaml) nor a comparison "
             "(comparison.json, runs/<arm>/seed-<s>/); pass the directory kd run or kd compare wrote"
         )
-    target = Path(output) if output else directory / REPORT
     atomic_write_text(target, text)
     return target

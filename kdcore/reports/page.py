@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kdcore import __version__
+from kdcore.errors import KdError
 from kdcore.formats import significant
 
 CSS = """
@@ -95,10 +96,16 @@ def render_png(fig: Any) -> bytes:
 
 
 def read_json(path: Path) -> Any:
+    """The file's JSON, None when it does not exist; a damaged file is an error, not a missing one."""
+    if not path.is_file():
+        return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdError(
+            f"'{path}' is damaged, it is not valid JSON ({exc}); restore it, or remove it to report what "
+            "is left"
+        ) from None
 
 
 def read_yaml(path: Path) -> Any:

@@ -29,7 +29,9 @@ On the fused path no logits tensor exists; instead:
   (both models' logits and log-softmaxes, the divergence's temporary, the logits' gradient).
 
 Weights: the student's parameters cost 16 bytes each in training (fp32 weights, gradients and
-AdamW's two moments), the teacher's 4. Activations other than the logits are not counted.
+AdamW's two moments), the teacher's 4. Activations other than the logits are not counted, so the
+estimate is a lower bound: when it exceeds the memory available now (free GPU memory on a GPU, else
+available RAM) the dry run prints its table and fails, since the run cannot fit.
 
 Nothing is written: no run directory, no teacher cache.
 """
@@ -81,6 +83,13 @@ class DryRunReport:
     loss_path_reason: str = ""
     memory: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    available: tuple[int, str] | None = None  # bytes free now, and where (RAM or a GPU)
+
+    def estimated_bytes(self) -> int:
+        """The logits (or the fused loss), the student's training state and the teacher's weights: what one
+        step needs at least."""
+        parts = ("logits total", "loss total", "student weights + grads + AdamW", "teacher weights")
+        return sum(self.memory.get(part, 0) for part in parts)
 
 
 def logits_memory(
@@ -124,6 +133,33 @@ def fused_memory(
     return memory
 
 
+def available_memory() -> tuple[int, str]:
+    """Bytes a run could use now: free memory of the current GPU, else available RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0]), f"GPU memory ({torch.cuda.get_device_name()})"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "RAM"
+
+
+def check_memory(report: DryRunReport) -> None:
+    """Refuse a run whose estimate (a lower bound) does not fit in the memory available."""
+    if report.available is None:
+        return
+    free, where = report.available
+    need = report.estimated_bytes()
+    total = "logits total" if "logits total" in report.memory else "loss total"
+    loss = "logits" if total == "logits total" else "fused loss"
+    if need > free:
+        raise KdError(
+            f"this run needs at least {human_bytes(need)} (one micro-batch's {loss} "
+            f"{human_bytes(report.memory.get(total, 0))}, plus the weights) but only "
+            f"{human_bytes(free)} of {where} is available; lower --batch-size or --seq-len, or raise --grad-accum for smaller micro-batches"
+        )
+
+
 def meta_model(config: Any, trust_remote_code: bool = False) -> Any | None:
     """The model ``config`` describes, built on the meta device (no memory); None when that fails."""
     import torch
@@ -156,11 +192,11 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     """Check ``cfg`` end to end without training; print a table to ``console`` (when given)."""
     from kdcore.inputs.chat import ChatCorpus
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import check_sources, check_vocab_sizes, quiet_transformers
+    from kdcore.inputs.models import check_sources, check_vocab_sizes, quiet_transformers, remote_code_warning
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
-    from kdcore.training.engine import total_steps
+    from kdcore.training.engine import check_batch_size, total_steps
 
     quiet_transformers()
     built = instantiate_strategies(cfg.strategy)
@@ -170,13 +206,19 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     trackers = resolve_trackers(cfg.output.report_to)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     check_sources(cfg.model.teacher, cfg.model.student)  # a typo fails now, before the data loads
+    model = cfg.model
+    remote = remote_code_warning(
+        None if model.teacher_cache is not None else model.teacher, model.student, model.trust_remote_code
+    )
+    if remote and console is not None:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     notes: list[str] = []
 
     corpus = load_corpus(cfg.data, cfg.training.seed)
     if isinstance(corpus, ChatCorpus):
         notes.append("chat data: one sample per row; CE, KD and perplexity count the assistant tokens only")
     tokenizer, teacher, cache, teacher_config = _check_teacher(cfg, corpus, notes)
-    student = _check_student(cfg.model, tokenizer, teacher_config)
+    student = _check_student(cfg.model, tokenizer, teacher_config, cfg.data.seq_len)
     note = check_vocab_sizes(
         len(tokenizer), teacher.vocab_size, student.vocab_size, cfg.model.teacher, cfg.model.student
     )
@@ -189,7 +231,13 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.training.fused_loss import choose_loss_path
 
     t = cfg.training
-    path, reason = choose_loss_path(t.loss_path, student.meta, teacher.meta, cache is not None)
+    check_batch_size(t.batch_size, len(train))
+    from kdcore.training import parallel
+
+    sharded = parallel.requested() != "ddp" or t.teacher_placement == "sharded"
+    path, reason = choose_loss_path(
+        t.loss_path, student.meta, teacher.meta, cache is not None, sharded=sharded
+    )
     report = DryRunReport(
         strategies=strategies,
         trackers=trackers,
@@ -206,9 +254,11 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
         loss_path_reason=reason,
         memory=_memory(cfg, teacher, student, cache.top_k if cache is not None else None, path),
         notes=notes,
+        available=available_memory(),
     )
     if console is not None:
         print_dry_run(console, cfg, report)
+    check_memory(report)
     return report
 
 
@@ -217,6 +267,7 @@ def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, 
     (None when a cache stands in for the teacher and no student is cut from it); no weights are loaded,
     no teacher is trained and no GGUF file is converted."""
     from kdcore.inputs.cut import parse_cut_spec
+    from kdcore.inputs.models import check_seq_len
     from kdcore.teachers.resolve import locate_teacher
 
     model = cfg.model
@@ -247,6 +298,7 @@ def _check_teacher(cfg: RunConfig, corpus: Any, notes: list[str]) -> tuple[Any, 
         notes.append(f"the teacher is cached in {teacher.directory}")
     elif teacher.kind == "GGUF file":
         notes.append(_gguf_note(model.teacher))
+    check_seq_len(cfg.data.seq_len, config, "teacher", model.teacher)
     return tokenizer, _info(model.teacher, teacher.kind, config, model.trust_remote_code), None, config
 
 
@@ -268,11 +320,11 @@ def _gguf_note(source: str) -> str:
     return f"'{source}' loads from its converted copy in {directory}"
 
 
-def _check_student(model: Any, tokenizer: Any, teacher_config: Any) -> ModelInfo:
+def _check_student(model: Any, tokenizer: Any, teacher_config: Any, seq_len: int) -> ModelInfo:
     """What is known of the student from its config; a pretrained one must share the teacher's tokenizer."""
     from kdcore.inputs.cut import cut_config, parse_cut_spec
     from kdcore.inputs.gguf import parse_gguf_source
-    from kdcore.inputs.models import check_student_tokenizer, parse_spec, pretrained_config
+    from kdcore.inputs.models import check_seq_len, check_student_tokenizer, parse_spec, pretrained_config
 
     trust = model.trust_remote_code
     cut, spec = parse_cut_spec(model.student), parse_spec(model.student)
@@ -289,6 +341,7 @@ def _check_student(model: Any, tokenizer: Any, teacher_config: Any) -> ModelInfo
         else:
             kind = "directory" if _is_dir(model.student) else "hub"
         check_student_tokenizer(tokenizer, model)
+    check_seq_len(seq_len, config, "student", model.student)
     return _info(model.student, kind, config, trust)
 
 
@@ -351,6 +404,8 @@ def print_dry_run(console: Console, cfg: RunConfig, report: DryRunReport) -> Non
         ("loss path", f"{report.loss_path}: {report.loss_path_reason}"),
     ]
     rows += [(f"memory: {name}", human_bytes(size)) for name, size in report.memory.items()]
+    if report.available is not None:
+        rows.append((f"memory: available {report.available[1]}", human_bytes(report.available[0])))
     rows += [("note", note) for note in report.notes]
     for name, value in rows:
         table.add_row(escape(name), escape(value))  # paths and sources may hold [brackets]

@@ -79,7 +79,7 @@ def write_history(path: Path, difficulty: list[dict[str, Any]]) -> None:
 def save_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure as the PNG ``path``, atomically."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def write_plots(run_dir: Path, records: list[dict[str, Any]], difficulty: list[dict[str, Any]]) -> list[Path]:

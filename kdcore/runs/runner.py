@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import math
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,18 +23,21 @@ from accelerate import PartialState
 from rich.console import Console
 
 from kdcore.config import RunConfig
-from kdcore.errors import KdError
-from kdcore.files import atomic_directory, atomic_write_text
+from kdcore.errors import KdError, RunInterrupted
+from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
 from kdcore.inputs.cut import cut_student, parse_cut_spec
 from kdcore.inputs.models import (
     build_from_spec,
+    check_seq_len,
     check_sources,
     check_student_tokenizer,
     check_vocab_sizes,
     load_pretrained,
+    model_config,
     parse_spec,
     quiet_transformers,
+    remote_code_warning,
     vocab_size,
 )
 from kdcore.runs.model_card import check_push, push_to_hub, render_model_card, write_model_card
@@ -41,6 +45,7 @@ from kdcore.runs.outputs import MetricsWriter, print_summary, write_history, wri
 from kdcore.runs.trackers import Tracking, resolve_trackers
 from kdcore.summary import SUMMARY_FILE, RunSummary
 from kdcore.teachers.resolve import resolve_teacher
+from kdcore.training import parallel
 from kdcore.training.checkpoint import (
     Checkpointer,
     check_plugins,
@@ -49,7 +54,6 @@ from kdcore.training.checkpoint import (
     truncate_metrics,
 )
 from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
-from kdcore.training.evaluation import perplexity
 from kdcore.training.progress import TrainingProgress
 
 if TYPE_CHECKING:
@@ -71,11 +75,19 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.strategy.label()}"
 
 
+#: What a run that failed before its first step leaves (it is written just before training starts).
+FAILED_START = {"config.yaml", "strategies.yaml"}
+
+
 def check_run_dir(path: Path) -> Path:
-    """Refuse a directory that holds another run; it is created only once inputs are checked."""
+    """Refuse a directory that holds another run; it is created only once inputs are checked.
+
+    A directory holding only a failed start (:data:`FAILED_START`) is reused: nothing in it is lost.
+    """
+    check_output_dir(path, "--output-dir")
     if (path / SUMMARY_FILE).exists():
         raise KdError(f"'{path}' already holds a finished run; choose another --output-dir")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and not {p.name for p in path.iterdir()} <= FAILED_START:
         raise KdError(f"output directory '{path}' is not empty; choose another --output-dir or remove it")
     return path
 
@@ -88,6 +100,7 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
     from accelerate.utils import broadcast_object_list
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    parallel.check_backend(state.distributed_type)  # an FSDP config on CPU fails before anything is written
     found = None
     if resume:
         run_dir = Path(cfg.output.dir)
@@ -95,7 +108,7 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
         found = find_checkpoint(
             run_dir,
             cfg.to_dict(),
-            state.num_processes,
+            parallel.backend(state.num_processes),
             lambda msg: console.print(f"[yellow]{msg}[/yellow]") if state.is_main_process else None,
         )
         if state.is_main_process:
@@ -152,9 +165,18 @@ def check_vocabularies(
 
 # -- the run ---------------------------------------------------------------------------------------
 def run(
-    cfg: RunConfig, *, console: Console | None = None, show_progress: bool = True, resume: bool = False
+    cfg: RunConfig,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+    exits_after_stop: bool = False,
 ) -> RunResult:
-    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint."""
+    """Run ``cfg``; ``resume``: continue the run in ``cfg.output.dir`` from its newest valid checkpoint.
+
+    ``exits_after_stop``: the caller exits when SIGINT/SIGTERM stop the run (the CLI does), so
+    later signals are ignored during its shutdown.
+    """
     console = console or Console(stderr=True)
     quiet_transformers()
     wall_start = time.perf_counter()
@@ -166,13 +188,6 @@ def run(
     models = load_models(cfg, console)
 
     main = PartialState().is_main_process  # with several processes, only the main one writes files
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
-    teacher_ppl = (
-        models.cache.teacher_eval_ppl if models.cache else perplexity(models.teacher, models.eval_set)
-    )
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     if main and resume:  # back to what metrics.jsonl held at the checkpoint
         metrics.records = truncate_metrics(metrics.path, checkpoint["metrics_bytes"] if checkpoint else 0)
@@ -183,11 +198,29 @@ def run(
         cfg.strategy.label(),
     )
     trainer = make_trainer(cfg, models, strategies, run_dir, metrics, tracking, progress)
-    tracking.start(trainer.accelerator, cfg.to_dict(), teacher_perplexity=teacher_ppl)
+    if main and not resume:  # only now that every check has passed: a failed start writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "strategies.yaml", yaml.safe_dump(strategy_meta, sort_keys=False))
+    teacher_ppl = models.cache.teacher_eval_ppl if models.cache else trainer.evaluate(trainer.teacher)
+    tracking.start(
+        trainer.accelerator,
+        cfg.to_dict(),
+        resume_step=(checkpoint["step"] if checkpoint else 0) if resume else None,
+        teacher_perplexity=teacher_ppl,
+    )
     with progress:
-        result = trainer.fit(resume=checkpoint["path"] if checkpoint else None)
+        try:
+            result = trainer.fit(
+                resume=checkpoint["path"] if checkpoint else None, exits_after_stop=exits_after_stop
+            )
+        except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, but the run can still resume
+            last = trainer.checkpoints.last_step or 0
+            raise RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last) from None
     tracking.finish()
-    if not main:  # the main process writes the student, plots and summary
+    # every process takes part in gathering the student's weights (FSDP); the main one writes outputs
+    student = trainer.full_student() if cfg.output.save_student else None
+    if not main:
         return RunResult(result, run_dir)
     summary = write_outputs(
         cfg,
@@ -198,6 +231,7 @@ def run(
         replace(result, teacher_eval_ppl=teacher_ppl),
         metrics,
         wall_start,
+        student,
     )
     if show_progress:
         print_summary(console, summary)
@@ -216,11 +250,14 @@ def write_outputs(
     summary: RunSummary,
     metrics: MetricsWriter,
     wall_start: float,
+    student: tuple[Any, dict[str, Any]] | None,
 ) -> RunSummary:
-    """The student with its model card, the difficulty history, the plots, and summary.json last."""
-    if cfg.output.save_student:
+    """The student (model and full weights, :meth:`Trainer.full_student`) with its model card, the
+    difficulty history, the plots, and summary.json last."""
+    if student is not None:
+        model, weights = student
         with atomic_directory(run_dir / "student") as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             models.tokenizer.save_pretrained(tmp)
             write_model_card(tmp, render_model_card(cfg.to_dict(), strategy_meta, summary))
     write_history(run_dir / "difficulty.parquet", trainer.history.difficulty)
@@ -277,7 +314,16 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
         check_plugins(Path(cfg.output.dir), lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     strategies, strategy_meta = make_strategies(cfg.strategy)
     check_sources(cfg.model.teacher, cfg.model.student)  # a typo fails now, not after the teacher has trained
+    teacher_model = None if cfg.model.teacher_cache is not None else cfg.model.teacher
+    remote = remote_code_warning(teacher_model, cfg.model.student, cfg.model.trust_remote_code)
+    if remote:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
+    for role, source in (("teacher", teacher_model), ("student", cfg.model.student)):
+        if source is not None:
+            config = model_config(source, trust_remote_code=cfg.model.trust_remote_code)
+            check_seq_len(cfg.data.seq_len, config, role, source)
     resolve_trackers(cfg.output.report_to)  # a tracker that is not installed fails now, too
+    parallel.check_placement(cfg.training.teacher_placement)
     check_push(cfg.output.push_to_hub, cfg.output.save_student)
     return strategies, strategy_meta
 
@@ -332,7 +378,10 @@ def difficulty_spearman(scorer: Any, train: Any) -> float | None:
     known = ~torch.isnan(scores)
     if known.sum() < 3:
         return None
+    scores, levels = scores[known], train.levels[known]
+    if bool((scores == scores[0]).all()) or bool((levels == levels[0]).all()):
+        return None  # a constant has no rank correlation (scipy would warn and return NaN)
     from scipy.stats import spearmanr
 
-    value = spearmanr(scores[known].numpy(), train.levels[known].numpy()).statistic
+    value = spearmanr(scores.numpy(), levels.numpy()).statistic
     return None if math.isnan(value) else float(value)

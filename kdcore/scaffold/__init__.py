@@ -17,7 +17,7 @@ from pathlib import Path
 from string import Template
 
 from kdcore.errors import KdError
-from kdcore.files import atomic_directory
+from kdcore.files import atomic_directory, check_output_dir
 from kdcore.strategies import KINDS
 
 __all__ = ["KIND_CHOICES", "PluginNames", "plugin_names", "write_plugin"]
@@ -93,6 +93,7 @@ def write_plugin(name: str, kind: str = "scorer", output_dir: Path | str = ".") 
     """
     names = plugin_names(name, kind)
     output_dir = Path(output_dir)
+    check_output_dir(output_dir, "--output-dir")
     target = output_dir / names.dist
     if target.exists() or target.is_symlink():
         raise KdError(f"'{target}' already exists; remove it or choose another --output-dir")

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from kdcore.errors import KdError
-from kdcore.files import file_sha256
+from kdcore.files import check_output_dir, file_sha256
 from kdcore.teachers.resolve import locate_teacher, resolve_teacher
 from kdcore.training.losses import TopKTeacher
 
@@ -266,15 +266,27 @@ def build_cache(
     from rich.console import Console
 
     from kdcore.inputs.corpus import load_corpus
-    from kdcore.inputs.models import load_pretrained, quiet_transformers
+    from kdcore.inputs.models import (
+        check_seq_len,
+        load_pretrained,
+        model_config,
+        quiet_transformers,
+        remote_code_warning,
+    )
 
     console = console or Console(stderr=True)
+    remote = remote_code_warning(cfg.model.teacher, None, cfg.model.trust_remote_code)
+    if remote:
+        console.print(remote, style="yellow", highlight=False, markup=False, soft_wrap=True)
     output = Path(output)
+    check_output_dir(output, "--output")
     if (output / MANIFEST).exists():
         raise KdError(f"'{output}' already holds a teacher cache; choose another --output or remove it")
     if output.exists() and any(output.iterdir()):
         raise KdError(f"output directory '{output}' is not empty; choose another --output or remove it")
     quiet_transformers()
+    teacher_config = model_config(cfg.model.teacher, trust_remote_code=cfg.model.trust_remote_code)
+    check_seq_len(cfg.data.seq_len, teacher_config, "teacher", cfg.model.teacher)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.training.seed)
@@ -433,10 +445,11 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     assert cfg.model.teacher_cache is not None
     cache = TeacherCache.open(cfg.model.teacher_cache)
     seq_len = cfg.data.seq_len
+    # a cache made for another teacher is refused first, naming it (the usual slip: no --teacher)
+    teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training, cache_manifest=cache.manifest)
     # Most specific first: a from-scratch teacher's identity includes its data and seq_len.
     cache.check("seq_len", "seq_len", seq_len)
     cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
-    teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training)
     cache.check(
         "teacher (a from-scratch spec includes its training steps, seed, batch size and lr)",
         "teacher_id",

@@ -3,7 +3,9 @@
 A teacher is a hub id, a local ``save_pretrained`` directory or a GGUF file (converted once into a
 cached directory, see :mod:`kdcore.inputs.gguf`), which brings its own tokenizer, or a from-scratch spec (``gpt2:n_layer=4,n_embd=128``) that is trained once on the run's data and cached
 in ``<cache root>/teachers/<key>``. The key covers the spec, the tokenizer, the data, the sequence
-length and the training settings, so a teacher trained another way gets another directory.
+length and the training settings, so a teacher trained another way gets another directory. Two
+processes that need the same new teacher at once train it once: the second waits on a file lock
+beside the directory (:func:`teacher_lock`), then reuses it.
 
 :func:`locate_teacher` makes the decision without loading or training anything (``kd run
 --dry-run`` and ``kd run --teacher-cache`` stop there); :func:`resolve_teacher` then trains a spec
@@ -13,9 +15,11 @@ teacher (or converts a GGUF file) the first time and returns what ``from_pretrai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,9 +101,18 @@ class TeacherSource:
 
 
 def locate_teacher(
-    model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig
+    model: ModelConfig,
+    corpus: Corpus,
+    seq_len: int,
+    training: TrainingConfig,
+    cache_manifest: Mapping[str, Any] | None = None,
 ) -> TeacherSource:
-    """The teacher ``model`` names, for this data and training config; loads and trains nothing."""
+    """The teacher ``model`` names, for this data and training config; loads and trains nothing.
+
+    ``cache_manifest``: the manifest of the ``--teacher-cache`` the run trains from. A cache made for a
+    teacher of another name is refused here, saying which ``--teacher`` to pass; the usual slip is
+    ``--teacher-cache`` alone, which leaves the run with the default teacher.
+    """
     check_sources(model.teacher, model.student)
     spec = parse_spec(model.teacher)
     if spec is None and model.tokenizer:
@@ -107,7 +120,18 @@ def locate_teacher(
             f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
         )
     directory = None if spec is None else spec_teacher_dir(model, corpus, seq_len, training)
-    return TeacherSource(model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code)
+    teacher = TeacherSource(
+        model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code
+    )
+    manifest = cache_manifest or {}
+    cached = manifest.get("teacher")
+    if cached not in (None, model.teacher) and manifest.get("teacher_id") != teacher.identity:
+        raise KdError(
+            f"teacher cache '{model.teacher_cache}' holds teacher '{cached}' but this run's teacher is "
+            f"'{model.teacher}'; pass --teacher {cached} with --teacher-cache (and the options the cache "
+            f"was made with), or rebuild the cache with kd cache-teacher --teacher {model.teacher}"
+        )
+    return teacher
 
 
 def resolve_teacher(
@@ -122,9 +146,25 @@ def resolve_teacher(
         return directory, load_tokenizer(directory)
     if teacher.spec is None:
         return teacher.source, teacher.tokenizer(corpus)
-    if teacher.trained:
-        console.print(f"[dim]Using the cached teacher in {teacher.directory}[/dim]")
-        return teacher.source, teacher.tokenizer(corpus)
+    if not teacher.trained:
+        assert teacher.directory is not None
+        with teacher_lock(teacher.directory, console):
+            if not teacher.trained:  # another process may have trained it meanwhile
+                _train_spec_teacher(teacher, model, corpus, seq_len, training, console)
+                return teacher.source, load_tokenizer(teacher.source)
+    console.print(f"[dim]Using the cached teacher in {teacher.directory}[/dim]")
+    return teacher.source, teacher.tokenizer(corpus)
+
+
+def _train_spec_teacher(
+    teacher: TeacherSource,
+    model: ModelConfig,
+    corpus: Corpus,
+    seq_len: int,
+    training: TrainingConfig,
+    console: Console,
+) -> None:
+    """Train the spec teacher once into its cache directory (plain CE, ``model.teacher_steps`` steps)."""
     console.print(
         f"Training the teacher [bold]{model.teacher}[/bold] once ({model.teacher_steps} steps); "
         f"it is cached in {teacher.directory}"
@@ -141,4 +181,32 @@ def resolve_teacher(
         teacher.directory,
         console,
     )
-    return teacher.source, load_tokenizer(teacher.source)
+
+
+@contextlib.contextmanager
+def teacher_lock(directory: Path, console: Console) -> Iterator[None]:
+    """While held, no other process trains the teacher cached in ``directory``: the second waits, then reuses it.
+
+    The processes of one launch (accelerate launch) train it together: the main process takes the lock
+    and the others wait for it at a barrier.
+    """
+    from accelerate import PartialState
+    from filelock import FileLock, Timeout
+
+    state = PartialState()
+    lock = FileLock(f"{directory}.lock")
+    if state.is_main_process:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            console.print(
+                f"[dim]Waiting for another kd process that is training this teacher ({lock.lock_file})[/dim]"
+            )
+            lock.acquire()
+    try:
+        state.wait_for_everyone()
+        yield
+    finally:
+        if state.is_main_process:
+            lock.release()

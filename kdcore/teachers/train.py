@@ -11,7 +11,15 @@ from kdcore.config import StrategyConfig
 from kdcore.errors import KdError
 from kdcore.files import atomic_directory, atomic_write_json
 from kdcore.inputs.cut import parse_cut_spec
-from kdcore.inputs.models import build_from_spec, load_pretrained, load_tokenizer, parse_spec
+from kdcore.inputs.models import (
+    build_from_spec,
+    check_seq_len,
+    load_pretrained,
+    load_tokenizer,
+    model_config,
+    parse_spec,
+    quiet_transformers,
+)
 from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.summary import RunSummary
 from kdcore.training.engine import Trainer, make_strategies, total_steps
@@ -46,9 +54,10 @@ def train_causal_lm(
     trainer = Trainer(model, None, train, eval_set, strategies, training, 1.0, on_progress=progress.update)
     with progress:
         result = trainer.fit()
+    trained, weights = trainer.full_student()  # every process takes part (FSDP gathers the weights)
     if trainer.accelerator.is_main_process:  # several processes train it together; one writes it
         with atomic_directory(out_dir) as tmp:
-            trainer.unwrapped_student().save_pretrained(tmp)
+            trained.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(
                 tmp / "kdcore_teacher.json",
@@ -70,6 +79,8 @@ def train_teacher(
             f"'{source}' describes a student cut from a teacher, which kd run builds (--student); pass "
             "--model a spec, a directory, a hub id or a GGUF file"
         )
+    quiet_transformers()  # kd's own progress bar is the only one: no "Writing model shards" from save_pretrained
+    check_seq_len(cfg.data.seq_len, model_config(source), "model", source)
     corpus = load_corpus(cfg.data, cfg.training.seed)
     if parse_spec(source) is not None:
         tok = build_tokenizer(tokenizer or "byte", corpus.train_texts)

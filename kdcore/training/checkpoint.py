@@ -4,28 +4,39 @@ A checkpoint is written every ``training.checkpoint_every`` steps (and when SIGI
 run) into ``checkpoints/.step-N.tmp/`` and renamed to ``step-N/`` only when complete, so a killed
 process never leaves a checkpoint that looks whole. It holds:
 
-- what ``accelerator.save_state`` writes: the student (``model.safetensors``), the optimizer, the
-  LR scheduler, the gradient scaler (fp16) and one RNG file per process (``random_states_R.pkl``:
-  python, numpy and torch generators, so dropout continues with the same masks);
+- what ``accelerator.save_state`` writes: the student (``model.safetensors``; under FSDP a sharded
+  ``pytorch_model_fsdp_0/`` directory), the optimizer, the LR scheduler, the gradient scaler (fp16) and
+  one RNG file per process (``random_states_R.pkl``: python, numpy and torch generators, so dropout
+  continues with the same masks);
 - ``trainer_state.pt``: the step, the curriculum sampler, every strategy's ``state_dict()``
   (scorer scores, pacing, reliance, divergence), the :class:`~kdcore.training.engine.History` (difficulty
   snapshots, λ sums, eval curve, token and time counters, the partly filled log window);
-- ``checkpoint.json``, written last: the step, the number of processes, the resolved run config and
-  its fingerprint, the size of ``metrics.jsonl`` at that step, and the size and SHA-256 of every
-  other file, so a damaged checkpoint (a file missing, truncated or altered) is recognised.
+- ``checkpoint.json``, written last: the step, the number of processes, the backend (DDP, FSDP and its
+  state format, DeepSpeed), the student's dropout, the resolved run config and its fingerprint, the size
+  of ``metrics.jsonl`` at that step, and the size and SHA-256 of every other file (subdirectories
+  included), so a damaged checkpoint (a file missing, truncated or altered) is recognised.
 
 The newest ``output.keep_checkpoints`` are kept. ``kd run --resume DIR`` takes the newest checkpoint
 that passes these checks (a damaged one is reported and skipped), refuses one written with another
-config (naming the first field that differs) or another number of processes, truncates
-``metrics.jsonl`` to the checkpoint and continues; the result is bit-for-bit the uninterrupted run's.
+config (naming the first field that differs) or another backend, truncates ``metrics.jsonl`` to the
+checkpoint and continues; the result is bit-for-bit the uninterrupted run's. Another number of processes
+is accepted without dropout (equal up to float rounding) and refused with it (:func:`check_layout`).
 
-``trainer_state.pt`` and accelerate's RNG files are pickles (as accelerate's own checkpoints are):
-resume only run directories you trust.
+Nothing in a checkpoint runs code when it is loaded: ``trainer_state.pt`` and accelerate's
+``optimizer.bin``, ``scheduler.bin``, ``scaler.pt`` and ``random_states_R.pkl`` are pickles, and every
+one of them goes through torch's weights-only unpickler (tensors, plain Python values and numpy
+arrays; :func:`safe_load`) before anything is restored. A pickle that asks for anything else, such as
+a crafted ``__reduce__``, makes the checkpoint damaged; the SHA-256 in ``checkpoint.json`` cannot
+vouch for it, since whoever edits a file can edit its hash. FSDP's sharded state holds tensors, which
+torch reads with that unpickler, and a ``.metadata`` index, which it reads with plain pickle: kdcore
+first unpickles it allowing only the index's own classes (:func:`check_sharded_index`). DeepSpeed
+loads its checkpoint files with plain pickle too: kdcore does not resume them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,12 +46,12 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
 from kdcore.errors import KdError, PluginError
-from kdcore.files import file_sha256
+from kdcore.files import default_permissions, file_sha256
 from kdcore.summary import SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -51,11 +62,17 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
-FORMAT = 1
+FORMAT = 2  # 2: the backend and the student's dropout recorded, files in subdirectories (FSDP) hashed
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: Config fields that do not change what a run computes; a checkpoint may differ from the run in them.
-NEUTRAL_FIELDS = ("output.", "training.checkpoint_every", "training.on_nonfinite")
+#: (A sharded teacher gathers the same weights it would hold replicated: its logits are identical.)
+NEUTRAL_FIELDS = (
+    "output.",
+    "training.checkpoint_every",
+    "training.on_nonfinite",
+    "training.teacher_placement",
+)
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -168,16 +185,81 @@ def verify(path: Path) -> dict[str, Any]:
             )
         if file_sha256(file) != info["sha256"]:
             raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} does not match its checksum")
+    if meta.get("backend", {}).get("type") == "deepspeed":
+        raise KdError(
+            f"checkpoint {path} was written under DeepSpeed, which loads its files with a pickle that can "
+            "run code, so kdcore does not resume it; start a new run (its files stay in the checkpoint)"
+        )
+    # Every pickle accelerate.load_state or read_state will open, listed in checkpoint.json or not.
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != META):
+        if file.suffix != ".safetensors":
+            safe_load(file, path, mmap=True)  # mmap: the pickle is checked, the tensors are not read
+    # FSDP's sharded state: torch reads the tensors with its weights-only unpickler, the index with pickle
+    for file in sorted(path.glob("*/.metadata")):
+        check_sharded_index(file, path)
     return meta
 
 
+def processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def check_layout(
+    path: Path, meta: Mapping[str, Any], layout: Mapping[str, Any], warn: Callable[[str], None]
+) -> None:
+    """A KdError when checkpoint ``path`` cannot continue under ``layout`` (this run's backend and
+    process count, :func:`kdcore.training.parallel.backend`); a note through ``warn`` when it can,
+    but only up to float rounding.
+
+    Another process count is fine for DDP and FSDP without dropout: the weights and optimizer are
+    saved whole (DDP) or resharded on load (FSDP's distributed checkpoint), and batches, curriculum
+    and λ do not depend on it. Dropout masks are drawn per process, so they cannot be continued.
+    """
+    from kdcore.training.parallel import describe
+
+    run_dir = path.parent.parent
+    saved_backend = {"type": "ddp", **meta.get("backend", {})}  # format 1: DDP or one process
+    saved_world, world = int(meta.get("world_size", 1)), int(layout["world_size"])
+    ours = {k: v for k, v in layout.items() if k != "world_size"}
+    if saved_backend != ours:
+        how = (
+            f"without the accelerate config (torchrun --nproc_per_node N -m kdcore run --resume {run_dir})"
+            if saved_backend["type"] == "ddp"
+            else "with the accelerate config it was written with (accelerate launch --config_file CONFIG "
+            f"-m kdcore run --resume {run_dir})"
+        )
+        raise KdError(
+            f"checkpoint {path} was written under {describe(saved_backend)} and this run uses "
+            f"{describe(ours)}, whose checkpoint files differ; resume it {how}"
+        )
+    if saved_world == world:
+        return
+    same = (
+        f"resume with {processes(saved_world)} (accelerate launch --num_processes {saved_world} -m kdcore "
+        f"run --resume {run_dir})"
+    )
+    written = f"checkpoint {path} was written by {processes(saved_world)} and this run has {world}"
+    if "dropout" not in meta:
+        raise KdError(f"{written}, and it does not record whether the student uses dropout; {same}")
+    if meta["dropout"]:
+        raise KdError(
+            f"{written}; the student uses dropout ({meta['dropout']}), whose masks are drawn per process, "
+            f"so the continued run could not match an uninterrupted one; {same}"
+        )
+    warn(
+        f"{written}: continuing, with a result equal to the uninterrupted run's up to float rounding "
+        "(not bit for bit)"
+    )
+
+
 def find_checkpoint(
-    run_dir: Path, config: Mapping[str, Any], num_processes: int, warn: Callable[[str], None]
+    run_dir: Path, config: Mapping[str, Any], layout: Mapping[str, Any], warn: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest valid checkpoint of ``run_dir`` for this config, or None when there is none at all.
 
     A damaged checkpoint is reported through ``warn`` and the previous one tried; a checkpoint
-    written with another config or another number of processes is refused with a :class:`KdError`.
+    written with another config, or that this backend and process count cannot continue
+    (:func:`check_layout`), is refused with a :class:`KdError`.
     """
     candidates = step_dirs(run_dir / CHECKPOINTS)
     problems = []
@@ -194,12 +276,7 @@ def find_checkpoint(
                 f"checkpoint {path} was written with {difference}; resume with the config it was "
                 f"written with ({run_dir / 'config.yaml'}), or start a new run"
             )
-        if int(meta.get("world_size", 1)) != num_processes:
-            raise KdError(
-                f"checkpoint {path} was written by {meta['world_size']} processes and this run has "
-                f"{num_processes}; resume with the same number (e.g. accelerate launch --num_processes "
-                f"{meta['world_size']} -m kdcore run --resume {run_dir})"
-            )
+        check_layout(path, meta, layout, warn)
         return path, meta
     if problems:
         raise KdError(
@@ -272,8 +349,13 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0 and step != self.last_step
 
-    def save(self, accelerator: Accelerator, state: Mapping[str, Any], step: int) -> Path:
-        """Write checkpoint ``step-<step>`` atomically; collective over all processes."""
+    def save(
+        self, accelerator: Accelerator, state: Mapping[str, Any], step: int, layout: Mapping[str, Any]
+    ) -> Path:
+        """Write checkpoint ``step-<step>`` atomically; collective over all processes.
+
+        ``layout``: the backend, process count and the student's dropout (compared on resume).
+        """
         import torch
 
         final, tmp = self.root / f"step-{step}", self.root / f".step-{step}.tmp"
@@ -290,15 +372,21 @@ class Checkpointer:
             noisy.setLevel(level)
         accelerator.wait_for_everyone()
         if main:
-            torch.save(dict(state), tmp / TRAINER_STATE)
-            files = {}
-            for file in sorted(p for p in tmp.iterdir() if p.is_file()):
+            buffer = io.BytesIO()
+            torch.save(dict(state), buffer)
+            check_storable(state, buffer.getvalue())
+            (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
+            files = {}  # FSDP's sharded state is a directory per model and optimizer
+            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 _fsync(file)
-                files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+                name = file.relative_to(tmp).as_posix()
+                files[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
             meta = {
                 "format": FORMAT,
                 "step": step,
-                "world_size": accelerator.num_processes,
+                "world_size": layout["world_size"],
+                "backend": {k: v for k, v in layout.items() if k not in ("world_size", "dropout")},
+                "dropout": layout["dropout"],
                 "config_fingerprint": fingerprint(self.config),
                 "metrics_bytes": self.metrics_path.stat().st_size
                 if self.metrics_path and self.metrics_path.exists()
@@ -308,6 +396,7 @@ class Checkpointer:
             }
             (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
             _fsync(tmp / META)
+            default_permissions(tmp)  # accelerate's safetensors file is 0600 otherwise
             if final.exists():  # e.g. a damaged step-N left by an earlier attempt
                 old = self.root / f".step-{step}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -333,24 +422,135 @@ class Checkpointer:
                 shutil.rmtree(newer, ignore_errors=True)
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` of a verified checkpoint."""
+def _allowed_globals() -> list[Any]:
+    """What the weights-only unpickler may build besides tensors and plain values: numpy arrays (the
+    numpy generator state in accelerate's RNG files; accelerate loads them with the same list)."""
+    import codecs
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    if hasattr(np, "dtypes"):
+        allowed.append(np.dtypes.UInt32DType)
+    return allowed
+
+
+def safe_load(file: Path | IO[bytes], checkpoint: Path | None = None, *, mmap: bool = False) -> Any:
+    """``torch.load`` through torch's weights-only unpickler, or :class:`CheckpointDamaged`.
+
+    A pickle can name any function to call while it loads; this one builds only tensors, plain Python
+    values and numpy arrays, and refuses a file that asks for anything else without running it.
+    """
+    import pickle
+
     import torch
 
-    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    name = getattr(file, "name", "the state")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"calls {found.group(1)}" if found else "holds more than tensors and plain values"
+        problem = f"{name} {what} when loaded, which no checkpoint does, so it was not loaded"
+    except Exception as exc:
+        problem = f"{name} cannot be read ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})"
+    raise CheckpointDamaged(f"checkpoint {checkpoint} is damaged: {problem}" if checkpoint else problem)
+
+
+#: What torch's distributed checkpoint (FSDP's sharded state) pickles into its ``.metadata`` index.
+_INDEX_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+def check_sharded_index(file: Path, checkpoint: Path) -> None:
+    """:class:`CheckpointDamaged` unless ``file`` (a distributed checkpoint's ``.metadata``, which torch
+    loads with plain pickle) names only the index's own classes, torch dtypes and sizes."""
+    import pickle
+
+    import torch
+
+    class IndexUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            known = name in _INDEX_GLOBALS.get(module, ()) or (
+                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
+            )
+            if not known:
+                raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+            return super().find_class(module, name)
+
+    name = file.relative_to(checkpoint).as_posix()
+    try:
+        with file.open("rb") as handle:
+            IndexUnpickler(handle).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointDamaged(
+            f"checkpoint {checkpoint} is damaged: {name} calls {str(exc).removeprefix('GLOBAL ')} when "
+            "loaded, which no checkpoint does, so it was not loaded"
+        ) from None
+    except Exception as exc:
+        raise CheckpointDamaged(
+            f"checkpoint {checkpoint} is damaged: {name} cannot be read ({exc})"
+        ) from None
+
+
+def check_storable(state: Mapping[str, Any], data: bytes) -> None:
+    """``data`` (``state`` saved by torch) loads back through :func:`safe_load`, or a KdError naming the
+    strategy whose ``state_dict()`` holds something else."""
+    import torch
+
+    try:
+        safe_load(io.BytesIO(data))
+        return
+    except CheckpointDamaged as exc:
+        problem = str(exc)
+    for kind, part in state.get("strategies", {}).items():
+        buffer = io.BytesIO()
+        torch.save(part, buffer)
+        try:
+            safe_load(io.BytesIO(buffer.getvalue()))
+        except CheckpointDamaged as exc:
+            problem = f"the {kind}'s state_dict(): {exc}"
+            break
+    raise KdError(
+        f"cannot write a checkpoint that loads safely ({problem}); a strategy's state_dict() must hold only "
+        "tensors, numpy arrays and plain Python values (docs/plugins.md)"
+    )
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a verified checkpoint, through the weights-only unpickler."""
+    return safe_load(path / TRAINER_STATE, path)
 
 
 # -- graceful stop ----------------------------------------------------------------------------------------
 class GracefulStop:
     """While active, SIGINT and SIGTERM only set a flag: the loop finishes its step, checkpoints, stops.
 
-    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once. ``hold_after_stop``: a process
+    that exits after the stop (``kd run``) ignores later signals instead of restoring the previous
+    handlers, so a late Ctrl-C cannot interrupt its shutdown (it arrives after the loop has ended).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, hold_after_stop: bool = False) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.hold_after_stop = hold_after_stop
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -366,8 +566,9 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        hold = self.hold_after_stop and self.signum is not None
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if hold else handler)
         self._previous.clear()
 
     def requested(self, accelerator: Accelerator) -> int | None:

@@ -40,6 +40,7 @@ from kdcore.strategies import (
     Strategy,
 )
 from kdcore.summary import RunSummary
+from kdcore.training import parallel
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
@@ -119,6 +120,15 @@ def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
+def check_batch_size(batch_size: int, num_samples: int) -> None:
+    """A batch draws distinct samples: it cannot be larger than the training set."""
+    if batch_size > num_samples:
+        raise KdError(
+            f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
+            f"--batch-size to at most {num_samples}, or train on more data"
+        )
+
+
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -188,8 +198,10 @@ class Trainer:
         self.run_dir = run_dir
         self.on_log = on_log or (lambda record: None)
         self.on_progress = on_progress or (lambda step, metrics: None)
+        check_batch_size(training.batch_size, len(train))
         self.total_steps = total_steps(training, len(train))
         self.accelerator = make_accelerator(training, log_with, project_dir)
+        parallel.check_backend(self.accelerator.distributed_type)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if training.batch_size % (training.grad_accum * self.world):
@@ -198,6 +210,10 @@ class Trainer:
                 f"= {training.grad_accum} × {self.world}: each process trains on an equal share of every "
                 "micro-batch"
             )
+        #: what a checkpoint records about how it was written (compared on resume)
+        self.layout = {**parallel.backend(self.world), "dropout": parallel.dropout_in(student)}
+        if self.layout["type"] == "deepspeed":
+            parallel.configure_deepspeed(self.accelerator, training, self.world)
         if not self.accelerator.is_main_process:  # only the main process writes metrics and files
             self.on_log, self.run_dir = (lambda record: None), None
         self.history = History()
@@ -205,10 +221,14 @@ class Trainer:
         self._window_start = 0.0  # perf_counter() at the start of the current log window (set by fit)
         optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.loss_path, self.loss_path_reason = choose_loss_path(
-            training.loss_path, student, teacher, teacher_cache is not None
+            training.loss_path,
+            student,
+            teacher,
+            teacher_cache is not None,
+            sharded=parallel.requested() != "ddp" or training.teacher_placement == "sharded",
         )
+        self.teacher = self.place_teacher(teacher) if teacher is not None else None
         self.sampler = CurriculumSampler(
             len(train),
             training.batch_size,
@@ -229,12 +249,14 @@ class Trainer:
             if self.teacher is None:
                 raise RuntimeError("this scorer needs a teacher, and the run has none")
             if self._teacher_stats is None:
-                self._teacher_stats = sample_stats(self.teacher, self.train)
+                self._teacher_stats = self.sample_stats(self.teacher, self.train)
             return self._teacher_stats
 
         def student_stats() -> dict[str, torch.Tensor]:
             if self._student_stats is None:
-                self._student_stats = sample_stats(self.accelerator.unwrap_model(self.student), self.train)
+                self._student_stats = self.sample_stats(
+                    self.accelerator.unwrap_model(self.student), self.train
+                )
             return self._student_stats
 
         return ScorerContext(
@@ -279,16 +301,21 @@ class Trainer:
         finite = torch.isfinite(torch.cat(losses))
         if not finite.all():
             return self.nonfinite(step, batch_ids[~finite], "loss")
-        if self.cfg.max_grad_norm:
-            norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm)
-            fp16 = self.cfg.mixed_precision == "fp16"  # with fp16, inf gradients are the scaler's job
-            if norm is not None and not fp16 and not torch.isfinite(norm):
-                return self.nonfinite(step, batch_ids, "gradient")
+        # The norm before clipping (no limit: only measured), the same on every process; a wrong loss
+        # scale shows here at once while Adam and clipping hide it in the weights.
+        norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.max_grad_norm or math.inf)
+        norm = None if norm is None else float(norm)  # a tensor, or DeepSpeed's float
+        fp16 = self.cfg.mixed_precision == "fp16"  # with fp16, inf gradients are the scaler's job
+        if norm is not None and not fp16 and not math.isfinite(norm):
+            return self.nonfinite(step, batch_ids, "gradient")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         n = len(batch_ids)
-        return {k: (v if k == "tokens" else v / n) for k, v in totals.items()}
+        metrics = {k: (v if k == "tokens" else v / n) for k, v in totals.items()}
+        if norm is not None:
+            metrics["grad_norm"] = norm
+        return metrics
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients at every backward; only the last micro-batch's is needed."""
@@ -339,7 +366,7 @@ class Trainer:
         divergence = self.strategies.divergence
         if self.loss_path == "fused":
             hidden = final_hidden_states(self.student, input_ids, mask)
-            weight, bias = linear_head(self.unwrapped_student())
+            weight, bias = linear_head(self.accelerator.unwrap_model(self.student))
             teacher = self.teacher_hidden(input_ids, mask) if with_teacher else {}
             return fused_sample_terms(
                 hidden,
@@ -372,8 +399,11 @@ class Trainer:
         return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: Path | None = None) -> RunSummary:
+    def fit(self, resume: Path | None = None, *, exits_after_stop: bool = False) -> RunSummary:
         """Train to ``total_steps``; ``resume``: a checkpoint directory to continue from.
+
+        ``exits_after_stop``: the process ends when a signal stops the run, so later signals are
+        ignored rather than allowed to interrupt its shutdown (see :class:`GracefulStop`).
 
         Returns the training numbers of the run's summary (the run adds the teacher, timing and names).
         """
@@ -389,7 +419,7 @@ class Trainer:
         eval_every = self.cfg.eval_every or max(1, self.total_steps // 4)
         self.student.train()
         self._window_start = time.perf_counter() - self.history.window_seconds
-        with GracefulStop(enabled=self.checkpoints is not None) as stop:
+        with GracefulStop(self.checkpoints is not None, hold_after_stop=exits_after_stop) as stop:
             for step in range(self.step, self.total_steps):
                 if self.sampler.needs_refresh(step):
                     self.refresh(step)
@@ -465,7 +495,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.history.window_seconds = time.perf_counter() - self._window_start
-        return self.checkpoints.save(self.accelerator, self.state_dict(), self.step)
+        return self.checkpoints.save(self.accelerator, self.state_dict(), self.step, self.layout)
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's state; weights, optimizer, scheduler and RNG are accelerate's ``save_state``."""
@@ -497,14 +527,45 @@ class Trainer:
             }
         )
 
-    def evaluate(self) -> float:
-        model = self.accelerator.unwrap_model(self.student)
+    # -- passes over a whole dataset, shared by the processes ---------------------------------------
+    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+        """Eval perplexity of ``model`` (default the student); every process scores its even share."""
+        model = model if model is not None else self.accelerator.unwrap_model(self.student)
         if self.world == 1:
             return perplexity(model, self.eval_set)
-        # each process scores every world-th eval sample; the sums meet in one all-reduce
-        total, count = nll_totals(model, self.eval_set.subset(slice(self.rank, None, self.world)))
+        # the same number of forwards on every process (FSDP gathers parameters in each); one all-reduce
+        total, count = nll_totals(model, parallel.even_shard(self.eval_set, self.rank, self.world))
         sums = self.accelerator.reduce(torch.stack([total, count]).to(self.device), "sum").cpu()
         return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
 
-    def unwrapped_student(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.student)
+    def sample_stats(self, model: torch.nn.Module, data: PackedDataset) -> dict[str, torch.Tensor]:
+        """Per-sample statistics of ``data`` (a scorer's pre-pass), each process scoring its even share."""
+        if self.world == 1:
+            return sample_stats(model, data)
+        local = sample_stats(model, parallel.even_shard(data, self.rank, self.world))
+        stacked = torch.stack(list(local.values()), dim=1).to(self.device)
+        rows = parallel.in_sample_order(self.accelerator.gather(stacked).cpu(), self.world, len(data))
+        return {key: rows[:, j].contiguous() for j, key in enumerate(local)}
+
+    # -- the teacher and the saved student --------------------------------------------------------
+    def place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """The teacher on every process (``replicated``) or split over them with FSDP2 (``sharded``)."""
+        if self.cfg.teacher_placement == "replicated":
+            return teacher.to(self.device).eval().requires_grad_(False)
+        parallel.check_placement(self.cfg.teacher_placement)
+        plugin = self.accelerator.state.fsdp_plugin
+        return parallel.shard_for_inference(teacher, set(plugin.transformer_cls_names_to_wrap or ()))
+
+    def full_student(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """The student's model object and its full weights; every process must call it (FSDP gathers).
+
+        The weights are complete on the main process (other processes may get nothing); save with
+        ``model.save_pretrained(dir, state_dict=weights)``: under FSDP the model itself holds shards.
+        """
+        weights = self.accelerator.get_state_dict(self.student) or {}  # DeepSpeed: None off the main process
+        model = self.accelerator.unwrap_model(self.student)
+        # A tied parameter (the LM head sharing the embedding) is saved once, as from an unsharded
+        # model; gathered weights are separate copies, which save_pretrained would write twice.
+        unique = {name for name, _ in model.named_parameters()}
+        aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+        return model, {name: value for name, value in weights.items() if name not in aliases}

@@ -332,11 +332,21 @@ def fused_sample_terms(
     return SampleTerms(ce=ce, kd=kd, confidence=confidence, tokens=tokens)
 
 
+def _sharded(weight: torch.Tensor) -> bool:
+    """An FSDP2 shard (a DTensor) or a DeepSpeed ZeRO-3 partition (``ds_id``), not the whole weight."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support shards nothing
+        return hasattr(weight, "ds_id")
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
+
+
 def linear_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight, bias)`` when ``model``'s logits are exactly its output layer applied to the final hidden
-    states, else None (soft-capped or scaled logits, a non-linear head): then use the logits path."""
+    states, else None (soft-capped or scaled logits, a non-linear head, or a head sharded over processes
+    by FSDP or DeepSpeed, whose weight only the model's own forward gathers): then use the logits path."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
+    if not isinstance(head, torch.nn.Linear) or _sharded(head.weight):
         return None
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -367,18 +377,23 @@ def fusable(model: Any) -> bool:
     return takes_keep and linear_head(model) is not None
 
 
-def choose_loss_path(setting: str, student: Any, teacher: Any | None, cached: bool) -> tuple[str, str]:
+def choose_loss_path(
+    setting: str, student: Any, teacher: Any | None, cached: bool, *, sharded: bool = False
+) -> tuple[str, str]:
     """``("fused" | "logits", why)`` for a run, decided once from ``training.loss_path`` (``setting``).
 
     ``auto`` is fused when the student's and the live teacher's logits are a plain linear head over
-    their final hidden states; a teacher cache holds top-K log-probabilities, not hidden states, so it
-    takes the logits path. ``fused`` where that cannot work is refused with one sentence.
+    their final hidden states; a teacher cache holds top-K log-probabilities, not hidden states, and a
+    ``sharded`` run (FSDP, DeepSpeed, or a sharded teacher) splits the heads over the processes, so both
+    take the logits path. ``fused`` where that cannot work is refused with one sentence.
     """
     if setting == "logits":
         return "logits", "training.loss_path is logits"
     problem = None
     if cached:
         problem = "a teacher cache holds the teacher's top-K log-probabilities, not its hidden states"
+    elif sharded:
+        problem = "the run shards its models over the processes (FSDP or DeepSpeed), so a head is split"
     elif not fusable(student):
         problem = "the student's logits are not a plain linear head over its final hidden states"
     elif teacher is not None and not fusable(teacher):
