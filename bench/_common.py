@@ -92,8 +92,10 @@ def trainer(
     steps: int = 1000,
     reliance_params: dict | None = None,
     source: dict | None = None,
+    student_model: torch.nn.Module | None = None,
 ):
-    """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped."""
+    """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped
+    (its student ``student_model``, else a fresh one from ``s.student_spec``)."""
     from kdcore.inputs.tokenization import pad_id
     from kdcore.training.engine import Trainer, make_strategies
 
@@ -107,7 +109,7 @@ def trainer(
     reset_accelerate()
     training = TrainingConfig(max_steps=steps, batch_size=s.batch_size, log_every=10**6)
     t = Trainer(
-        student(s),
+        student_model if student_model is not None else student(s),
         teacher,
         s.train,
         s.eval_set,

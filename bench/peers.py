@@ -101,7 +101,7 @@ def hf_args(cls, out: str, s, steps: int, **extra):
     )
 
 
-def run_hf(s, steps: int, warmup: int, tmp: str) -> tuple[list[float], list[float]]:
+def run_hf(s, steps: int, warmup: int, tmp: str, student=None) -> tuple[list[float], list[float]]:
     from transformers import Trainer, TrainingArguments
 
     counted: list[float] = []
@@ -129,7 +129,7 @@ def run_hf(s, steps: int, warmup: int, tmp: str) -> tuple[list[float], list[floa
     clock = StepClock()
     C.reset_accelerate()
     trainer = KDTrainer(
-        model=C.student(s),
+        model=student if student is not None else C.student(s),
         args=hf_args(TrainingArguments, tmp, s, warmup + steps),
         train_dataset=hf_dataset(s),
         data_collator=collate,
@@ -140,7 +140,11 @@ def run_hf(s, steps: int, warmup: int, tmp: str) -> tuple[list[float], list[floa
     return clock.step_times(warmup), counted[warmup:]
 
 
-def run_gkd(s, steps: int, warmup: int, tmp: str) -> tuple[list[float], list[float]]:
+def run_gkd(
+    s, steps: int, warmup: int, tmp: str, student=None, **config: object
+) -> tuple[list[float], list[float]]:
+    """``config``: GKDConfig fields over the defaults (which include ``bf16=True`` and
+    ``gradient_checkpointing=True``)."""
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     counted: list[float] = []
@@ -152,9 +156,11 @@ def run_gkd(s, steps: int, warmup: int, tmp: str) -> tuple[list[float], list[flo
 
     clock = StepClock()
     C.reset_accelerate()
-    args = hf_args(GKDConfig, tmp, s, warmup + steps, lmbda=0.0, beta=0.0, seq_kd=False, max_length=s.seq_len)
+    args = hf_args(
+        GKDConfig, tmp, s, warmup + steps, lmbda=0.0, beta=0.0, seq_kd=False, max_length=s.seq_len, **config
+    )
     trainer = CountingGKD(
-        model=C.student(s),
+        model=student if student is not None else C.student(s),
         teacher_model=s.teacher,
         args=args,
         train_dataset=hf_dataset(s),

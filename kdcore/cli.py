@@ -118,10 +118,19 @@ def run(
     ] = None,
     teacher: Annotated[
         str | None,
-        Opt(help="Hub id, local directory, or spec like gpt2:n_layer=4,n_embd=128.", rich_help_panel=MODEL),
+        Opt(
+            help="Hub id, local directory, GGUF file (model.gguf, org/repo:model.gguf), or spec like "
+            "gpt2:n_layer=4,n_embd=128.",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     student: Annotated[
-        str | None, Opt(help="Hub id, local directory, or from-scratch spec.", rich_help_panel=MODEL)
+        str | None,
+        Opt(
+            help="Hub id, local directory, GGUF file, from-scratch spec, or a cut of the teacher such as "
+            "from-teacher:num_layers=4 (or layers=0,10,20,29 or every=3).",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     tokenizer: Annotated[
         str | None,
@@ -363,7 +372,8 @@ def _launch(cfg: Any, resume: bool = False) -> None:
 @friendly_errors
 def train_teacher(
     model: Annotated[
-        str, Opt(help="Spec like gpt2:n_layer=4,n_embd=128,n_head=4, a local directory or a hub id.")
+        str,
+        Opt(help="Spec like gpt2:n_layer=4,n_embd=128,n_head=4, a local directory, a hub id or a GGUF file."),
     ],
     output_dir: Annotated[Path, Opt(help="Where to save_pretrained the model and tokenizer.")],
     dataset: Annotated[str, Opt(help="Training data, as for kd run.")] = "demo",
@@ -410,7 +420,9 @@ def cache_teacher(
     config: Annotated[
         Path | None, Opt("--config", "-c", help="The run's YAML or JSON config; flags override it.")
     ] = None,
-    teacher: Annotated[str | None, Opt(help="Hub id, local directory, or from-scratch spec.")] = None,
+    teacher: Annotated[
+        str | None, Opt(help="Hub id, local directory, GGUF file, or from-scratch spec.")
+    ] = None,
     dataset: Annotated[str | None, Opt(help="Training data, as for kd run.")] = None,
     tokenizer: Annotated[
         str | None, Opt(help="For a from-scratch teacher: 'byte' or 'bpe:vocab_size=N'.")

@@ -43,8 +43,13 @@ class StrategySpec(_Section):
 
 
 class ModelConfig(_Section):
-    teacher: str = Field(DEFAULT_TEACHER, description="hub id, local directory, or spec 'gpt2:n_layer=2,...'")
-    student: str = Field(DEFAULT_STUDENT, description="hub id, local directory, or from-scratch spec")
+    teacher: str = Field(
+        DEFAULT_TEACHER, description="hub id, local directory, GGUF file, or spec 'gpt2:n_layer=2,...'"
+    )
+    student: str = Field(
+        DEFAULT_STUDENT,
+        description="hub id, local directory, GGUF file, from-scratch spec, or 'from-teacher:num_layers=4'",
+    )
     tokenizer: str | None = Field(
         None, description="for from-scratch teachers: 'byte' or 'bpe:vocab_size=N' (default byte)"
     )
@@ -60,6 +65,11 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dataset: str = Field("demo", description="'demo', a local file or folder, or hub 'name:config:split'")
     eval_dataset: str | None = None
+    format: Literal["auto", "text", "chat"] = Field(
+        "auto",
+        description="chat: one sample per row of a .jsonl of 'messages' or 'prompt'/'completion', trained on "
+        "the assistant/completion tokens only; text: packed text; auto: chat when the first row is one",
+    )
     text_column: str = "text"
     seq_len: int = Field(128, gt=1)
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held out when no eval set is given")
@@ -134,6 +144,11 @@ class TrainingConfig(_Section):
         "stop", description="a NaN/inf loss: stop with an error, or skip that batch's update"
     )
     onpolicy_eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
+    loss_path: Literal["auto", "fused", "logits"] = Field(
+        "auto",
+        description="fused: logits computed chunk by chunk from final hidden states inside the loss "
+        "(auto: whenever both heads are linear and no teacher cache is used); logits: full logits",
+    )
     teacher_placement: Literal["replicated", "sharded"] = Field(
         "replicated",
         description="the teacher whole on every process, or split over them with FSDP2 (needs an FSDP launch)",

@@ -1,10 +1,12 @@
-"""Atomic file output and checksums: a killed run never leaves a file (or directory) that lies.
+"""Atomic file output, checksums and kdcore's cache directory: a killed run never leaves a file (or directory)
+that lies.
 
 Every file kdcore writes for a user goes through here: text and JSON (:func:`atomic_write_text`,
 :func:`atomic_write_json`), files written by a library that takes a file name, such as plots and
 parquet tables (:func:`atomic_path`), and whole directories (:func:`atomic_directory`). An output
 directory is checked before any work (:func:`check_output_dir`): a file in its place or a parent that
-cannot be written is one sentence, not a traceback after training.
+cannot be written is one sentence, not a traceback after training. What kdcore keeps between runs
+(trained spec teachers, converted GGUF models) lives under :func:`cache_root`.
 
 A writer that is killed leaves at most a hidden ``.NAME.PID.XXXXXXXX.tmp`` beside ``NAME``; the next
 write of ``NAME`` removes it (:func:`remove_stale_temporaries`).
@@ -142,6 +144,17 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_root() -> Path:
+    """Where kdcore caches trained spec teachers and converted GGUF models (``KD_CACHE_DIR`` overrides the
+    user cache dir)."""
+    env = os.environ.get("KD_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("kdcore"))
 
 
 def file_sha256(path: Path) -> str:

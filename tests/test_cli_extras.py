@@ -12,8 +12,8 @@ import kdcore
 from kdcore.cli import app
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
-from kdcore.runs.dry_run import LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
-from kdcore.teachers.resolve import cache_root
+from kdcore.files import cache_root
+from kdcore.runs.dry_run import FUSED_COPIES, LOSS_CHUNK_TOKENS, LOSS_COPIES, dry_run, logits_memory
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,8 @@ def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
         "total steps",
         "steps per epoch",
         "20 (batch 8)",
-        "teacher logits",
+        "loss path │ fused: both heads",
+        "teacher hidden states",
         "will be trained",
     ):
         assert expected in text, expected
@@ -83,9 +84,11 @@ def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
 
 
 def test_dry_run_numbers(tmp_path):
-    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 11}))
+    overrides = {"model.teacher_steps": 11, "training.loss_path": "logits"}
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **overrides))
     report = dry_run(cfg)
     assert not (tmp_path / "run").exists()
+    assert report.loss_path == "logits" and report.loss_path_reason == "training.loss_path is logits"
     assert report.train_samples == 160 and report.eval_samples == 32  # the demo corpus: one sample per text
     assert report.steps_per_epoch == math.ceil(160 / 8) == 20
     assert report.total_steps == 12
@@ -108,6 +111,19 @@ def test_dry_run_numbers(tmp_path):
     student = build_from_spec(parse_spec(TINY_STUDENT), Tok(), 0)
     assert report.student.parameters == sum(p.numel() for p in student.parameters())
     assert report.memory["student weights + grads + AdamW"] == 16 * report.student.parameters
+
+
+def test_dry_run_takes_the_fused_path_when_both_heads_are_linear(tmp_path):
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 11}))
+    report = dry_run(cfg)
+    assert report.loss_path == "fused"
+    assert "student logits" not in report.memory and "teacher logits" not in report.memory
+    tokens = 8 * 48  # student n_embd 16, teacher n_embd 32; the whole micro-batch fits one chunk
+    assert report.memory["student hidden states and gradient"] == 2 * tokens * 16 * 4
+    assert report.memory["teacher hidden states"] == tokens * 32 * 4
+    assert report.memory["fused loss chunk"] == tokens * 259 * 4 * FUSED_COPIES
+    parts = ("student hidden states and gradient", "teacher hidden states", "fused loss chunk")
+    assert report.memory["loss total"] == sum(report.memory[k] for k in parts)
 
 
 def test_half_precision_halves_the_student_logits():
@@ -171,6 +187,7 @@ def test_dry_run_with_a_teacher_cache(tmp_path):
     )
     report = dry_run(cached)
     assert report.teacher.kind == "teacher cache, top-16" and report.teacher.vocab_size == 259
+    assert report.loss_path == "logits" and "teacher cache holds" in report.loss_path_reason
     assert "teacher logits" not in report.memory
     assert report.memory["teacher top-K rows"] == 8 * 48 * 16 * 12
     assert not (tmp_path / "run").exists()
@@ -220,7 +237,8 @@ def test_dry_run_refuses_an_estimate_above_the_available_memory(tmp_path, monkey
     cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **{"model.teacher_steps": 11}))
     report = dry_run(cfg)
     need = report.estimated_bytes()
-    assert need == report.memory["logits total"] + 16 * report.student.parameters + 4 * (
+    assert report.loss_path == "fused"  # both heads are linear: the loss's chunks, not full logits
+    assert need == report.memory["loss total"] + 16 * report.student.parameters + 4 * (
         report.teacher.parameters
     )
     assert report.available is not None and report.available[0] > need  # the tiny run fits here
@@ -228,8 +246,8 @@ def test_dry_run_refuses_an_estimate_above_the_available_memory(tmp_path, monkey
     with pytest.raises(KdError) as caught:
         dry_run(cfg)
     assert str(caught.value) == (
-        f"this run needs at least {dr.human_bytes(need)} (one micro-batch's logits "
-        f"{dr.human_bytes(report.memory['logits total'])}, plus the weights) but only "
+        f"this run needs at least {dr.human_bytes(need)} (one micro-batch's fused loss "
+        f"{dr.human_bytes(report.memory['loss total'])}, plus the weights) but only "
         f"{dr.human_bytes(need - 1)} of RAM is available; lower --batch-size or --seq-len, or raise --grad-accum for smaller micro-batches"
     )
     monkeypatch.setattr(dr, "available_memory", lambda: (need, "RAM"))

@@ -180,7 +180,7 @@ def test_cached_rows_are_the_teachers_top_k_and_stats_match_a_teacher_pass(cache
     cache = TeacherCache.open(root / "k8")
     train, eval_set = load_corpus(cfg.data, 0).pack(cache.tokenizer(), 48)
     ids = torch.tensor([5, 0, 17])
-    got = cache.topk(ids, train.input_ids[ids], train.attention_mask[ids])
+    got = cache.topk(ids, train.batch(ids)[2])
     with torch.no_grad():
         logits = teacher(input_ids=train.input_ids[ids], attention_mask=train.attention_mask[ids]).logits
     logp = F.log_softmax(logits.float(), -1)
@@ -210,7 +210,10 @@ def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, cache
     import kdcore.training.engine
 
     root, _, _ = caches
-    live = run(_cfg(tmp_path / "live"), show_progress=False)
+    # The live runs take the logits path, whose teacher_logits the perturbation below reaches (the fused
+    # path projects hidden states instead, and equals the logits path: tests/test_loss_paths.py).
+    logits = {"training.loss_path": "logits"}
+    live = run(_cfg(tmp_path / "live", **logits), show_progress=False)
     cached = run(
         _cfg(tmp_path / "cached", **{"model.teacher_cache": str(root / "full")}), show_progress=False
     )
@@ -220,7 +223,7 @@ def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, cache
         "teacher_logits",
         lambda self, *a: teacher_logits(self, *a) * (1 + 2**-23),
     )
-    one_ulp = run(_cfg(tmp_path / "one-ulp"), show_progress=False)
+    one_ulp = run(_cfg(tmp_path / "one-ulp", **logits), show_progress=False)
 
     def losses(result):
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()

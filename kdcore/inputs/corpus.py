@@ -14,7 +14,10 @@ Sources (``data.dataset``): ``"demo"`` (the generated corpus of :mod:`kdcore.inp
 sample per text, with known difficulty levels); a local ``.txt`` (one document per file),
 ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file (one document per row of
 ``data.text_column``) or a folder of them; or a hub dataset ``name[:config[:split]]``. Everything
-except the demo corpus is read through the ``datasets`` library.
+except the demo corpus is read through the ``datasets`` library. A ``.jsonl`` file of chat or
+instruction rows (``messages``, or ``prompt`` and ``completion``) is not text to pack but one sample
+per row (:class:`kdcore.inputs.chat.ChatCorpus`); ``data.format`` says which (``auto``: chat when the
+file's first row is such a row).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from kdcore.config import DataConfig
+    from kdcore.inputs.chat import ChatCorpus
 
 DEMO_EVAL_SEED_OFFSET = 1_000_003
 MIN_DEMO_EVAL = 200
@@ -269,8 +274,11 @@ class Corpus:
                 digest.update(len(data).to_bytes(8, "little") + data)
         return digest.hexdigest()[:16]
 
-    def pack(self, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> tuple[PackedDataset, PackedDataset]:
-        """``(train, eval)`` packed datasets; eval capped at ``max_eval_samples``."""
+    def pack(
+        self, tokenizer: PreTrainedTokenizerBase, seq_len: int, notes: list[str] | None = None
+    ) -> tuple[PackedDataset, PackedDataset]:
+        """``(train, eval)`` packed datasets; eval capped at ``max_eval_samples``. (``notes``: what a chat
+        corpus reports about its rows; packed text has nothing to report.)"""
         eval_texts, eval_levels = self.eval_texts, self.eval_levels
         if self.per_document and self.max_eval_samples is not None:  # cheaper: cap before tokenising
             eval_texts = eval_texts[: self.max_eval_samples]
@@ -288,19 +296,42 @@ class Corpus:
         return train, eval_.head(self.max_eval_samples)
 
 
-def load_corpus(data_cfg: DataConfig, seed: int) -> Corpus:
-    """Texts for ``data_cfg``, split into train and eval.
+def _chat_format(data_cfg: DataConfig) -> bool:
+    """Whether ``data_cfg.dataset`` is read as chat rows: ``data.format``, or for ``auto`` its first row."""
+    from kdcore.inputs.chat import is_chat_row
+
+    source = data_cfg.dataset
+    is_jsonl = Path(source).suffix.lower() == ".jsonl" and Path(source).is_file()
+    if data_cfg.format == "chat" and not is_jsonl:
+        raise KdError(
+            f"data.format is chat but '{source}' is not a .jsonl file; pass a .jsonl file with one "
+            "conversation or prompt/completion pair per line"
+        )
+    if data_cfg.format != "auto" or not is_jsonl:
+        return data_cfg.format == "chat"
+    with Path(source).open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        return is_chat_row(json.loads(first))
+    except json.JSONDecodeError:
+        return False  # the text reader names the bad line
+
+
+def load_corpus(data_cfg: DataConfig, seed: int) -> Corpus | ChatCorpus:
+    """Texts (or chat rows) for ``data_cfg``, split into train and eval.
 
     ``demo``: ``demo_samples`` generated texts for training and ``max(200, eval_fraction * n)``
     more, generated with ``seed + 1_000_003``, for eval (per document, with levels). Otherwise
     :func:`load_texts`; eval is ``data_cfg.eval_dataset`` when given, else the last ``eval_fraction``
-    of the characters (:func:`split_tail`). Then ``data_cfg.train_share`` < 1 keeps the first share of
-    the training characters (:meth:`Corpus.share`). ``seed`` only matters for the demo corpus.
+    of the characters (:func:`split_tail`); for chat rows, the last ``eval_fraction`` of the rows. Then
+    ``data_cfg.train_share`` < 1 keeps the first share of the training characters (:meth:`Corpus.share`;
+    plain text only). ``seed`` only matters for the demo corpus.
     """
     return _load_whole(data_cfg, seed).share(data_cfg.train_share)
 
 
-def _load_whole(data_cfg: DataConfig, seed: int) -> Corpus:
+def _load_whole(data_cfg: DataConfig, seed: int) -> Corpus | ChatCorpus:
+    from kdcore.inputs.chat import load_chat_corpus
     from kdcore.inputs.demo import generate_demo_corpus
 
     source, eval_source = data_cfg.dataset, data_cfg.eval_dataset
@@ -322,6 +353,8 @@ def _load_whole(data_cfg: DataConfig, seed: int) -> Corpus:
             per_document=True,
             max_eval_samples=data_cfg.max_eval_samples,
         )
+    if _chat_format(data_cfg):
+        return load_chat_corpus(source, eval_source, data_cfg.eval_fraction, data_cfg.max_eval_samples)
     texts = load_texts(source, data_cfg.text_column)
     if eval_source is not None:
         train_texts, eval_texts = texts, load_texts(eval_source, data_cfg.text_column)

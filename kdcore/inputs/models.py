@@ -1,13 +1,18 @@
-"""Loading teachers and students: a hub id, a local ``save_pretrained`` directory, or a spec.
+"""Loading teachers and students: a hub id, a local ``save_pretrained`` directory, a GGUF file, or a spec.
 
 A spec builds a model from scratch from an ``AutoConfig`` model type and keyword overrides,
 e.g. ``gpt2:n_layer=2,n_embd=64,n_head=2``. Hub loading is the ordinary
-``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code`` off unless asked).
+``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code`` off unless asked). A GGUF source
+(``model.gguf``, ``DIR:model.gguf``, ``org/repo:model.gguf``, see :mod:`kdcore.inputs.gguf`) is
+converted once into a cached ``save_pretrained`` directory and loaded from there. A student may
+also be cut from the teacher (``from-teacher:num_layers=4``, see :mod:`kdcore.inputs.cut`); the
+run builds it, since it needs the teacher's weights.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,8 @@ from typing import Any
 import yaml
 
 from kdcore.errors import KdError
+from kdcore.inputs.cut import parse_cut_spec
+from kdcore.inputs.gguf import converted_directory, load_gguf_config, load_gguf_tokenizer, parse_gguf_source
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,14 @@ class ModelSpec:
 
 
 def parse_spec(source: str) -> ModelSpec | None:
-    """``gpt2:n_layer=2,n_embd=64`` → ModelSpec; a hub id or a path → None."""
+    """``gpt2:n_layer=2,n_embd=64`` → ModelSpec; a hub id, a path, a GGUF source or a cut → None.
+
+    GGUF sources and cuts are recognised first (``org/repo:file.gguf`` is no spec of model type
+    ``org/repo``), and a malformed cut (``from-teacher:layer=3``) fails here, as a spec typo does.
+    """
     if ":" not in source or Path(source).exists():
+        return None
+    if parse_gguf_source(source) is not None or parse_cut_spec(source) is not None:
         return None
     model_type, _, rest = source.partition(":")
     from transformers import CONFIG_MAPPING
@@ -53,6 +66,18 @@ def parse_spec(source: str) -> ModelSpec | None:
         overrides[key.strip()] = yaml.safe_load(raw)
     check_spec_overrides(CONFIG_MAPPING[model_type], overrides, source)
     return ModelSpec(model_type, overrides)
+
+
+def check_sources(teacher: str, student: str) -> None:
+    """Parse both sources, so that a typo in a spec or a cut fails before anything loads; a cut
+    (``from-teacher:...``) names a student only."""
+    if parse_cut_spec(teacher) is not None:
+        raise KdError(
+            f"'{teacher}' describes a student cut from the teacher; pass it as --student and the teacher as "
+            "a hub id, directory, GGUF file or spec"
+        )
+    for source in (teacher, student):
+        parse_spec(source)
 
 
 def config_keys(config_class: type) -> set[str]:
@@ -116,13 +141,21 @@ def remote_code_warning(teacher: str | None, student: str | None, trust_remote_c
 
 
 def model_config(source: str, *, trust_remote_code: bool = False) -> Any | None:
-    """The config of a spec, directory or hub id without loading weights; None when it cannot be read
-    (then loading the model says why)."""
+    """The config of a spec, directory, hub id or GGUF file without loading weights; None when it cannot
+    be read (then loading the model says why) and for a cut (the teacher's positions are its own)."""
     from transformers import AutoConfig
 
     spec = parse_spec(source)
     if spec is not None:
         return AutoConfig.for_model(spec.model_type, **spec.overrides)
+    if parse_cut_spec(source) is not None:
+        return None
+    gguf = parse_gguf_source(source)
+    if gguf is not None:
+        try:
+            return load_gguf_config(gguf)
+        except KdError:
+            return None
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
@@ -152,24 +185,52 @@ def is_local(source: str) -> bool:
     return Path(source).is_dir()
 
 
-def load_pretrained(source: str, *, trust_remote_code: bool = False):
-    """A causal LM from a local directory or the Hugging Face hub."""
+def load_pretrained(
+    source: str, *, trust_remote_code: bool = False, echo: Callable[[str], None] | None = None
+) -> Any:
+    """A causal LM from a local directory, the Hugging Face hub or a GGUF file (``echo`` gets its one line)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    gguf = parse_gguf_source(source)
+    if gguf is not None:
+        source = str(converted_directory(gguf, echo=echo))
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as exc:
         raise KdError(_not_found(source, exc)) from None
 
 
-def load_tokenizer(source: str, *, trust_remote_code: bool = False):
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a directory, hub id or GGUF file (from its converted copy when there is one)."""
     from transformers import AutoTokenizer
 
+    gguf = parse_gguf_source(source)
+    if gguf is not None:
+        directory = converted_directory(gguf, convert=False)
+        if directory is None:
+            return load_gguf_tokenizer(gguf)
+        source = str(directory)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise KdError(_not_found(source, exc, what="tokenizer")) from None
+
+
+def pretrained_config(source: str, *, trust_remote_code: bool = False) -> Any:
+    """The config of a directory, hub id or GGUF file, without loading weights (for a dry run)."""
+    from transformers import AutoConfig
+
+    gguf = parse_gguf_source(source)
+    if gguf is not None:
+        directory = converted_directory(gguf, convert=False)
+        if directory is None:
+            return load_gguf_config(gguf)
+        source = str(directory)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KdError(_not_found(source, exc, what="model config")) from None
 
 
 def _not_found(source: str, exc: Exception, what: str = "model") -> str:

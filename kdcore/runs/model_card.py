@@ -28,6 +28,8 @@ from kdcore import __version__
 from kdcore.errors import KdError
 from kdcore.files import atomic_write_text
 from kdcore.formats import significant
+from kdcore.inputs.cut import parse_cut_spec
+from kdcore.inputs.models import parse_spec
 from kdcore.strategies import KINDS
 from kdcore.summary import RunSummary
 
@@ -136,11 +138,18 @@ def _meta(config: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]
 def _setup(config: Mapping[str, Any], summary: RunSummary) -> list[tuple[str, Any]]:
     """The card's training set-up table: models, data, optimisation, seed, kdcore version."""
     model, data, training = (config.get(k, {}) for k in ("model", "data", "training"))
-    teacher = model.get("teacher")
+    teacher, student = model.get("teacher"), model.get("student")
+    if parse_cut_spec(str(student)) is not None:
+        student = f"`{student}`: decoder layers, embeddings, final norm and head copied from the teacher"
+    else:
+        student = f"`{student}`"
     return [
         ("teacher", f"`{teacher}`"),
-        ("student", f"`{model.get('student')}`"),
-        ("tokenizer", f"`{model.get('tokenizer') or ('byte' if ':' in str(teacher) else 'the teacher’s')}`"),
+        ("student", student),
+        (
+            "tokenizer",
+            f"`{model.get('tokenizer') or ('byte' if parse_spec(str(teacher)) else 'the teacher’s')}`",
+        ),
         ("training data", f"`{data.get('dataset')}`"),
         ("eval data", f"`{data.get('eval_dataset') or 'held out from the training data'}`"),
         ("sequence length", data.get("seq_len")),

@@ -9,6 +9,7 @@ finished.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import shutil
 import signal
@@ -22,13 +23,15 @@ import yaml
 from accelerate import PartialState
 from rich.console import Console
 
-from kdcore.config import ModelConfig, RunConfig
+from kdcore.config import RunConfig
 from kdcore.errors import KdError, RunInterrupted
 from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
+from kdcore.inputs.cut import cut_student, parse_cut_spec
 from kdcore.inputs.models import (
     build_from_spec,
     check_seq_len,
+    check_sources,
     check_student_tokenizer,
     check_vocab_sizes,
     load_pretrained,
@@ -59,6 +62,7 @@ from kdcore.training.progress import TrainingProgress
 from kdcore.training.sources import check_source, eos_ids_of
 
 if TYPE_CHECKING:
+    from kdcore.inputs.corpus import Corpus
     from kdcore.inputs.packing import PackedDataset
     from kdcore.teachers.cache import TeacherCache
 
@@ -124,11 +128,33 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
 
 
 # -- teacher and student ---------------------------------------------------------------------------
-def resolve_student(model: ModelConfig, tokenizer: Any, seed: int) -> Any:
+def load_teacher(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Any, Any]:
+    """The teacher model and its tokenizer (a spec teacher is trained, a GGUF file converted, once)."""
+    source, tokenizer = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, cfg.training, console)
+    return load_pretrained(source, trust_remote_code=cfg.model.trust_remote_code), tokenizer
+
+
+def resolve_student(
+    cfg: RunConfig, tokenizer: Any, teacher: Any | None, corpus: Corpus, console: Console
+) -> Any:
+    """The student: a spec built from scratch, a pretrained model, or a cut of the teacher (whose weights
+    are loaded for it when a teacher cache stands in for the teacher, then freed)."""
+    model = cfg.model
+    cut = parse_cut_spec(model.student)
+    if cut is not None:  # same tokenizer as the teacher by construction
+        source = teacher if teacher is not None else load_teacher(cfg, corpus, console)[0]
+        total = source.config.num_hidden_layers
+        layers = cut.select(total)
+        console.print(
+            f"Student cut from the teacher: {len(layers)} of its {total} layers ({', '.join(map(str, layers))})",
+            highlight=False,
+        )
+        return cut_student(source, cut)
     spec = parse_spec(model.student)
     if spec is not None:
-        return build_from_spec(spec, tokenizer, seed)
-    student = load_pretrained(model.student, trust_remote_code=model.trust_remote_code)
+        return build_from_spec(spec, tokenizer, cfg.training.seed)
+    echo = functools.partial(console.print, highlight=False)
+    student = load_pretrained(model.student, trust_remote_code=model.trust_remote_code, echo=echo)
     check_student_tokenizer(tokenizer, model)
     return student
 
@@ -429,8 +455,7 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
         names["reliance"],
         cfg.model.teacher_cache is not None,
     )
-    for source in (cfg.model.teacher, cfg.model.student):
-        parse_spec(source)  # a typo in a spec fails now, not after the teacher has trained
+    check_sources(cfg.model.teacher, cfg.model.student)  # a typo fails now, not after the teacher has trained
     teacher_model = None if cfg.model.teacher_cache is not None else cfg.model.teacher
     remote = remote_code_warning(teacher_model, cfg.model.student, cfg.model.trust_remote_code)
     if remote:
@@ -467,11 +492,8 @@ def load_models(cfg: RunConfig, console: Console) -> Models:
         cache, tokenizer = open_for_run(cfg, corpus, console)
         teacher = None
     else:
-        teacher_source, tokenizer = resolve_teacher(
-            cfg.model, corpus, cfg.data.seq_len, cfg.training, console
-        )
-        teacher = load_pretrained(teacher_source, trust_remote_code=cfg.model.trust_remote_code)
-    student = resolve_student(cfg.model, tokenizer, cfg.training.seed)
+        teacher, tokenizer = load_teacher(cfg, corpus, console)
+    student = resolve_student(cfg, tokenizer, teacher, corpus, console)
     check_vocabularies(
         cache.vocab_size if cache else teacher,
         student,
@@ -479,7 +501,10 @@ def load_models(cfg: RunConfig, console: Console) -> Models:
         (cfg.model.teacher, cfg.model.student),
         console,
     )
-    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    notes: list[str] = []  # chat rows cut at seq_len or dropped
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
     if cache is not None:
         cache.check_data(train, eval_set)
     return Models(teacher, cache, student, tokenizer, train, eval_set)

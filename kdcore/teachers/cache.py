@@ -88,9 +88,9 @@ def teacher_identity(model: ModelConfig, corpus: Corpus, seq_len: int, training:
 
 def _valid_positions(data: PackedDataset) -> torch.Tensor:
     """``[N, T]`` bool: positions whose next-token label counts (the rows a cache stores)."""
-    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
+    from kdcore.inputs.packing import IGNORE_INDEX
 
-    return shift_labels(data.input_ids, data.attention_mask) != IGNORE_INDEX
+    return data.batch(slice(None))[2] != IGNORE_INDEX
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -224,16 +224,14 @@ def _teacher_pass(
 ) -> dict[str, torch.Tensor]:
     """One no-grad pass over ``train``: the top-K rows into ``arrays``, and the teacher's per-sample
     ``ce``, ``confidence`` and ``entropy`` over the full distribution."""
-    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
+    from kdcore.inputs.packing import IGNORE_INDEX
     from kdcore.training.losses import per_sample_terms
 
     device = next(teacher.parameters()).device
     stats: dict[str, list[torch.Tensor]] = {"ce": [], "confidence": [], "entropy": []}
     rows_per_piece = max(1, _BUILD_ELEMENTS // arrays.vocab)
     for first in range(0, len(train), batch_size):
-        ids = train.input_ids[first : first + batch_size].to(device)
-        mask = train.attention_mask[first : first + batch_size].to(device)
-        labels = shift_labels(ids, mask)
+        ids, mask, labels = train.batch(slice(first, first + batch_size), device)
         logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
         terms = per_sample_terms(logits, labels)
         stats["ce"].append(terms.ce.cpu())
@@ -295,7 +293,10 @@ def build_cache(
     corpus = load_corpus(cfg.data, cfg.training.seed)
     source, tokenizer = resolve_teacher(cfg.model, corpus, cfg.data.seq_len, cfg.training, console)
     teacher = load_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
-    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    notes: list[str] = []  # chat rows cut at seq_len or dropped
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
     metadata = {
         "teacher": cfg.model.teacher,
         "teacher_id": teacher_identity(cfg.model, corpus, cfg.data.seq_len, cfg.training),
@@ -412,20 +413,19 @@ class TeacherCache:
         firsts = np.cumsum(counts) - counts
         return np.repeat(starts - firsts, counts) + np.arange(total, dtype=np.int64)
 
-    def topk(
-        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> TopKTeacher:
-        """The cached teacher for a batch, as a :class:`TopKTeacher` ``[B, T, K]`` on the batch's device."""
-        from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
+    def topk(self, sample_ids: torch.Tensor, labels: torch.Tensor) -> TopKTeacher:
+        """The cached teacher for a batch whose next-token ``labels`` are given, as a :class:`TopKTeacher`
+        ``[B, T, K]`` on the labels' device."""
+        from kdcore.inputs.packing import IGNORE_INDEX
 
-        valid = shift_labels(input_ids, attention_mask) != IGNORE_INDEX
+        valid = labels != IGNORE_INDEX
         rows = self.rows(sample_ids)
         if rows.size != int(valid.sum()):
             raise KdError(
                 f"teacher cache '{self.directory}' holds {rows.size} positions for this batch but the batch "
                 f"has {int(valid.sum())}; the cache belongs to other data"
             )
-        device = input_ids.device
+        device = labels.device
         shape = (*valid.shape, self.top_k)
         logprobs = torch.zeros(shape, dtype=torch.float32, device=device)
         indices = torch.zeros(shape, dtype=torch.long, device=device)

@@ -1,32 +1,34 @@
 """Which teacher a run distils from, and the tokenizer its data is packed with: decided here, once.
 
-A teacher is a hub id or a local ``save_pretrained`` directory, which brings its own tokenizer, or a
-from-scratch spec (``gpt2:n_layer=4,n_embd=128``) that is trained once on the run's data (all of its
-training text, also when ``data.train_share`` gives the student less) and cached in
-``<cache root>/teachers/<key>``. The key covers the spec, the tokenizer, the data, the sequence
-length and the training settings, so a teacher trained another way gets another directory. Two
-processes that need the same new teacher at once train it once: the second waits on a file lock
-beside the directory (:func:`teacher_lock`), then reuses it.
+A teacher is a hub id, a local ``save_pretrained`` directory or a GGUF file (converted once into a
+cached directory, see :mod:`kdcore.inputs.gguf`), which brings its own tokenizer, or a from-scratch
+spec (``gpt2:n_layer=4,n_embd=128``) that is trained once on the run's data (all of its training text,
+also when ``data.train_share`` gives the student less) and cached in ``<cache root>/teachers/<key>``.
+The key covers the spec, the tokenizer, the data, the sequence length and the training settings, so a
+teacher trained another way gets another directory. Two processes that need the same new teacher at
+once train it once: the second waits on a file lock beside the directory (:func:`teacher_lock`), then reuses it.
 
 :func:`locate_teacher` makes the decision without loading or training anything (``kd run
 --dry-run`` and ``kd run --teacher-cache`` stop there); :func:`resolve_teacher` then trains a spec
-teacher the first time and returns what ``from_pretrained`` loads (``kd run``, ``kd cache-teacher``,
+teacher (or converts a GGUF file) the first time and returns what ``from_pretrained`` loads (``kd run``, ``kd cache-teacher``,
 ``kd compare``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcore.errors import KdError
-from kdcore.inputs.models import ModelSpec, load_tokenizer, parse_spec
+from kdcore.files import cache_root
+from kdcore.inputs.gguf import converted_directory, parse_gguf_source
+from kdcore.inputs.models import ModelSpec, check_sources, load_tokenizer, parse_spec
 from kdcore.inputs.tokenization import build_tokenizer
 
 if TYPE_CHECKING:
@@ -34,16 +36,6 @@ if TYPE_CHECKING:
 
     from kdcore.config import ModelConfig, TrainingConfig
     from kdcore.inputs.corpus import Corpus
-
-
-def cache_root() -> Path:
-    """Where trained spec teachers are cached (``KD_CACHE_DIR`` overrides the user cache dir)."""
-    env = os.environ.get("KD_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("kdcore"))
 
 
 def cache_key(**parts: Any) -> str:
@@ -94,6 +86,8 @@ class TeacherSource:
     @property
     def kind(self) -> str:
         if self.spec is None:
+            if parse_gguf_source(self.name) is not None:
+                return "GGUF file"
             return "directory" if Path(self.name).is_dir() else "hub"
         return "cached teacher" if self.trained else "spec (to be trained)"
 
@@ -120,6 +114,7 @@ def locate_teacher(
     teacher of another name is refused here, saying which ``--teacher`` to pass; the usual slip is
     ``--teacher-cache`` alone, which leaves the run with the default teacher.
     """
+    check_sources(model.teacher, model.student)
     spec = parse_spec(model.teacher)
     if spec is None and model.tokenizer:
         raise KdError(
@@ -143,8 +138,13 @@ def locate_teacher(
 def resolve_teacher(
     model: ModelConfig, corpus: Corpus, seq_len: int, training: TrainingConfig, console: Console
 ) -> tuple[str, Any]:
-    """The teacher's source (directory or hub id) and tokenizer; trains a spec teacher once and caches it."""
+    """The teacher's source (directory or hub id) and tokenizer; trains a spec teacher or converts a GGUF file
+    once and caches it."""
     teacher = locate_teacher(model, corpus, seq_len, training)
+    gguf = parse_gguf_source(teacher.name) if teacher.spec is None else None
+    if gguf is not None:
+        directory = str(converted_directory(gguf, echo=functools.partial(console.print, highlight=False)))
+        return directory, load_tokenizer(directory)
     if teacher.spec is None:
         return teacher.source, teacher.tokenizer(corpus)
     if not teacher.trained:

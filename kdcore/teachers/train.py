@@ -3,11 +3,14 @@ teacher's first use (:func:`kdcore.teachers.resolve.resolve_teacher`)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcore.config import StrategyConfig
+from kdcore.errors import KdError
 from kdcore.files import atomic_directory, atomic_write_json
+from kdcore.inputs.cut import parse_cut_spec
 from kdcore.inputs.models import (
     build_from_spec,
     check_seq_len,
@@ -38,9 +41,13 @@ def train_causal_lm(
     out_dir: Path,
     console: Console,
 ) -> RunSummary:
-    """Plain CE training of a from-scratch model (or a hub one), saved with save_pretrained into ``out_dir``."""
+    """Plain CE training of a from-scratch model (or a pretrained one: a directory, hub id or GGUF file),
+    saved with save_pretrained into ``out_dir``."""
     spec = parse_spec(source)
-    model = build_from_spec(spec, tokenizer, training.seed) if spec else load_pretrained(source)
+    if spec is not None:
+        model = build_from_spec(spec, tokenizer, training.seed)
+    else:
+        model = load_pretrained(source, echo=functools.partial(console.print, highlight=False))
     train, eval_set = corpus.pack(tokenizer, seq_len)
     strategies, _ = make_strategies(StrategyConfig(reliance="none"))
     progress = TrainingProgress(console, total_steps(training, len(train)), "teacher")
@@ -67,6 +74,11 @@ def train_teacher(
     """``kd train-teacher``: the tokenizer is ``tokenizer`` for a spec, the model's own otherwise."""
     from kdcore.inputs.corpus import load_corpus
 
+    if parse_cut_spec(source) is not None:
+        raise KdError(
+            f"'{source}' describes a student cut from a teacher, which kd run builds (--student); pass "
+            "--model a spec, a directory, a hub id or a GGUF file"
+        )
     quiet_transformers()  # kd's own progress bar is the only one: no "Writing model shards" from save_pretrained
     check_seq_len(cfg.data.seq_len, model_config(source), "model", source)
     corpus = load_corpus(cfg.data, cfg.training.seed)

@@ -4,6 +4,13 @@ A step draws a batch from the curriculum sampler, asks the source for its rows (
 continuations written by a model), runs the student (and the teacher when some λ is non-zero or the
 scorer needs the KD term), computes per-sample CE and KD terms, weights them by the reliance policy's
 λ, and hands the statistics it already has to the scorer.
+
+The terms come one of two ways, decided once per run (:func:`~kdcore.training.fused_loss.choose_loss_path`):
+the *fused* path asks both models for their final hidden states and projects them through the LM
+heads chunk by chunk inside the loss (:func:`~kdcore.training.fused_loss.fused_sample_terms`), so no
+``[tokens, vocab]`` logits tensor of either model exists; the *logits* path takes the models' logits
+(or a teacher cache's top-K) to :func:`~kdcore.training.onpolicy_loss.source_terms`. Both give the same
+numbers on dataset rows; rows a source writes during training take the logits path.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from kdcore.training import parallel
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
+from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fused_sample_terms, linear_head
 from kdcore.training.losses import SampleTerms, TopKTeacher
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
 from kdcore.training.onpolicy_loss import sample_losses, source_terms
@@ -51,10 +59,9 @@ from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
 class CachedTeacher(Protocol):
     """A teacher known from disk instead of a model (:class:`kdcore.teachers.cache.TeacherCache`)."""
 
-    def topk(
-        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> TopKTeacher:
-        """The teacher's top-K log-probabilities at a micro-batch's labelled positions."""
+    def topk(self, sample_ids: torch.Tensor, labels: torch.Tensor) -> TopKTeacher:
+        """The teacher's top-K log-probabilities at a micro-batch's labelled positions (``labels`` as
+        :func:`~kdcore.inputs.packing.shift_labels` makes them)."""
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
@@ -227,6 +234,14 @@ class Trainer:
         self._window_start = 0.0  # perf_counter() at the start of the current log window (set by fit)
         optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
+        self.loss_path, self.loss_path_reason = choose_loss_path(
+            training.loss_path,
+            student,
+            teacher,
+            teacher_cache is not None,
+            sharded=parallel.requested() != "ddp" or training.teacher_placement == "sharded",
+            generates=strategies.source.generates(),
+        )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
         self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
         longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
@@ -287,8 +302,10 @@ class Trainer:
             )
             rows = self.source_rows(micro_ids[mine], step, progress)  # dataset text or continuations
             with self.gradient_sync(last=i == len(micro_batches) - 1):
-                terms, observed = self.forward(rows, micro_ids[mine], lam, temperature)
-                lam_mine = lam[mine].to(terms.ce.device)
+                lam_mine = lam[mine].to(self.device)
+                terms, observed = self.forward(
+                    rows, micro_ids[mine], lam_mine, temperature, self.needs_teacher(lam)
+                )
                 per_sample = sample_losses(terms, lam_mine, rows.labelled)  # λ·KD alone on the student's text
                 # DDP averages gradients over processes: dividing each process's sum by batch/processes
                 # makes the update the mean over the whole global batch (and accumulation 4x2 = batch 8).
@@ -363,7 +380,11 @@ class Trainer:
         """The source's rows for ``sample_ids``; the time spent generating is recorded."""
         request = BatchRequest(
             sample_ids,
-            dataset_rows(self.train.input_ids[sample_ids], self.train.attention_mask[sample_ids]),
+            dataset_rows(
+                self.train.input_ids[sample_ids],
+                self.train.attention_mask[sample_ids],
+                None if self.train.labels is None else self.train.labels[sample_ids],
+            ),
             None if self.train.prompt_lengths is None else self.train.prompt_lengths[sample_ids],
             step,
             self.cfg.seed,
@@ -377,22 +398,52 @@ class Trainer:
         self.history.generation_seconds += request.generation_seconds
         return rows
 
-    def forward(
-        self, rows: SourceRows, sample_ids: torch.Tensor, lam: torch.Tensor, temperature: float
-    ) -> tuple[SampleTerms, SampleTerms]:
-        """The loss terms of ``rows`` and the terms the scorer observes (:mod:`kdcore.training.onpolicy_loss`)."""
-        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
-        student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
-        teacher_logits = None
+    def needs_teacher(self, lam: torch.Tensor) -> bool:
+        """The teacher runs when a sample of the micro-batch leans on it or the scorer needs the KD term."""
         has_teacher = self.teacher is not None or self.teacher_cache is not None
-        if has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs):
-            teacher_logits = self.teacher_logits(sample_ids, input_ids, mask)  # the exact ids and mask
+        return has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs)
+
+    def forward(
+        self,
+        rows: SourceRows,
+        sample_ids: torch.Tensor,
+        lam: torch.Tensor,
+        temperature: float,
+        with_teacher: bool,
+    ) -> tuple[SampleTerms, SampleTerms]:
+        """The loss terms of ``rows`` and the terms the scorer observes (:mod:`kdcore.training.onpolicy_loss`).
+
+        ``lam``: λ of each row, the weights the fused path prepares its gradients for.
+        """
+        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
+        labels = rows.labels.to(self.device)
+        divergence = self.strategies.divergence
+        if (
+            self.loss_path == "fused"
+        ):  # dataset rows only (choose_loss_path): what is learnt is what is observed
+            hidden = final_hidden_states(self.student, input_ids, mask)
+            weight, bias = linear_head(self.accelerator.unwrap_model(self.student))
+            teacher = self.teacher_hidden(input_ids, mask) if with_teacher else {}
+            terms = fused_sample_terms(
+                hidden,
+                weight,
+                labels,
+                divergence=divergence,
+                temperature=temperature,
+                student_bias=bias,
+                loss_weights=(1 - lam, lam),
+                **teacher,
+            )
+            return terms, terms
+        student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
+        # the teacher scores the exact ids and mask the student saw
+        teacher_logits = self.teacher_logits(sample_ids, labels, input_ids, mask) if with_teacher else None
         prompt_labels = None if rows.prompt_labels is None else rows.prompt_labels.to(self.device)
         return source_terms(
             student_logits,
-            rows.labels.to(self.device),
+            labels,
             teacher_logits,
-            self.strategies.divergence,
+            divergence,
             temperature,
             generated=rows.generated,
             prompt_labels=prompt_labels,
@@ -400,12 +451,19 @@ class Trainer:
 
     @torch.no_grad()
     def teacher_logits(
-        self, sample_ids: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor | TopKTeacher:
         """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
         if self.teacher_cache is not None:
-            return self.teacher_cache.topk(sample_ids, input_ids, mask)
-        return self.teacher(input_ids=input_ids, attention_mask=mask).logits
+            return self.teacher_cache.topk(sample_ids, labels)
+        return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The fused path's teacher side: its final hidden states and head, without gradient."""
+        weight, bias = linear_head(self.teacher)
+        hidden = final_hidden_states(self.teacher, input_ids, mask)
+        return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: Path | None = None, *, exits_after_stop: bool = False) -> RunSummary:

@@ -25,13 +25,16 @@ from kdcore.training.generation import generate, row_seeds
 __all__ = ["BatchRequest", "check_source", "dataset_rows", "eos_ids_of", "max_positions"]
 
 
-def dataset_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SourceRows:
-    """Packed samples as rows: gold next-token labels, nothing generated, everything labelled."""
+def dataset_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+) -> SourceRows:
+    """Packed samples as rows: gold next-token labels (from the dataset's own unshifted ``labels`` when
+    it has them, e.g. a chat sample's assistant tokens), nothing generated, everything labelled."""
     n = len(input_ids)
     return SourceRows(
         input_ids,
         attention_mask,
-        shift_labels(input_ids, attention_mask),
+        shift_labels(input_ids, attention_mask, labels),
         generated=torch.zeros(n, dtype=torch.bool),
         labelled=torch.ones(n, dtype=torch.bool),
     )
