@@ -93,9 +93,11 @@ def trainer(
     reliance_params: dict | None = None,
     source: dict | None = None,
     student_model: torch.nn.Module | None = None,
+    **training_fields: Any,
 ):
     """An engine :class:`~kdcore.training.engine.Trainer` prepared like ``fit()`` prepares it, not yet stepped
-    (its student ``student_model``, else a fresh one from ``s.student_spec``)."""
+    (its student ``student_model``, else a fresh one from ``s.student_spec``; ``training_fields``:
+    :class:`~kdcore.config.TrainingConfig` fields, e.g. ``mixed_precision``, ``loss_path``)."""
     from kdcore.inputs.tokenization import pad_id
     from kdcore.training.engine import Trainer, make_strategies
 
@@ -107,7 +109,7 @@ def trainer(
     )
     strategies, _ = make_strategies(strategy)
     reset_accelerate()
-    training = TrainingConfig(max_steps=steps, batch_size=s.batch_size, log_every=10**6)
+    training = TrainingConfig(max_steps=steps, batch_size=s.batch_size, log_every=10**6, **training_fields)
     t = Trainer(
         student_model if student_model is not None else student(s),
         teacher,

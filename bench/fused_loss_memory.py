@@ -88,7 +88,7 @@ def step(variant: str, x: dict, div, chunk: int | None = None) -> float:
 
     h, w, th, tw, labels = x["h"], x["w"], x["th"], x["tw"], x["labels"]
     n = h.shape[0]
-    half = torch.full((1,), 0.5)
+    half = torch.full((1,), 0.5, device=h.device)
     if variant in ("ce-fused", "kd-fused", "kd-fused-recompute"):
         teacher = () if variant == "ce-fused" else (th[None], tw, div, TAU)
         weights = None if variant == "kd-fused-recompute" else (half, half)
@@ -111,7 +111,7 @@ def step(variant: str, x: dict, div, chunk: int | None = None) -> float:
     else:
         raise SystemExit(f"unknown variant {variant}")
     loss.sum().backward()
-    return float(loss.sum())
+    return float(loss.sum().detach())
 
 
 def worker(variant: str, source: str, vocab: int, tokens: int, hidden: int, chunk: int) -> dict:

@@ -82,7 +82,8 @@ def quiet(trainer) -> None:
 
 
 def hf_args(cls, out: str, s, steps: int, **extra):
-    return cls(
+    """``extra``: fields over these (``use_cpu=False`` and ``bf16=True`` on a GPU)."""
+    settings = dict(
         output_dir=out,
         per_device_train_batch_size=s.batch_size,
         max_steps=steps,
@@ -97,8 +98,8 @@ def hf_args(cls, out: str, s, steps: int, **extra):
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
-        **extra,
     )
+    return cls(**{**settings, **extra})
 
 
 def run_hf(s, steps: int, warmup: int, tmp: str, student=None) -> tuple[list[float], list[float]]:

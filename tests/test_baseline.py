@@ -79,6 +79,7 @@ def test_the_gap_closed_is_computed_from_the_two_perplexities_on_file(runs):
         "pacing": "none",
         "reliance": "none",
         "divergence": "forward-kl",
+        "source": "dataset",
     }
     assert baseline["mean_lambda"] == 0.0 and baseline["baseline_eval_ppl"] is None
     # the table shows both perplexities and the share, as summary.json holds them

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 #: script -> ratio lines its --quick run must print
@@ -58,3 +60,29 @@ def test_every_benchmark_runs_quick_and_prints_its_ratios():
             match = re.search(re.escape(line) + r".*= (\d+\.\d+)x?", out)
             assert match, f"{name} did not print '{line} = <ratio>':\n{out}"
             assert float(match.group(1)) > 0
+
+
+def test_the_gpu_check_runs_every_arm_on_cpu():
+    """bench/gpu_check.py is for a CUDA machine; its --cpu-smoke path keeps every arm's code running."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--cpu-smoke", "--no-trl"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=BENCH, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for arm in ("kdcore-fused", "kdcore-logits", "kdcore-cache", "ce"):
+        row = re.search(rf"^{arm} +(\d+\.\d+) +(\d+) +n/a$", done.stdout, re.M)
+        assert row and float(row.group(1)) > 0 and int(row.group(2)) > 0, done.stdout
+    for variant in ("ce-fused", "kd-fused", "kd-naive"):
+        assert re.search(rf"^loss {variant} +n/a$", done.stdout, re.M), done.stdout
+    assert re.search(r"ratio kdcore-fused/ce tokens/s = \d+\.\d+", done.stdout)
+
+
+def test_the_gpu_check_without_a_gpu_says_to_use_the_smoke_run():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU runs the real check")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, env=env, cwd=BENCH
+    )
+    assert done.returncode == 1 and "no CUDA device: run with --cpu-smoke" in done.stderr

@@ -346,9 +346,9 @@ def run_baseline(
             f"continued from step {found[1]['step']}" if found else "same data, steps and seed, no teacher"
         )
         console.print(f"Baseline: the CE-only student ({where}) in {base_dir}")
-    models = replace(
-        models, student=resolve_student(base_cfg.model, models.tokenizer, base_cfg.training.seed)
-    )
+    corpus = load_corpus(base_cfg.data, base_cfg.training.seed)  # a cut student may need the teacher again
+    student = resolve_student(base_cfg, models.tokenizer, models.teacher, corpus, console)
+    models = replace(models, student=student)
     checkpoint = None if found is None else {"path": found[0], **found[1]}
     try:
         trained = train(
