@@ -49,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_cache(s.teacher, s.train, s.eval_set, s.tokenizer, Path(tmp) / "k32", top_k=32)
         cache = TeacherCache.open(Path(tmp) / "k32")
-        top = cache.topk(ids, x, m)
+        top = cache.topk(ids, labels)
 
         def loss(t):
             def run():
@@ -68,7 +68,7 @@ def main() -> None:
                     fn()
                     times.setdefault(f"{name} {mode}", []).append(time.perf_counter() - start)
             start = time.perf_counter()
-            cache.topk(ids, x, m)
+            cache.topk(ids, labels)
             times.setdefault("cache lookup", []).append(time.perf_counter() - start)
         losses.CHECKPOINT_MIN_ELEMENTS = default
 

@@ -47,9 +47,12 @@ def main() -> None:
 
     def teacher_forward() -> float:
         ids = live.sampler.batch(0)
-        input_ids, mask = s.train.input_ids[ids], s.train.attention_mask[ids]
-        with torch.no_grad():
-            live.teacher_logits(ids, input_ids, mask)
+        input_ids, mask, labels = s.train.batch(ids)
+        with torch.no_grad():  # the teacher's side of the live step, on the loss path it takes
+            if live.loss_path == "fused":
+                live.teacher_hidden(input_ids, mask)
+            else:
+                live.teacher_logits(ids, labels, input_ids, mask)
         return float(mask[:, 1:].sum())
 
     arms["teacher-fwd"] = teacher_forward

@@ -52,7 +52,7 @@ def kd_mean(student, teacher, cache, data, tau: float, divergence) -> tuple[floa
             s = student(input_ids=x, attention_mask=m).logits
             t = teacher(input_ids=x, attention_mask=m).logits
             a = per_sample_terms(s, labels, t, divergence, tau)
-            top = cache.topk(ids, x, m)
+            top = cache.topk(ids, labels)
             b = per_sample_terms(s, labels, top, divergence, tau)
             full += float((a.kd * a.tokens).sum())
             sparse += float((b.kd * b.tokens).sum())

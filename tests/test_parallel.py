@@ -217,7 +217,13 @@ def test_one_fsdp_process_trains_exactly_like_a_plain_run(cached_tiny_teacher, t
     assert saved.keys() == expected.keys()  # whole tensors, the tied head saved once as usual
     assert all(torch.equal(saved[key], expected[key]) for key in expected)
     a, b = (json.loads((run_dir / "summary.json").read_text()) for run_dir in (plain, fsdp))
-    assert a["eval_curve"] == b["eval_curve"] and a["teacher_eval_ppl"] == b["teacher_eval_ppl"]
+    # Evaluation is the one place the numbers may differ: a sharded head cannot be fused, so the FSDP run
+    # scores eval text from full logits and the plain run from hidden states chunk by chunk; the two
+    # differ by float32 rounding of the log-softmax (3.2e-7 relative measured here), far below 1e-5.
+    assert [step for step, _ in a["eval_curve"]] == [step for step, _ in b["eval_curve"]]
+    for (_, x), (_, y) in zip(a["eval_curve"], b["eval_curve"], strict=True):
+        assert y == pytest.approx(x, rel=1e-5)
+    assert b["teacher_eval_ppl"] == pytest.approx(a["teacher_eval_ppl"], rel=1e-5)
 
 
 # -- DeepSpeed's config ----------------------------------------------------------------------------------
