@@ -120,20 +120,15 @@ def test_copied_tensors_equal_the_teachers(model_type, prefix, tie, tmp_path):
     layers = decoder_layout(teacher)[1]
     kept = type(layers)([layers[i] for i in chosen])
     owner = teacher.model if model_type == "llama" else teacher.transformer
-    full = owner.layers if model_type == "llama" else owner.h
+    name = "layers" if model_type == "llama" else "h"
+    full = getattr(owner, name)
     try:
-        if model_type == "llama":
-            owner.layers = kept
-        else:
-            owner.h = kept
+        setattr(owner, name, kept)
         teacher.config.num_hidden_layers = 3
         with torch.no_grad():
             expected = teacher.eval()(ids, use_cache=False).logits  # kept layers keep their old layer_idx
     finally:
-        if model_type == "llama":
-            owner.layers = full
-        else:
-            owner.h = full
+        setattr(owner, name, full)
         teacher.config.num_hidden_layers = 5
     with torch.no_grad():
         torch.testing.assert_close(student.eval()(ids).logits, expected, rtol=0, atol=1e-6)

@@ -87,14 +87,19 @@ def reference(cached_tiny_teacher, tmp_path_factory):
         proc.kill()
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_result(reference, tmp_path):
-    config = long_config(tmp_path, "run")
-    run_dir = tmp_path / "run"
-    victim = start_kd("run", "-c", str(config), log=tmp_path / "log.txt")
+def kill_after_a_checkpoint(config: Path, run_dir: Path, log: Path) -> None:
+    """``kd run -c config``, SIGKILLed once it has written the checkpoint of step 20, before it finishes."""
+    victim = start_kd("run", "-c", str(config), log=log)
     wait_for_checkpoint(run_dir, victim, at_least=20)
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_result(reference, tmp_path):
+    config = long_config(tmp_path, "run")
+    run_dir = tmp_path / "run"
+    kill_after_a_checkpoint(config, run_dir, tmp_path / "log.txt")
 
     resumed = run_kd("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -126,11 +131,7 @@ def mixed_reference(cached_tiny_teacher, tmp_path_factory):
 def test_sigkill_then_resume_with_generated_rows_gives_the_uninterrupted_result(mixed_reference, tmp_path):
     config = long_config(tmp_path, "run", **MIXED)
     run_dir = tmp_path / "run"
-    victim = start_kd("run", "-c", str(config), log=tmp_path / "log.txt")
-    wait_for_checkpoint(run_dir, victim, at_least=20)
-    os.kill(victim.pid, signal.SIGKILL)
-    assert victim.wait(timeout=60) == -signal.SIGKILL
-    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    kill_after_a_checkpoint(config, run_dir, tmp_path / "log.txt")
 
     resumed = run_kd("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -21,7 +21,13 @@ import yaml
 
 from kdcore.errors import KdError
 from kdcore.inputs.cut import parse_cut_spec
-from kdcore.inputs.gguf import converted_directory, load_gguf_config, load_gguf_tokenizer, parse_gguf_source
+from kdcore.inputs.gguf import (
+    GgufSource,
+    converted_directory,
+    load_gguf_config,
+    load_gguf_tokenizer,
+    parse_gguf_source,
+)
 
 
 @dataclass(frozen=True)
@@ -201,36 +207,40 @@ def load_pretrained(
         raise KdError(_not_found(source, exc)) from None
 
 
+def _readable_source(source: str) -> str | GgufSource:
+    """What to read a tokenizer or config from: a GGUF file's converted copy when there is one, the GGUF
+    file itself when there is none (no conversion just for a config or vocabulary), else ``source``."""
+    gguf = parse_gguf_source(source)
+    if gguf is None:
+        return source
+    directory = converted_directory(gguf, convert=False)
+    return gguf if directory is None else str(directory)
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a directory, hub id or GGUF file (from its converted copy when there is one)."""
     from transformers import AutoTokenizer
 
-    gguf = parse_gguf_source(source)
-    if gguf is not None:
-        directory = converted_directory(gguf, convert=False)
-        if directory is None:
-            return load_gguf_tokenizer(gguf)
-        source = str(directory)
+    readable = _readable_source(source)
+    if isinstance(readable, GgufSource):
+        return load_gguf_tokenizer(readable)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(readable, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise KdError(_not_found(source, exc, what="tokenizer")) from None
+        raise KdError(_not_found(readable, exc, what="tokenizer")) from None
 
 
 def pretrained_config(source: str, *, trust_remote_code: bool = False) -> Any:
     """The config of a directory, hub id or GGUF file, without loading weights (for a dry run)."""
     from transformers import AutoConfig
 
-    gguf = parse_gguf_source(source)
-    if gguf is not None:
-        directory = converted_directory(gguf, convert=False)
-        if directory is None:
-            return load_gguf_config(gguf)
-        source = str(directory)
+    readable = _readable_source(source)
+    if isinstance(readable, GgufSource):
+        return load_gguf_config(readable)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(readable, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise KdError(_not_found(source, exc, what="model config")) from None
+        raise KdError(_not_found(readable, exc, what="model config")) from None
 
 
 def _not_found(source: str, exc: Exception, what: str = "model") -> str:

@@ -247,13 +247,12 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
         notes.append(baseline_note(cfg, total_steps(t, len(train))))
     from kdcore.training import parallel
 
-    sharded = parallel.requested() != "ddp" or t.teacher_placement == "sharded"
     path, reason = choose_loss_path(
         t.loss_path,
         student.meta,
         teacher.meta,
         cache is not None,
-        sharded=sharded,
+        sharded=parallel.shards_models(t.teacher_placement),
         generates=built["source"][0].generates(),
     )
     report = DryRunReport(

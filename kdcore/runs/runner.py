@@ -346,8 +346,7 @@ def run_baseline(
             f"continued from step {found[1]['step']}" if found else "same data, steps and seed, no teacher"
         )
         console.print(f"Baseline: the CE-only student ({where}) in {base_dir}")
-    corpus = load_corpus(base_cfg.data, base_cfg.training.seed)  # a cut student may need the teacher again
-    student = resolve_student(base_cfg, models.tokenizer, models.teacher, corpus, console)
+    student = resolve_student(base_cfg, models.tokenizer, models.teacher, models.corpus, console)
     models = replace(models, student=student)
     checkpoint = None if found is None else {"path": found[0], **found[1]}
     try:
@@ -472,7 +471,8 @@ def check_early(cfg: RunConfig, resume: bool, console: Console) -> tuple[Strateg
 
 @dataclass
 class Models:
-    """The run's teacher (a model, or a teacher cache standing in for it), student, tokenizer and data."""
+    """The run's teacher (a model, or a teacher cache standing in for it), student, tokenizer and data
+    (``corpus``: the text it was packed from, which a cut student's teacher is loaded with)."""
 
     teacher: Any
     cache: TeacherCache | None
@@ -480,6 +480,7 @@ class Models:
     tokenizer: Any
     train: PackedDataset
     eval_set: PackedDataset
+    corpus: Corpus
 
 
 def load_models(cfg: RunConfig, console: Console) -> Models:
@@ -507,7 +508,7 @@ def load_models(cfg: RunConfig, console: Console) -> Models:
         console.print(f"[yellow]{note}[/yellow]", highlight=False)
     if cache is not None:
         cache.check_data(train, eval_set)
-    return Models(teacher, cache, student, tokenizer, train, eval_set)
+    return Models(teacher, cache, student, tokenizer, train, eval_set, corpus)
 
 
 def difficulty_spearman(scorer: Any, train: Any) -> float | None:

@@ -239,7 +239,7 @@ class Trainer:
             student,
             teacher,
             teacher_cache is not None,
-            sharded=parallel.requested() != "ddp" or training.teacher_placement == "sharded",
+            sharded=parallel.shards_models(training.teacher_placement),
             generates=strategies.source.generates(),
         )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None

@@ -68,6 +68,11 @@ def check_backend(distributed_type: Any) -> None:
         )
 
 
+def shards_models(placement: str) -> bool:
+    """Whether the run splits a model over its processes: FSDP or DeepSpeed, or a sharded teacher."""
+    return requested() != "ddp" or placement == "sharded"
+
+
 def check_placement(placement: str) -> None:
     """A sharded teacher needs FSDP (the teacher is wrapped with FSDP2 over the run's processes)."""
     if placement == "sharded" and requested() != "fsdp":
