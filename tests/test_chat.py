@@ -373,3 +373,18 @@ def test_kd_run_refuses_bad_chat_data_in_one_sentence(tmp_path, template, bad_ro
     assert re.search(message, " ".join(result.stderr.split())), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_a_share_of_chat_rows_is_refused_in_one_sentence():
+    """data.train_share cuts plain text by characters; chat rows are refused, not silently kept whole."""
+    from kdcore.config import DataConfig
+    from kdcore.errors import KdError
+    from kdcore.inputs.corpus import load_corpus
+
+    assert len(load_corpus(DataConfig(dataset=str(FIXTURE)), 0).train_rows) > 0  # share 1: every row
+    with pytest.raises(KdError) as info:
+        load_corpus(DataConfig(dataset=str(FIXTURE), train_share=0.5), 0)
+    assert str(info.value) == (
+        f"data.train_share 0.5 keeps a share of plain text, and {FIXTURE} holds chat rows; keep the rows "
+        "you want in the .jsonl and leave data.train_share at 1"
+    )
