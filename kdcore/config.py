@@ -22,6 +22,9 @@ from kdcore.strategies import KINDS
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
 DEFAULT_STEPS = 400
+#: the student's share of the generated demo corpus when ``data.train_share`` is not given: 40 of its 2000
+#: texts, about 160 epochs in 400 steps, while a from-scratch teacher trains on all of them
+DEMO_TRAIN_SHARE = 0.02
 #: numpy's generators (seeded by accelerate's set_seed) take seeds in [0, 2**32 - 1]
 MAX_SEED = 2**32 - 1
 
@@ -73,15 +76,24 @@ class DataConfig(_Section):
     text_column: str = "text"
     seq_len: int = Field(128, gt=1)
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held out when no eval set is given")
-    train_share: float = Field(
-        1.0,
+    train_share: float | None = Field(
+        None,
         gt=0,
         le=1,
         description="the student trains on the first share of the training text, by characters, after the "
-        "eval split (a from-scratch teacher on all of it)",
+        f"eval split (a from-scratch teacher on all of it); default 1, and {DEMO_TRAIN_SHARE:g} for the demo corpus",
     )
     demo_samples: int = Field(2000, gt=10, description="size of the generated demo corpus")
     max_eval_samples: int | None = Field(256, gt=0)
+
+    @property
+    def student_share(self) -> float:
+        """``train_share`` as given, else the dataset's default: all of a user's text, and a small share of
+        the demo corpus, whose teacher trains on all of it — the data-limited regime where distillation pays
+        (docs/results.md, "The demo corpus")."""
+        if self.train_share is not None:
+            return self.train_share
+        return DEMO_TRAIN_SHARE if self.dataset == "demo" else 1.0
 
 
 class StrategyConfig(_Section):

@@ -63,6 +63,7 @@ def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
             "--max-steps=12",
             "--batch-size=8",
             "--set=data.demo_samples=160",
+            "--set=data.train_share=1",
             "--output-dir",
             str(out),
         ],
@@ -215,7 +216,7 @@ def test_dry_run_counts_the_samples_a_train_share_leaves(tmp_path):
 def test_trust_remote_code_names_the_models_whose_code_will_run(saved_models, tmp_path):
     teacher = str(saved_models / "byte")
     base = ["run", "--dry-run", f"--teacher={teacher}", f"--student={TINY_STUDENT}", "--seq-len=48"]
-    base += ["--set=data.demo_samples=160", "--output-dir", str(tmp_path / "run")]
+    base += ["--set=data.demo_samples=160", "--set=data.train_share=1", "--output-dir", str(tmp_path / "run")]
     trusted = CliRunner().invoke(app, [*base, "--trust-remote-code"])
     assert trusted.exit_code == 0, trusted.output
     lines = [line for line in trusted.output.splitlines() if "trust_remote_code" in line]

@@ -157,7 +157,7 @@ def test_a_train_share_is_part_of_the_base_config(tmp_path):
     from kdcore.cli import app
 
     plan = _plan(tmp_path, ["kd=reliance:fixed"], sweep="none")
-    assert plan.base["data"]["train_share"] == 1.0
+    assert plan.base["data"]["train_share"] == 1.0  # tiny_overrides gives the whole demo corpus
     overrides = {**tiny_overrides(tmp_path / "unused"), "data.train_share": 0.05}
     overrides.pop("output.dir")
     plan = cmp.build_plan(arm_texts=["kd=reliance:fixed"], overrides=overrides, sweep="none")

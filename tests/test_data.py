@@ -334,7 +334,7 @@ def test_eval_dataset_and_cap(tmp_path, byte_tok):
 
 
 def test_demo_splits(byte_tok):
-    cfg = DataConfig(dataset="demo", demo_samples=500, max_eval_samples=150)
+    cfg = DataConfig(dataset="demo", demo_samples=500, max_eval_samples=150, train_share=1)
     corpus = load_corpus(cfg, seed=4)
     assert corpus.per_document
     assert len(corpus.train_texts) == 500 and len(corpus.eval_texts) == 200  # max(200, 10%)
@@ -347,7 +347,7 @@ def test_demo_splits(byte_tok):
     assert train.levels.tolist() == corpus.train_levels
     assert held.levels.tolist() == corpus.eval_levels[:150]
     assert train.lengths().float().mean() > 110
-    big = load_corpus(DataConfig(dataset="demo", demo_samples=3000), seed=0)
+    big = load_corpus(DataConfig(dataset="demo", demo_samples=3000, train_share=1), seed=0)
     assert len(big.eval_texts) == 300
     again, _ = load_splits(cfg, byte_tok, seed=4)
     assert again.fingerprint == train.fingerprint
@@ -438,7 +438,7 @@ def test_train_share_cuts_across_documents_and_keeps_their_levels():
     demo = DataConfig(dataset="demo", demo_samples=100, train_share=0.25)
     corpus, whole = (
         load_corpus(demo, seed=3),
-        load_corpus(DataConfig(dataset="demo", demo_samples=100), seed=3),
+        load_corpus(DataConfig(dataset="demo", demo_samples=100, train_share=1), seed=3),
     )
     total = sum(len(t) for t in whole.train_texts)
     lengths = np.cumsum([len(t) for t in whole.train_texts])
@@ -470,3 +470,23 @@ def test_train_share_changes_the_fingerprint_but_not_the_teachers(tmp_path):
         DataConfig(train_share=0)
     with pytest.raises(ValueError, match="train_share"):
         DataConfig(train_share=1.5)
+
+
+def test_the_demo_corpus_defaults_to_a_data_limited_student_and_a_dataset_to_all_of_it(tmp_path):
+    from kdcore.config import DEMO_TRAIN_SHARE
+
+    (tmp_path / "train.txt").write_text("abcdefghij" * 100)
+    text = DataConfig(dataset=str(tmp_path / "train.txt"))
+    assert text.train_share is None and text.student_share == 1.0
+    assert DataConfig(dataset="demo", train_share=0.5).student_share == 0.5
+    demo = DataConfig(dataset="demo")
+    assert demo.student_share == DEMO_TRAIN_SHARE == 0.02
+    corpus = load_corpus(demo, seed=0)
+    whole = load_corpus(DataConfig(dataset="demo", train_share=1), seed=0)
+    assert len(whole.train_texts) == 2000 and corpus.for_teacher().train_texts == whole.train_texts
+    total = sum(len(t) for t in whole.train_texts)
+    assert sum(len(t) for t in corpus.train_texts) == round(DEMO_TRAIN_SHARE * total)
+    assert corpus.train_texts == whole.train_texts[: len(corpus.train_texts) - 1] + [
+        whole.train_texts[len(corpus.train_texts) - 1][: len(corpus.train_texts[-1])]
+    ]
+    assert 35 <= len(corpus.train_texts) <= 45  # about 40 of the 2000 texts (120–160 characters each)

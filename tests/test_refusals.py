@@ -20,6 +20,7 @@ def tiny_args(output_dir: Path, *extra: str) -> list[str]:
         "--teacher-steps=40",
         "--seq-len=48",
         "--set=data.demo_samples=160",
+        "--set=data.train_share=1",
         "--set=data.max_eval_samples=32",
         "--max-steps=12",
         "--batch-size=8",

@@ -324,10 +324,10 @@ def load_corpus(data_cfg: DataConfig, seed: int) -> Corpus | ChatCorpus:
     more, generated with ``seed + 1_000_003``, for eval (per document, with levels). Otherwise
     :func:`load_texts`; eval is ``data_cfg.eval_dataset`` when given, else the last ``eval_fraction``
     of the characters (:func:`split_tail`); for chat rows, the last ``eval_fraction`` of the rows. Then
-    ``data_cfg.train_share`` < 1 keeps the first share of the training characters (:meth:`Corpus.share`;
+    ``data_cfg.student_share`` < 1 keeps the first share of the training characters (:meth:`Corpus.share`;
     plain text only). ``seed`` only matters for the demo corpus.
     """
-    return _load_whole(data_cfg, seed).share(data_cfg.train_share)
+    return _load_whole(data_cfg, seed).share(data_cfg.student_share)
 
 
 def _load_whole(data_cfg: DataConfig, seed: int) -> Corpus | ChatCorpus:

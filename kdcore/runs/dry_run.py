@@ -407,8 +407,8 @@ def _is_dir(source: str) -> bool:
 
 def data_row(cfg: RunConfig, report: DryRunReport) -> str:
     row = f"{cfg.data.dataset}: {report.train_samples:,} train / {report.eval_samples:,} eval samples"
-    if cfg.data.train_share < 1:
-        row += f" (train: the first {cfg.data.train_share:g} of the training text)"
+    if cfg.data.student_share < 1:
+        row += f" (train: the first {cfg.data.student_share:g} of the training text)"
     return row
 
 
