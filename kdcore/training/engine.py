@@ -423,17 +423,18 @@ class Trainer:
         ):  # dataset rows only (choose_loss_path): what is learnt is what is observed
             hidden = final_hidden_states(self.student, input_ids, mask)
             weight, bias = linear_head(self.accelerator.unwrap_model(self.student))
-            teacher = self.teacher_hidden(input_ids, mask) if with_teacher else {}
-            terms = fused_sample_terms(
-                hidden,
-                weight,
-                labels,
-                divergence=divergence,
-                temperature=temperature,
-                student_bias=bias,
-                loss_weights=(1 - lam, lam),
-                **teacher,
-            )
+            teacher = self.fused_teacher(sample_ids, labels, input_ids, mask) if with_teacher else {}
+            with self.accelerator.autocast():  # mixed precision: the head projections in its dtype
+                terms = fused_sample_terms(
+                    hidden,
+                    weight,
+                    labels,
+                    divergence=divergence,
+                    temperature=temperature,
+                    student_bias=bias,
+                    loss_weights=(1 - lam, lam),
+                    **teacher,
+                )
             return terms, terms
         student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
         # the teacher scores the exact ids and mask the student saw
@@ -456,13 +457,25 @@ class Trainer:
         """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
         if self.teacher_cache is not None:
             return self.teacher_cache.topk(sample_ids, labels)
-        return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        with self.accelerator.autocast():  # mixed precision: the teacher in its dtype too
+            return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def fused_teacher(
+        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """The fused path's teacher side, the keyword arguments of :func:`fused_sample_terms`: the cache's
+        top-K rows, or the live teacher's final hidden states and head, without gradient."""
+        if self.teacher_cache is not None:
+            return {"teacher_topk": self.teacher_cache.topk(sample_ids, labels)}
+        return self.teacher_hidden(input_ids, mask)
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """The fused path's teacher side: its final hidden states and head, without gradient."""
+        """The fused path's live teacher side: its final hidden states and head, without gradient."""
         weight, bias = linear_head(self.teacher)
-        hidden = final_hidden_states(self.teacher, input_ids, mask)
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(self.teacher, input_ids, mask)
         return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
