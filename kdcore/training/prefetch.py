@@ -120,8 +120,9 @@ class TeacherPrefetcher:
         with torch.no_grad():
             if self.stream is None:
                 return fn(), None
-            self.stream.wait_stream(torch.cuda.default_stream(self.device))  # inputs the main stream wrote
-            with torch.cuda.stream(self.stream):
+            # the thread's current device is its own (cuda:0 by default): the run's, explicitly
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                self.stream.wait_stream(torch.cuda.default_stream(self.device))  # what the main stream wrote
                 output = fn()
                 event = torch.cuda.Event()
                 event.record(self.stream)
