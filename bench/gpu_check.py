@@ -9,7 +9,10 @@ Step arms, each trained for ``--steps`` timed optimizer steps after ``--warmup``
 
 - ``kdcore-fused``: the engine with the live teacher, the fused LM-head loss (``training.loss_path: fused``);
 - ``kdcore-logits``: the same on full logits (``training.loss_path: logits``);
-- ``kdcore-cache``: the same from a top-64 teacher cache (``kd run --teacher-cache``), no teacher model;
+- ``kdcore-prefetch``: ``kdcore-fused`` with ``training.teacher_prefetch`` (the teacher's pass on the next
+  batch in a background thread, on a CUDA stream of its own);
+- ``kdcore-cache``: the same from a top-64 teacher cache (``kd run --teacher-cache``), no teacher model
+  (the student's fused loss against the cache's top-K);
 - ``ce``: the student alone (``reliance: none``), the floor;
 - ``trl-gkd``: TRL's GKDTrainer, off-policy forward KL (``bench/peers.py``), when ``trl`` is installed.
 
@@ -18,7 +21,8 @@ Peak memory: ``torch.cuda.max_memory_allocated`` during an arm's steps minus wha
 they began (models stay resident: only what a step adds is compared). The loss-level rows run one
 forward + backward of the KD loss alone on random hidden states (``bench/fused_loss_memory.py``'s
 variants) at the teacher's vocabulary with N = batch × seq tokens. On CPU (``--cpu-smoke``) memory
-columns say ``n/a``: the smoke run checks that every path runs, not its figures.
+columns say ``n/a``: the smoke run checks that every path runs, not its figures (in bf16 under CPU
+autocast, so the mixed-precision code paths run too).
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def loss_rows(vocab: int, tokens: int, hidden: int) -> dict[str, float | None]:
         x["h"].requires_grad_(True)
         x["w"].requires_grad_(True)
         base = cuda_peak_start()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16):
             step(variant, x, divergence)
         out[variant] = cuda_peak_since(base)
         del x
@@ -130,7 +134,7 @@ def main() -> None:
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL arm even if trl is installed")
     args = parser.parse_args()
     if args.cpu_smoke:
-        args.steps, args.warmup, args.rounds, args.precision = 1, 0, 1, "no"
+        args.steps, args.warmup, args.rounds, args.precision = 1, 0, 1, "bf16"
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu-smoke to check the script on CPU")
     from kdcore.teachers.cache import TeacherCache, write_cache
@@ -142,6 +146,9 @@ def main() -> None:
         arms = {
             "kdcore-fused": engine_arm(s, student, args.precision, teacher=s.teacher, loss_path="fused"),
             "kdcore-logits": engine_arm(s, student, args.precision, teacher=s.teacher, loss_path="logits"),
+            "kdcore-prefetch": engine_arm(
+                s, student, args.precision, teacher=s.teacher, loss_path="fused", teacher_prefetch=True
+            ),
             "kdcore-cache": engine_arm(s, student, args.precision, cache=cache),
             "ce": engine_arm(s, student, args.precision, reliance="none"),
         }

@@ -159,7 +159,14 @@ class TrainingConfig(_Section):
     loss_path: Literal["auto", "fused", "logits"] = Field(
         "auto",
         description="fused: logits computed chunk by chunk from final hidden states inside the loss "
-        "(auto: whenever both heads are linear and no teacher cache is used); logits: full logits",
+        "(auto: whenever the student's head, and a live teacher's, is linear; with a teacher cache the "
+        "student's against its top-K); logits: full logits",
+    )
+    teacher_prefetch: bool = Field(
+        False,
+        description="run the live teacher on the next micro-batch in a background thread during the "
+        "student's step (same results; the run's threads are split between the two; off with a teacher "
+        "cache, a source that writes text, or sharded models)",
     )
     teacher_placement: Literal["replicated", "sharded"] = Field(
         "replicated",

@@ -68,7 +68,7 @@ def test_the_gpu_check_runs_every_arm_on_cpu():
     cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--cpu-smoke", "--no-trl"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=BENCH, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    for arm in ("kdcore-fused", "kdcore-logits", "kdcore-cache", "ce"):
+    for arm in ("kdcore-fused", "kdcore-logits", "kdcore-prefetch", "kdcore-cache", "ce"):
         row = re.search(rf"^{arm} +(\d+\.\d+) +(\d+) +n/a$", done.stdout, re.M)
         assert row and float(row.group(1)) > 0 and int(row.group(2)) > 0, done.stdout
     for variant in ("ce-fused", "kd-fused", "kd-naive"):
@@ -86,3 +86,27 @@ def test_the_gpu_check_without_a_gpu_says_to_use_the_smoke_run():
         [sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, env=env, cwd=BENCH
     )
     assert done.returncode == 1 and "no CUDA device: run with --cpu-smoke" in done.stderr
+
+
+def test_the_real_teacher_bench_runs_its_new_arms_quick():
+    """bench/real_teacher_speed.py --quick (a tiny random pair): bf16 with prefetch and the fused cache arm,
+    each in its own process, in the one table with ratios (all arms: docs/performance.md)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    arms = ("kdcore-bf16-prefetch", "kdcore-cache-fused", "hf-trainer")
+    cmd = [
+        sys.executable,
+        str(BENCH / "real_teacher_speed.py"),
+        "--quick",
+        "--threads",
+        "1",
+        "--arms",
+        ",".join(arms),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=BENCH, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for arm in arms:
+        row = re.search(
+            rf"^{arm} +1 +(\d+\.\d+) +(\d+) +(\d+) MiB +(\d+\.\d+) +(\d+\.\d+)$", done.stdout, re.M
+        )
+        assert row and float(row.group(1)) > 0 and float(row.group(4)) > 0, done.stdout
+    assert re.search(r"ratio kdcore-cache-fused/hf-trainer at 1 thread\(s\) tokens/s = \d+\.\d+", done.stdout)

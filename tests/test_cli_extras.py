@@ -188,9 +188,18 @@ def test_dry_run_with_a_teacher_cache(tmp_path):
     )
     report = dry_run(cached)
     assert report.teacher.kind == "teacher cache, top-16" and report.teacher.vocab_size == 259
-    assert report.loss_path == "logits" and "teacher cache holds" in report.loss_path_reason
-    assert "teacher logits" not in report.memory
+    # the student's head is linear: fused against the cache's top-K, no teacher hidden states nor logits
+    assert report.loss_path == "fused" and "teacher cache's top-K" in report.loss_path_reason
+    assert "teacher logits" not in report.memory and "teacher hidden states" not in report.memory
     assert report.memory["teacher top-K rows"] == 8 * 48 * 16 * 12
+    parts = ("student hidden states and gradient", "fused loss chunk", "teacher top-K rows")
+    assert report.memory["loss total"] == sum(report.memory[part] for part in parts)
+    assert list(report.memory)[: len(parts) + 1] == [*parts, "loss total"]
+    logits = dry_run(
+        cached.model_copy(update={"training": cached.training.model_copy(update={"loss_path": "logits"})})
+    )
+    assert logits.loss_path == "logits" and "teacher logits" not in logits.memory
+    assert logits.memory["teacher top-K rows"] == 8 * 48 * 16 * 12
     assert not (tmp_path / "run").exists()
 
 

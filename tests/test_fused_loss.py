@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kdcore.plugins import get_registry
 from kdcore.training.fused_loss import final_hidden_states, fused_sample_terms, linear_head
-from kdcore.training.losses import SampleTerms, per_sample_terms
+from kdcore.training.losses import SampleTerms, TopKTeacher, per_sample_terms
 
 B, T, H, HT = 3, 9, 16, 24
 
@@ -224,3 +224,89 @@ def test_linear_head_refuses_soft_capped_logits():
         num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0,
     )  # fmt: skip
     assert linear_head(AutoModelForCausalLM.from_config(config)) is None
+
+
+def topk_teacher(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
+    """What a teacher cache stores, in memory (as tests/test_teacher_cache.py builds it), in float32."""
+    logp = F.log_softmax(teacher_logits.double(), -1)
+    values, indices = logp.topk(k, -1)
+    tail = None
+    if k < logp.shape[-1]:
+        rest = logp.scatter(-1, indices, float("-inf"))
+        tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], -1).float()
+    return TopKTeacher(values.float(), indices, tail, logp.shape[-1])
+
+
+@pytest.mark.parametrize("name", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize(
+    ("tau", "k", "vs", "vt"), [(1.0, 8, 41, 41), (2.0, 8, 41, 41), (2.0, 41, 41, 41), (1.5, 8, 37, 41)]
+)
+@pytest.mark.parametrize("mode", ["recompute", "forward-gradient"])
+def test_a_top_k_teacher_equals_the_logits_path_with_the_cache(name, tau, k, vs, vt, mode):
+    """The fused student against a cache's sparse teacher: the values and gradients of per_sample_terms on
+    the student's full logits with the same TopKTeacher (K < V with its tail, K = V without; τ = 2 exact
+    tail, τ = 1.5 the interpolated one; a student vocabulary shorter than the teacher's)."""
+    h, w, b, th, tw, tb, labels, lam = make(vs=vs, vt=vt, bias=True, seed=7)
+    teacher = topk_teacher(F.linear(th, tw, tb), k)
+    div = divergence(name)
+    ref = per_sample_terms(F.linear(h, w, b), labels, teacher, div, tau, chunk_tokens=None)
+    weights = (1 - lam, lam) if mode == "forward-gradient" else None
+    fused = fused_sample_terms(
+        h,
+        w,
+        labels,
+        None,
+        None,
+        div,
+        tau,
+        student_bias=b,
+        chunk_tokens=4,
+        loss_weights=weights,
+        teacher_topk=teacher,
+    )
+    assert_same(fused, ref)
+    assert fused.kd.abs().min() > 0
+    for got, want in zip(grads(fused, lam, [h, w, b]), grads(ref, lam, [h, w, b]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_top_k_teacher_is_refused_with_a_dense_one_or_without_a_divergence():
+    h, w, th, tw, labels, _ = make_plain()
+    teacher = topk_teacher(F.linear(th, tw), 8)
+    with pytest.raises(TypeError, match="not both"):
+        fused_sample_terms(h, w, labels, th, tw, divergence("forward-kl"), teacher_topk=teacher)
+    with pytest.raises(TypeError, match="needs a divergence"):
+        fused_sample_terms(h, w, labels, teacher_topk=teacher)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "forward-gradient"])
+def test_under_bf16_autocast_the_heads_project_in_bf16_and_the_loss_sums_in_float32(monkeypatch, mode):
+    """Under autocast the projections run in bf16 and the rest in float32: values and gradients in float32
+    and within bf16's precision of the float32 ones. Tolerance: a logit is one product of two factors each
+    rounded to bf16 (unit roundoff u = 2⁻⁹) and rounded again as a bf16 result, ≤ 3u relative; CE and the
+    divergence change by at most about twice a logit's error, so 8u relative (with that much absolute on
+    values near 0) on the per-sample terms and, in norm, on each gradient, which passes through one more
+    bf16 product."""
+    from kdcore.training import fused_loss
+
+    u = 2.0**-9
+    h, w, b, th, tw, tb, labels, lam = make(bias=True, seed=9)
+    div = divergence("forward-kl")
+    weights = (1 - lam, lam) if mode == "forward-gradient" else None
+    args = (h, w, labels, th, tw, div, 2.0)
+    kwargs = {"student_bias": b, "teacher_bias": tb, "chunk_tokens": 4, "loss_weights": weights}
+    exact = fused_sample_terms(*args, **kwargs)
+    projected = []
+    real = fused_loss._logits
+    monkeypatch.setattr(fused_loss, "_logits", lambda *a: projected.append(a[1].dtype) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused_sample_terms(*args, **kwargs)
+        low_grads = grads(low, lam, [h, w, b])
+    assert set(projected) == {torch.bfloat16}
+    for key in ("ce", "kd", "confidence"):
+        got, want = getattr(low, key), getattr(exact, key)
+        assert got.dtype == torch.float32, key
+        torch.testing.assert_close(got, want, rtol=8 * u, atol=8 * u, msg=key)
+    for got, want in zip(low_grads, grads(exact, lam, [h, w, b]), strict=True):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 8 * u * want.norm()

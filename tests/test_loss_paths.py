@@ -67,6 +67,44 @@ def test_fused_and_logits_paths_agree_over_a_whole_run(
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
 
 
+def test_fused_and_logits_paths_agree_from_a_teacher_cache(
+    tmp_path, count_fused, cached_tiny_teacher, one_thread
+):
+    """With a top-K cache the fused path projects the student alone against the cache's rows (auto takes
+    it): the same run as the logits path with the same cache, at the tolerances above."""
+    from kdcore.teachers.cache import build_cache
+
+    build_cache(
+        resolve_config(None, tiny_overrides(tmp_path / "unused")),
+        tmp_path / "k16",
+        top_k=16,
+        console=Console(quiet=True),
+    )
+    results = {}
+    for path in ("auto", "logits"):
+        overrides = {
+            "training.loss_path": path,
+            "training.log_every": 1,
+            "model.teacher_cache": str(tmp_path / "k16"),
+        }
+        cfg = resolve_config(None, tiny_overrides(tmp_path / path, **overrides))
+        before = len(count_fused)
+        results[path] = run(cfg, console=Console(quiet=True), show_progress=False)
+        used = len(count_fused) - before
+        assert (used > 0) if path == "auto" else (used == 0), (path, used)
+    fused, logits = (_records(results[p].run_dir) for p in ("auto", "logits"))
+    assert [r["step"] for r in fused] == [r["step"] for r in logits]
+    for a, b in zip(fused, logits, strict=True):
+        for key in ("loss", "ce", "kd", "eval_ppl"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["step"], key)
+    assert max(r.get("kd", 0.0) for r in fused) > 0
+    wa = load_file(results["auto"].run_dir / "student" / "model.safetensors")
+    wb = load_file(results["logits"].run_dir / "student" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
 def _tiny(spec: str, tokenizer, vocab: int, seed: int):
     from kdcore.inputs.models import build_from_spec, parse_spec
 

@@ -210,12 +210,14 @@ def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, cache
     import kdcore.training.engine
 
     root, _, _ = caches
-    # The live runs take the logits path, whose teacher_logits the perturbation below reaches (the fused
-    # path projects hidden states instead, and equals the logits path: tests/test_loss_paths.py).
+    # Every run takes the logits path, whose teacher_logits the perturbation below reaches (the fused
+    # path projects hidden states instead, and equals the logits path, live or cached:
+    # tests/test_loss_paths.py).
     logits = {"training.loss_path": "logits"}
     live = run(_cfg(tmp_path / "live", **logits), show_progress=False)
     cached = run(
-        _cfg(tmp_path / "cached", **{"model.teacher_cache": str(root / "full")}), show_progress=False
+        _cfg(tmp_path / "cached", **{"model.teacher_cache": str(root / "full")}, **logits),
+        show_progress=False,
     )
     teacher_logits = kdcore.training.engine.Trainer.teacher_logits
     monkeypatch.setattr(

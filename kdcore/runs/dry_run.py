@@ -16,7 +16,8 @@ on models built on the ``meta`` device) and shown. The loss's memory, per micro-
 
 - student logits ``B·L·V_s`` and their gradient, at 2 bytes under fp16/bf16 mixed precision, else 4;
 - teacher logits ``B·L·V_t`` at 4 bytes (the teacher runs outside autocast);
-- with ``--teacher-cache`` instead: the top-K rows ``B·L·K`` at 12 bytes (log-prob and token id);
+- with ``--teacher-cache`` instead: the top-K rows ``B·L·K`` at 12 bytes (log-prob and token id), on
+  either path;
 - the loss's float32 working copies: it works on ``min(2048, B·L)`` tokens at a time and holds about
   four ``V``-wide copies of them (student and teacher log-softmax at temperature τ, the divergence's
   temporaries).
@@ -24,7 +25,7 @@ on models built on the ``meta`` device) and shown. The loss's memory, per micro-
 On the fused path no logits tensor exists; instead:
 
 - the final hidden states: the student's ``B·L·H_s`` and their gradient (2 bytes each under mixed
-  precision, else 4), the teacher's ``B·L·H_t`` at 4 bytes;
+  precision, else 4), a live teacher's ``B·L·H_t`` at 4 bytes (a teacher cache's top-K rows instead);
 - one chunk of ``CHUNK_ELEMENTS`` (4M) float32 elements at a time, about six ``V``-wide copies of it
   (both models' logits and log-softmaxes, the divergence's temporary, the logits' gradient).
 
@@ -389,9 +390,15 @@ def _memory(
             micro, seq_len, student.vocab_size, teacher.vocab_size if live else None, t.mixed_precision
         )
     if cache_top_k is not None and teacher_needed:  # top-K log-probs (float32) and ids (int64) per position
-        total = memory.pop("logits total") - memory.pop("teacher logits")
-        memory["teacher top-K rows"] = micro * seq_len * cache_top_k * (4 + 8)
-        memory["logits total"] = total + memory["teacher top-K rows"]
+        rows = micro * seq_len * cache_top_k * (4 + 8)
+        if path == "fused":  # the student's hidden states and chunk, and the top-K rows
+            total = memory.pop("loss total") - memory.pop("teacher hidden states")
+            memory["teacher top-K rows"] = rows
+            memory["loss total"] = total + rows
+        else:
+            total = memory.pop("logits total") - memory.pop("teacher logits")
+            memory["teacher top-K rows"] = rows
+            memory["logits total"] = total + rows
     if student.parameters is not None:
         memory["student weights + grads + AdamW"] = student.parameters * 16
     if teacher.parameters is not None and teacher_needed:

@@ -277,6 +277,8 @@ def train(
         label or cfg.strategy.label(),
     )
     trainer = make_trainer(cfg, models, strategies[0], run_dir, metrics, tracking, progress)
+    if main and trainer.prefetch_note:
+        console.print(f"[yellow]{trainer.prefetch_note}[/yellow]", highlight=False)
     if main and not resume:  # only now that every check has passed: a failed start writes nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, strategies[1])

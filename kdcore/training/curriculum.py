@@ -158,6 +158,12 @@ class CurriculumSampler:
         self.scores = s.to(torch.float32)
         self.last_refresh = int(step)
 
+    def batch_known(self, step: int) -> bool:
+        """Whether :meth:`batch` at ``step`` is fixed already, before the steps in between are trained: no
+        re-sort is due before it (a re-sort uses the scores observed meanwhile), or every sample is open
+        at it (then the batch is the epoch's permutation, whatever the ordering)."""
+        return not self.needs_refresh(step) or self.open_count(step) >= self.num_samples
+
     def difficulty(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rank, score)`` of ``sample_ids`` as of the last refresh: the reliance policy's inputs."""
         ids = sample_ids.to("cpu", torch.long)

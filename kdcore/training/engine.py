@@ -53,6 +53,7 @@ from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fu
 from kdcore.training.losses import SampleTerms, TopKTeacher
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
 from kdcore.training.onpolicy_loss import sample_losses, source_terms
+from kdcore.training.prefetch import TeacherPrefetcher
 from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
 
 
@@ -138,6 +139,21 @@ def check_batch_size(batch_size: int, num_samples: int) -> None:
             f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
             f"--batch-size to at most {num_samples}, or train on more data"
         )
+
+
+def prefetch_problem(
+    cfg: TrainingConfig, teacher: torch.nn.Module | None, cache: Any, generates: bool
+) -> str | None:
+    """Why ``training.teacher_prefetch`` cannot be used in this run, or None (also when it is off)."""
+    if not cfg.teacher_prefetch:
+        return None
+    if cache is not None or teacher is None:
+        return "training.teacher_prefetch is not used: no live teacher runs (a teacher cache, or none)"
+    if generates:
+        return "training.teacher_prefetch is not used: the source writes each batch's text during the step"
+    if parallel.shards_models(cfg.teacher_placement):
+        return "training.teacher_prefetch is not used: the run shards its models over the processes"
+    return None
 
 
 def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
@@ -257,6 +273,11 @@ class Trainer:
         )
         self._teacher_stats: dict[str, torch.Tensor] | None = None
         self._student_stats: dict[str, torch.Tensor] | None = None
+        #: why training.teacher_prefetch is not used (None: it is, or it is off)
+        self.prefetch_note = prefetch_problem(
+            training, self.teacher, teacher_cache, strategies.source.generates()
+        )
+        self.prefetcher: TeacherPrefetcher | None = None  # started by the first step that prefetches
 
     # -- scorer context ---------------------------------------------------------------------------
     def scorer_context(self) -> ScorerContext:
@@ -300,11 +321,18 @@ class Trainer:
             lam = self.strategies.reliance.weights(
                 self.sampler.ranks[micro_ids], self.sampler.scores[micro_ids], progress
             )
-            rows = self.source_rows(micro_ids[mine], step, progress)  # dataset text or continuations
+            with_teacher = self.needs_teacher(lam)
+            ahead = self.prefetcher.take(step, micro_ids[mine]) if self.prefetcher is not None else None
+            if ahead is not None:  # the rows and the teacher's output, computed during the last micro-batch
+                rows, teacher_out = ahead
+            else:
+                rows, teacher_out = self.source_rows(micro_ids[mine], step, progress), None
+            if with_teacher:
+                self.prefetch_next(step, i, micro_batches)
             with self.gradient_sync(last=i == len(micro_batches) - 1):
                 lam_mine = lam[mine].to(self.device)
                 terms, observed = self.forward(
-                    rows, micro_ids[mine], lam_mine, temperature, self.needs_teacher(lam)
+                    rows, micro_ids[mine], lam_mine, temperature, with_teacher, teacher_out
                 )
                 per_sample = sample_losses(terms, lam_mine, rows.labelled)  # λ·KD alone on the student's text
                 # DDP averages gradients over processes: dividing each process's sum by batch/processes
@@ -336,6 +364,38 @@ class Trainer:
         if norm is not None:
             metrics["grad_norm"] = norm
         return metrics
+
+    def prefetch_next(self, step: int, i: int, micro_batches: tuple[torch.Tensor, ...]) -> None:
+        """Start the teacher's pass on the micro-batch after ``(step, i)`` in the background, when
+        ``training.teacher_prefetch`` is used and that micro-batch is known (:mod:`kdcore.training.prefetch`)."""
+        if self.prefetch_note is not None or not self.cfg.teacher_prefetch:
+            return
+        if i + 1 < len(micro_batches):
+            next_step, ids = step, micro_batches[i + 1]
+        else:
+            next_step = step + 1
+            if next_step >= self.total_steps or not self.sampler.batch_known(next_step):
+                return
+            ids = self.sampler.batch(next_step).chunk(self.cfg.grad_accum)[0]
+        ids = ids[self.rank :: self.world]
+        if self.prefetcher is None:
+            self.prefetcher = TeacherPrefetcher(self.device)
+        rows = self.source_rows(ids, next_step, next_step / self.total_steps)
+        self.prefetcher.submit(next_step, ids, rows, lambda: self.live_teacher(rows))
+
+    def live_teacher(self, rows: SourceRows) -> Any:
+        """The live teacher's output for ``rows`` as :meth:`forward` takes it: the fused path's keyword
+        arguments of :func:`fused_sample_terms`, or the logits."""
+        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
+        if self.loss_path == "fused":
+            return self.teacher_hidden(input_ids, mask)
+        return self.teacher_logits(None, None, input_ids, mask)
+
+    def close(self) -> None:
+        """End the teacher's prefetch thread, if one runs (it waits for a pass under way)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients at every backward; only the last micro-batch's is needed."""
@@ -410,10 +470,12 @@ class Trainer:
         lam: torch.Tensor,
         temperature: float,
         with_teacher: bool,
+        teacher_out: Any = None,
     ) -> tuple[SampleTerms, SampleTerms]:
         """The loss terms of ``rows`` and the terms the scorer observes (:mod:`kdcore.training.onpolicy_loss`).
 
-        ``lam``: λ of each row, the weights the fused path prepares its gradients for.
+        ``lam``: λ of each row, the weights the fused path prepares its gradients for. ``teacher_out``:
+        the live teacher's output for ``rows`` already computed (:meth:`live_teacher`), else None.
         """
         input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
         labels = rows.labels.to(self.device)
@@ -423,21 +485,28 @@ class Trainer:
         ):  # dataset rows only (choose_loss_path): what is learnt is what is observed
             hidden = final_hidden_states(self.student, input_ids, mask)
             weight, bias = linear_head(self.accelerator.unwrap_model(self.student))
-            teacher = self.teacher_hidden(input_ids, mask) if with_teacher else {}
-            terms = fused_sample_terms(
-                hidden,
-                weight,
-                labels,
-                divergence=divergence,
-                temperature=temperature,
-                student_bias=bias,
-                loss_weights=(1 - lam, lam),
-                **teacher,
-            )
+            teacher = {}
+            if with_teacher:
+                teacher = teacher_out or self.fused_teacher(sample_ids, labels, input_ids, mask)
+            with self.accelerator.autocast():  # mixed precision: the head projections in its dtype
+                terms = fused_sample_terms(
+                    hidden,
+                    weight,
+                    labels,
+                    divergence=divergence,
+                    temperature=temperature,
+                    student_bias=bias,
+                    loss_weights=(1 - lam, lam),
+                    **teacher,
+                )
             return terms, terms
         student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
         # the teacher scores the exact ids and mask the student saw
-        teacher_logits = self.teacher_logits(sample_ids, labels, input_ids, mask) if with_teacher else None
+        teacher_logits = None
+        if with_teacher:
+            teacher_logits = teacher_out
+            if teacher_logits is None:
+                teacher_logits = self.teacher_logits(sample_ids, labels, input_ids, mask)
         prompt_labels = None if rows.prompt_labels is None else rows.prompt_labels.to(self.device)
         return source_terms(
             student_logits,
@@ -456,13 +525,25 @@ class Trainer:
         """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
         if self.teacher_cache is not None:
             return self.teacher_cache.topk(sample_ids, labels)
-        return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        with self.accelerator.autocast():  # mixed precision: the teacher in its dtype too
+            return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def fused_teacher(
+        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """The fused path's teacher side, the keyword arguments of :func:`fused_sample_terms`: the cache's
+        top-K rows, or the live teacher's final hidden states and head, without gradient."""
+        if self.teacher_cache is not None:
+            return {"teacher_topk": self.teacher_cache.topk(sample_ids, labels)}
+        return self.teacher_hidden(input_ids, mask)
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """The fused path's teacher side: its final hidden states and head, without gradient."""
+        """The fused path's live teacher side: its final hidden states and head, without gradient."""
         weight, bias = linear_head(self.teacher)
-        hidden = final_hidden_states(self.teacher, input_ids, mask)
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(self.teacher, input_ids, mask)
         return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -487,7 +568,10 @@ class Trainer:
         eval_every = self.cfg.eval_every or max(1, self.total_steps // 4)
         self.student.train()
         self._window_start = time.perf_counter() - self.history.window_seconds
-        with GracefulStop(self.checkpoints is not None, hold_after_stop=exits_after_stop) as stop:
+        with (
+            GracefulStop(self.checkpoints is not None, hold_after_stop=exits_after_stop) as stop,
+            contextlib.closing(self),  # the teacher's prefetch thread ends with the loop, however it ends
+        ):
             for step in range(self.step, self.total_steps):
                 if self.sampler.needs_refresh(step):
                     self.refresh(step)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from kdcore.errors import KdError
 from kdcore.inputs.packing import IGNORE_INDEX
-from kdcore.training.losses import SampleTerms
+from kdcore.training.losses import SampleTerms, TopKTeacher, _sparse_divergence
 
 if TYPE_CHECKING:
     from kdcore.strategies import Divergence
@@ -56,6 +56,28 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if present and all(t.dtype == torch.float64 for t in present) else torch.float32
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matrix products on ``device`` now, or None when autocast is off there."""
+    kind = device.type
+    try:
+        enabled, dtype = torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    except (TypeError, AttributeError):  # torch < 2.4: one query per device type
+        if kind == "cpu":
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        elif kind == "cuda":
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            return None
+    return dtype if enabled else None
+
+
+def _cast(x: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``x`` without gradient, in ``dtype`` (None: its own)."""
+    if x is None:
+        return None
+    return x.detach() if dtype is None else x.detach().to(dtype)
+
+
 def _logits(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -65,16 +87,20 @@ def _logits(
 
 def _token_terms(
     s: torch.Tensor,
-    t: torch.Tensor | None,
+    t: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     gold: torch.Tensor,
     divergence: Divergence | None,
     temperature: float,
+    vocab_t: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token CE, divergence and log p(gold) of one chunk, as :mod:`kdcore.training.losses` computes them."""
+    """Per-token CE, divergence and log p(gold) of one chunk, as :mod:`kdcore.training.losses` computes them;
+    ``t``: the teacher's dense logits, or the (log-probs, ids, tail) rows of a top-K teacher of ``vocab_t``."""
     lse = torch.logsumexp(s, dim=-1)
     logp_gold = s.gather(1, gold.unsqueeze(1)).squeeze(1) - lse
     if t is None:
         return -logp_gold, None, logp_gold
+    if isinstance(t, tuple):
+        return -logp_gold, _sparse_divergence(s, lse, t, vocab_t, divergence, temperature), logp_gold
     shared = min(s.shape[-1], t.shape[-1])
     if temperature == 1.0 and shared == s.shape[-1]:
         s_logp = s - lse.unsqueeze(1)
@@ -82,6 +108,34 @@ def _token_terms(
         s_logp = F.log_softmax(s[:, :shared] / temperature, dim=-1)
     t_logp = F.log_softmax(t[:, :shared] / temperature, dim=-1)
     return -logp_gold, divergence.per_token(s_logp, t_logp), logp_gold
+
+
+class _TeacherRows:
+    """The teacher side of the loss, one chunk of rows at a time: dense logits projected from its hidden
+    rows through its head (in the matmul dtype), or a top-K teacher's rows; ``None`` without a teacher."""
+
+    def __init__(
+        self,
+        th: torch.Tensor | None,
+        t_weight: torch.Tensor | None,
+        t_bias: torch.Tensor | None,
+        topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+        matmul: torch.dtype | None,
+        dtype: torch.dtype,
+    ) -> None:
+        self.th, self.topk, self.dtype = th, topk, dtype
+        self.weight, self.bias = _cast(t_weight, matmul), _cast(t_bias, matmul)
+
+    @property
+    def present(self) -> bool:
+        return self.th is not None or self.topk is not None
+
+    def chunk(self, rows: slice) -> torch.Tensor | tuple | None:
+        if self.th is not None:
+            return _logits(self.th[rows], self.weight, self.bias, self.dtype)
+        if self.topk is not None:
+            return tuple(None if x is None else x[rows] for x in self.topk)
+        return None
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -96,6 +150,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         th: torch.Tensor | None,  # [N, Ht] the teacher's rows, or None
         t_weight: torch.Tensor | None,
         t_bias: torch.Tensor | None,
+        t_logprobs: torch.Tensor | None,  # [N, K] a top-K teacher's rows instead of th, or None
+        t_indices: torch.Tensor | None,
+        t_tail: torch.Tensor | None,
+        t_vocab: int,
         gold: torch.Tensor,  # [N]
         sample: torch.Tensor,  # [N] sample index of each row
         denom: torch.Tensor,  # [B] valid tokens per sample, at least 1
@@ -103,38 +161,42 @@ class _FusedHeadLoss(torch.autograd.Function):
         temperature: float,
         chunk: int,
         hint: tuple[torch.Tensor, torch.Tensor] | None,  # per-sample weights of ce and kd
+        matmul: torch.dtype | None,  # the projections' dtype under autocast (None: the weights')
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = _compute_dtype(h, weight)
-        teacher = th is not None
+        topk = None if t_logprobs is None else (t_logprobs, t_indices, t_tail)
+        teacher = _TeacherRows(th, t_weight, t_bias, topk, matmul, dtype)
         batch = denom.shape[0]
         ce_tok = torch.empty(h.shape[0], dtype=dtype, device=h.device)
         kd_tok = torch.zeros_like(ce_tok)
         conf_tok = torch.empty_like(ce_tok)
+        w, b = _cast(weight, matmul), _cast(bias, matmul)
         wants_grad = hint is not None and any(ctx.needs_input_grad[:3])
-        grads = _Grads(h, weight, bias, ctx.needs_input_grad) if wants_grad else None
+        grads = _Grads(h, weight, bias, ctx.needs_input_grad, w) if wants_grad else None
         if wants_grad:
             w_ce, w_kd = _token_weights(hint[0], hint[1], sample, denom, temperature, dtype)
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            t = _logits(th[rows], t_weight, t_bias, dtype) if teacher else None
-            if grads is None:
-                s = _logits(h[rows], weight, bias, dtype)
-                ce, kd, logp_gold = _token_terms(s, t, gold[rows], divergence, temperature)
-            else:
-                with torch.enable_grad():
-                    s = _logits(h[rows].detach(), weight.detach(), _detach(bias), dtype).requires_grad_(True)
-                    ce, kd, logp_gold = _token_terms(s, t, gold[rows], divergence, temperature)
-                    loss = (w_ce[rows] * ce).sum()
-                    if teacher:
-                        loss = loss + (w_kd[rows] * kd).sum()
-                    (ds,) = torch.autograd.grad(loss, s)
-                grads.add(rows, ds)
-                ce, kd, logp_gold = ce.detach(), None if kd is None else kd.detach(), logp_gold.detach()
-            ce_tok[rows] = ce
-            if teacher:
-                kd_tok[rows] = kd
-            conf_tok[rows] = logp_gold.exp()
-            del s, t, ce, kd, logp_gold
+        with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen here
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                t = teacher.chunk(rows)
+                if grads is None:
+                    s = _logits(h[rows], w, b, dtype)
+                    ce, kd, logp_gold = _token_terms(s, t, gold[rows], divergence, temperature, t_vocab)
+                else:
+                    with torch.enable_grad():
+                        s = _logits(h[rows].detach(), w, b, dtype).requires_grad_(True)
+                        ce, kd, logp_gold = _token_terms(s, t, gold[rows], divergence, temperature, t_vocab)
+                        loss = (w_ce[rows] * ce).sum()
+                        if teacher.present:
+                            loss = loss + (w_kd[rows] * kd).sum()
+                        (ds,) = torch.autograd.grad(loss, s)
+                    grads.add(rows, ds)
+                    ce, kd, logp_gold = ce.detach(), None if kd is None else kd.detach(), logp_gold.detach()
+                ce_tok[rows] = ce
+                if teacher.present:
+                    kd_tok[rows] = kd
+                conf_tok[rows] = logp_gold.exp()
+                del s, t, ce, kd, logp_gold
 
         def per_sample(values: torch.Tensor) -> torch.Tensor:
             return torch.zeros(batch, dtype=dtype, device=h.device).index_add_(0, sample, values) / denom.to(
@@ -143,41 +205,49 @@ class _FusedHeadLoss(torch.autograd.Function):
 
         ce_s, conf_s = per_sample(ce_tok), per_sample(conf_tok)
         kd_s = per_sample(kd_tok) * (temperature * temperature)
-        ctx.save_for_backward(h, weight, bias, th, t_weight, t_bias, gold, sample, denom)
-        ctx.divergence, ctx.temperature, ctx.chunk = divergence, temperature, chunk
-        ctx.hint, ctx.grads = hint, grads
+        ctx.save_for_backward(
+            h, weight, bias, th, t_weight, t_bias, t_logprobs, t_indices, t_tail, gold, sample, denom
+        )
+        ctx.divergence, ctx.temperature, ctx.chunk, ctx.t_vocab = divergence, temperature, chunk, t_vocab
+        ctx.hint, ctx.grads, ctx.matmul = hint, grads, matmul
         ctx.mark_non_differentiable(conf_s)
         return ce_s, kd_s, conf_s
 
     @staticmethod
     def backward(ctx: Any, g_ce: torch.Tensor | None, g_kd: torch.Tensor | None, _g_conf: Any) -> tuple:
-        h, weight, bias, th, t_weight, t_bias, gold, sample, denom = ctx.saved_tensors
+        h, weight, bias, th, t_weight, t_bias, t_lp, t_idx, t_tail, gold, sample, denom = ctx.saved_tensors
         batch = denom.shape[0]
+        topk = None if t_lp is None else (t_lp, t_idx, t_tail)
         g_ce = torch.zeros(batch, device=h.device) if g_ce is None else g_ce
-        g_kd = torch.zeros(batch, device=h.device) if g_kd is None or th is None else g_kd
+        g_kd = torch.zeros(batch, device=h.device) if g_kd is None or (th is None and topk is None) else g_kd
         grads = ctx.grads
         scale = _proportion(g_ce, g_kd, ctx.hint) if grads is not None else None
         if scale is None:  # no forward gradient, or weighted otherwise than announced: recompute
-            dtype = _compute_dtype(h, weight)
-            grads = _Grads(h, weight, bias, ctx.needs_input_grad)
+            dtype, matmul = _compute_dtype(h, weight), ctx.matmul
+            teacher = _TeacherRows(th, t_weight, t_bias, topk, matmul, dtype)
+            w, b = _cast(weight, matmul), _cast(bias, matmul)
+            grads = _Grads(h, weight, bias, ctx.needs_input_grad, w)
             w_ce, w_kd = _token_weights(g_ce, g_kd, sample, denom, ctx.temperature, dtype)
-            for start in range(0, h.shape[0], ctx.chunk):
-                rows = slice(start, start + ctx.chunk)
-                with torch.no_grad():
-                    t = _logits(th[rows], t_weight, t_bias, dtype) if th is not None else None
-                with torch.enable_grad():
-                    s = _logits(h[rows].detach(), weight.detach(), _detach(bias), dtype).requires_grad_(True)
-                    ce, kd, _ = _token_terms(s, t, gold[rows], ctx.divergence, ctx.temperature)
-                    loss = (w_ce[rows] * ce).sum()
-                    if kd is not None:
-                        loss = loss + (w_kd[rows] * kd).sum()
-                    (ds,) = torch.autograd.grad(loss, s)
-                grads.add(rows, ds)
-                del s, t, ce, kd, ds
+            with torch.autocast(h.device.type, enabled=False):
+                for start in range(0, h.shape[0], ctx.chunk):
+                    rows = slice(start, start + ctx.chunk)
+                    with torch.no_grad():
+                        t = teacher.chunk(rows)
+                    with torch.enable_grad():
+                        s = _logits(h[rows].detach(), w, b, dtype).requires_grad_(True)
+                        ce, kd, _ = _token_terms(
+                            s, t, gold[rows], ctx.divergence, ctx.temperature, ctx.t_vocab
+                        )
+                        loss = (w_ce[rows] * ce).sum()
+                        if kd is not None:
+                            loss = loss + (w_kd[rows] * kd).sum()
+                        (ds,) = torch.autograd.grad(loss, s)
+                    grads.add(rows, ds)
+                    del s, t, ce, kd, ds
             scale = 1.0
         ctx.grads = None
         g_h, g_w, g_b = grads.result(scale)
-        return g_h, g_w, g_b, None, None, None, None, None, None, None, None, None, None
+        return g_h, g_w, g_b, *([None] * 16)
 
 
 def _detach(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -213,25 +283,40 @@ def _proportion(
 
 
 class _Grads:
-    """Accumulates the student's gradients chunk by chunk: hidden rows, head weight and bias."""
+    """Accumulates the student's gradients chunk by chunk: hidden rows, head weight and bias.
+
+    ``projection``: the head weight the forward projected with (the weight itself, or its copy in the
+    autocast dtype); with a copy in another dtype, the two gradient products run in that dtype too, and
+    each chunk's weight gradient is added to a float32 sum.
+    """
 
     def __init__(
-        self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple
+        self,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        needs: tuple,
+        projection: torch.Tensor,
     ) -> None:
-        self.h, self.weight = h, weight
+        self.h, self.weight, self.projection = h, weight, projection
         self.acc = (
             _compute_dtype(h, weight) if weight.dtype not in (torch.float32, torch.float64) else weight.dtype
         )
+        self.low = projection.dtype != weight.dtype  # autocast: products in the projection's dtype
         self.g_h = torch.empty_like(h) if needs[0] else None
         self.g_w = torch.zeros(weight.shape, dtype=self.acc, device=weight.device) if needs[1] else None
         self.g_b = torch.zeros(bias.shape, dtype=self.acc, device=bias.device) if needs[2] else None
 
     def add(self, rows: slice, ds: torch.Tensor) -> None:
         """``ds`` = d loss / d logits of the chunk ``rows``."""
+        w = self.projection
         if self.g_h is not None:
-            self.g_h[rows] = (ds.to(self.weight.dtype) @ self.weight).to(self.h.dtype)
+            self.g_h[rows] = (ds.to(w.dtype) @ w).to(self.h.dtype)
         if self.g_w is not None:
-            self.g_w.addmm_(ds.t().to(self.acc), self.h[rows].to(self.acc))
+            if self.low:
+                self.g_w += ds.t().to(w.dtype) @ self.h[rows].to(w.dtype)
+            else:
+                self.g_w.addmm_(ds.t().to(self.acc), self.h[rows].to(self.acc))
         if self.g_b is not None:
             self.g_b += ds.sum(0).to(self.acc)
 
@@ -257,6 +342,7 @@ def fused_sample_terms(
     teacher_bias: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_topk: TopKTeacher | None = None,
 ) -> SampleTerms:
     """Per-sample ``ce``, ``kd``, ``confidence`` and ``tokens`` (``[B]`` each) from final hidden states.
 
@@ -267,6 +353,15 @@ def fused_sample_terms(
     tokens per chunk, by default ``CHUNK_ELEMENTS // max(Vs, Vt)`` (at least 1). ``loss_weights``:
     the per-sample weights ``(a, b)`` of the loss ``Σ c·(a_i·ce_i + b_i·kd_i)`` the caller will
     differentiate, for any scalar ``c`` — gradients are then computed in the forward pass.
+
+    ``teacher_topk`` instead of ``teacher_hidden``: a sparse teacher (a teacher cache's
+    :class:`~kdcore.training.losses.TopKTeacher` ``[B, T, K]``), its KD term computed over the ``K``
+    tokens plus the rest bucket exactly as :func:`~kdcore.training.losses.per_sample_terms` computes it.
+
+    Under autocast (``torch.autocast`` enabled on the hidden states' device, as ``training.mixed_precision``
+    makes it) the head projections and the gradient products run in autocast's dtype, the heads' weights
+    cast once per call; the logits of each chunk are upcast, and softmaxes, the divergence, the per-sample
+    sums and the weight gradient's sum are float32 (float64 inputs outside autocast stay float64).
     """
     if student_hidden.dim() != 3 or labels.shape != student_hidden.shape[:2]:
         raise ValueError(
@@ -275,6 +370,15 @@ def fused_sample_terms(
         )
     if student_head.dim() != 2 or student_head.shape[1] != student_hidden.shape[2]:
         raise ValueError(f"student_head {tuple(student_head.shape)} is not [V, {student_hidden.shape[2]}]")
+    if teacher_hidden is not None and teacher_topk is not None:
+        raise TypeError("fused_sample_terms: give teacher_hidden or teacher_topk, not both")
+    if teacher_topk is not None:
+        if divergence is None:
+            raise TypeError("fused_sample_terms: teacher_topk needs a divergence")
+        if teacher_topk.shape[:2] != labels.shape:
+            raise ValueError(
+                f"teacher_topk {tuple(teacher_topk.shape)} does not match labels {tuple(labels.shape)}"
+            )
     teacher = teacher_hidden is not None
     if teacher:
         if teacher_head is None or divergence is None:
@@ -288,6 +392,7 @@ def fused_sample_terms(
         raise ValueError(f"temperature must be positive, got {temperature}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens}")
+    dense, teacher = teacher, teacher or teacher_topk is not None
 
     batch, seq, hidden = student_hidden.shape
     device = student_hidden.device
@@ -301,12 +406,15 @@ def fused_sample_terms(
         zeros = torch.zeros(batch, device=device, dtype=dtype)
         kd = zeros + zero if teacher else zeros.clone()
         return SampleTerms(ce=zeros + zero, kd=kd, confidence=zeros.clone(), tokens=tokens)
-    widest = max(student_head.shape[0], teacher_head.shape[0] if teacher else 0)
+    widest = max(student_head.shape[0], teacher_head.shape[0] if dense else 0)
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // widest)
     h = student_hidden.reshape(batch * seq, hidden).index_select(0, rows)
     th = None
-    if teacher:
+    if dense:
         th = teacher_hidden.detach().reshape(batch * seq, -1).index_select(0, rows)
+    topk: list[torch.Tensor | None] = [None, None, None]
+    if teacher_topk is not None:
+        topk = [None if x is None else x.index_select(0, rows) for x in teacher_topk.rows()]
     hint = None
     if loss_weights is not None:
         ce_w = loss_weights[0].detach().reshape(batch).to(device)
@@ -319,6 +427,8 @@ def fused_sample_terms(
         th,
         _detach(teacher_head),
         _detach(teacher_bias),
+        *topk,
+        teacher_topk.vocab_size if teacher_topk is not None else 0,
         flat.index_select(0, rows),
         torch.div(rows, seq, rounding_mode="floor"),
         tokens.clamp(min=1.0),
@@ -326,6 +436,7 @@ def fused_sample_terms(
         temperature,
         chunk,
         hint,
+        _autocast_dtype(device),
     )
     if not teacher:
         kd = torch.zeros_like(ce)
@@ -389,25 +500,29 @@ def choose_loss_path(
     """``("fused" | "logits", why)`` for a run, decided once from ``training.loss_path`` (``setting``).
 
     ``auto`` is fused when the student's and the live teacher's logits are a plain linear head over
-    their final hidden states; a teacher cache holds top-K log-probabilities, not hidden states, and a
-    ``sharded`` run (FSDP, DeepSpeed, or a sharded teacher) splits the heads over the processes, so both
-    take the logits path, as does a source that ``generates`` rows (their loss and the scorer's
-    statistics come from :func:`~kdcore.training.onpolicy_loss.source_terms`). ``fused`` where that
-    cannot work is refused with one sentence.
+    their final hidden states; with a teacher ``cached`` only the student's head matters (the cache's
+    top-K rows stand for the teacher, ``fused_sample_terms(teacher_topk=...)``). A ``sharded`` run
+    (FSDP, DeepSpeed, or a sharded teacher) splits the heads over the processes, so it takes the logits
+    path, as does a source that ``generates`` rows (their loss and the scorer's statistics come from
+    :func:`~kdcore.training.onpolicy_loss.source_terms`). ``fused`` where that cannot work is refused
+    with one sentence.
     """
     if setting == "logits":
         return "logits", "training.loss_path is logits"
     problem = None
-    if cached:
-        problem = "a teacher cache holds the teacher's top-K log-probabilities, not its hidden states"
-    elif sharded:
+    if sharded:
         problem = "the run shards its models over the processes (FSDP or DeepSpeed), so a head is split"
     elif generates:
         problem = "the source writes text during training, whose loss the logits path computes"
     elif not fusable(student):
         problem = "the student's logits are not a plain linear head over its final hidden states"
-    elif teacher is not None and not fusable(teacher):
+    elif teacher is not None and not cached and not fusable(teacher):
         problem = "the teacher's logits are not a plain linear head over its final hidden states"
+    if problem is None and cached:
+        return "fused", (
+            "the student's head is linear: its logits are computed chunk by chunk inside the loss, "
+            "against the teacher cache's top-K"
+        )
     if problem is None:
         return "fused", "both heads are linear: logits are computed chunk by chunk inside the loss"
     if setting == "fused":
