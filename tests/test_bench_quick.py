@@ -88,6 +88,7 @@ def test_the_gpu_check_without_a_gpu_says_to_use_the_smoke_run():
     assert done.returncode == 1 and "no CUDA device: run with --cpu-smoke" in done.stderr
 
 
+@pytest.mark.slow  # three fresh processes with their imports: about a minute on 2 cores
 def test_the_real_teacher_bench_runs_its_new_arms_quick():
     """bench/real_teacher_speed.py --quick (a tiny random pair): bf16 with prefetch and the fused cache arm,
     each in its own process, in the one table with ratios (all arms: docs/performance.md)."""
