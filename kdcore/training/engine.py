@@ -39,7 +39,6 @@ from kdcore.strategies import (
     ReliancePolicy,
     ScorerContext,
     Source,
-    SourceContext,
     SourceRows,
     Strategy,
     prompt_lengths,
@@ -53,7 +52,7 @@ from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fu
 from kdcore.training.losses import SampleTerms, TopKTeacher
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
 from kdcore.training.onpolicy_loss import sample_losses, source_terms
-from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
+from kdcore.training.sources import BatchRequest, dataset_rows, source_context
 
 
 class CachedTeacher(Protocol):
@@ -244,8 +243,7 @@ class Trainer:
         )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
         self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
-        longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
-        strategies.source.check(SourceContext(train.seq_len, max_positions(student, teacher), longest))
+        strategies.source.check(source_context(train, student, teacher))
         self.sampler = CurriculumSampler(
             len(train),
             training.batch_size,
