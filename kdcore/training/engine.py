@@ -507,6 +507,15 @@ class Trainer:
                     raise RunInterrupted(
                         done, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
                     )
+            # a signal during the last step, after its check: the loop is over, but the stop still counts
+            signum = stop.requested(self.accelerator)
+            if signum and self.checkpoints is not None:
+                if self.checkpoints.last_step != self.step:
+                    with self.paused():
+                        self.save_checkpoint()
+                raise RunInterrupted(
+                    self.step, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
+                )
         with self.paused():
             self.history.onpolicy_kl.append((self.total_steps, self.evaluate_on_policy()))
         history = self.history
