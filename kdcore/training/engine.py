@@ -52,7 +52,7 @@ from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fu
 from kdcore.training.losses import SampleTerms, TopKTeacher
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
 from kdcore.training.onpolicy_loss import sample_losses, source_terms
-from kdcore.training.sources import BatchRequest, dataset_rows, source_context
+from kdcore.training.sources import BatchRequest, GenerationClock, dataset_rows, source_context
 
 
 class CachedTeacher(Protocol):
@@ -376,6 +376,7 @@ class Trainer:
     @torch.no_grad()
     def source_rows(self, sample_ids: torch.Tensor, step: int, progress: float) -> SourceRows:
         """The source's rows for ``sample_ids``; the time spent generating is recorded."""
+        clock = GenerationClock()  # shared by every copy of the request the source makes
         request = BatchRequest(
             sample_ids,
             dataset_rows(
@@ -391,9 +392,10 @@ class Trainer:
             self.teacher,
             pad_id=self.pad_id,
             eos_ids=self.eos_ids,
+            clock=clock,
         )
         rows = self.strategies.source.rows(request)
-        self.history.generation_seconds += request.generation_seconds
+        self.history.generation_seconds += clock.seconds
         return rows
 
     def needs_teacher(self, lam: torch.Tensor) -> bool:

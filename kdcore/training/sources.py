@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,15 @@ from kdcore.training import parallel
 from kdcore.training.curriculum import derive_seed
 from kdcore.training.generation import generate, row_seeds
 
-__all__ = ["BatchRequest", "check_source", "dataset_rows", "eos_ids_of", "max_positions", "source_context"]
+__all__ = [
+    "BatchRequest",
+    "GenerationClock",
+    "check_source",
+    "dataset_rows",
+    "eos_ids_of",
+    "max_positions",
+    "source_context",
+]
 
 
 def dataset_rows(
@@ -65,13 +73,21 @@ def _place(base: SourceRows, rows: SourceRows, where: torch.Tensor, pad_id: int)
 
 
 @dataclass
+class GenerationClock:
+    """Seconds spent in :meth:`BatchRequest.generate`, for the run's share of time generating. The engine
+    owns it and every copy of a request (``with_rows``, ``dataclasses.replace``) adds to the same one."""
+
+    seconds: float = 0.0
+
+
+@dataclass
 class BatchRequest(SourceRequest):
     """The engine's :class:`~kdcore.strategies.SourceRequest`: continuations from
     :func:`~kdcore.training.generation.generate`, seeded per ``(seed, step, sample id)``."""
 
     pad_id: int = 0
     eos_ids: tuple[int, ...] = ()
-    generation_seconds: float = 0.0  # spent in generate(), for the run's share of time generating
+    clock: GenerationClock = field(default_factory=GenerationClock)
 
     def generate(
         self,
@@ -99,7 +115,7 @@ class BatchRequest(SourceRequest):
             temperature=temperature,
             top_p=top_p,
         )
-        self.generation_seconds += time.perf_counter() - start
+        self.clock.seconds += time.perf_counter() - start
         n = len(where)
         rows = SourceRows(
             gen.input_ids,
