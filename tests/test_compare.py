@@ -656,3 +656,21 @@ def test_a_refusal_before_the_first_arm_trains_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(KdError, match="the teacher could not be trained"):
         cmp.compare(plan, out, log=lambda line: None)
     assert (list(out.iterdir()) == []) if existed else not out.exists()
+
+
+def test_the_matched_row_shows_the_source_it_trains_on(tmp_path):
+    """A matched-λ baseline keeps its arm's source (and divergence, temperature); its row said only
+    reliance:fixed(value=matched)."""
+    arm = "onp=source:on-policy(max_new_tokens=8),reliance:threshold,divergence:reverse-kl"
+    plan = _plan(tmp_path, [arm, "sr=reliance:threshold"], sweep="none", seeds="0")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.yaml").write_text(plan.to_yaml())
+    rows = {r["name"]: r for r in cmp.table_only(out, log=lambda line: None)["arms"]}
+    assert rows["kd@matched-onp"]["strategy"] == (
+        "reliance:fixed(value=matched),divergence:reverse-kl,source:on-policy(max_new_tokens=8)"
+    )
+    assert rows["kd@matched-sr"]["strategy"] == "reliance:fixed(value=matched)"
+    assert "`reliance:fixed(value=matched),divergence:reverse-kl,source:on-policy(max_new_tokens=8)`" in (
+        (out / "comparison.md").read_text()
+    )
