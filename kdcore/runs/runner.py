@@ -27,7 +27,7 @@ from kdcore.config import RunConfig
 from kdcore.errors import KdError, RunInterrupted
 from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
-from kdcore.inputs.cut import cut_student, parse_cut_spec
+from kdcore.inputs.cut import calibrate_head, cut_student, parse_cut_spec
 from kdcore.inputs.models import (
     build_from_spec,
     check_seq_len,
@@ -177,6 +177,20 @@ def resolve_student(
     student = load_pretrained(model.student, trust_remote_code=model.trust_remote_code, echo=echo)
     check_student_tokenizer(tokenizer, model)
     return student
+
+
+def calibrate_cut(cfg: RunConfig, student: Any, train: PackedDataset, console: Console) -> None:
+    """A cut student's head, made no more confident than the training text supports
+    (:func:`~kdcore.inputs.cut.calibrate_head`); anything else is left as built."""
+    if parse_cut_spec(cfg.model.student) is None:
+        return
+    scale = calibrate_head(student, train.input_ids, train.attention_mask, train.labels)
+    if scale != 1.0:
+        console.print(
+            f"Its final norm scaled by {scale:.3g}: the copied head was more confident than the first training "
+            "samples support (docs/real-models.md)",
+            highlight=False,
+        )
 
 
 def check_vocabularies(
@@ -369,6 +383,7 @@ def run_baseline(
         )
         console.print(f"Baseline: the CE-only student ({where}) in {base_dir}")
     student = resolve_student(base_cfg, models.tokenizer, models.teacher, models.corpus, console)
+    calibrate_cut(base_cfg, student, models.train, console)
     models = replace(models, student=student)
     checkpoint = None if found is None else {"path": found[0], **found[1]}
     try:
@@ -533,6 +548,7 @@ def load_models(cfg: RunConfig, console: Console) -> Models:
         console.print(f"[yellow]{note}[/yellow]", highlight=False)
     if cache is not None:
         cache.check_data(train, eval_set)
+    calibrate_cut(cfg, student, train, console)
     return Models(teacher, cache, student, tokenizer, train, eval_set, corpus)
 
 
