@@ -123,3 +123,148 @@ def on_files(files: Any, config: Any) -> Any:
         if files.get_file_from_path(name) is None:  # a real docs/index.md wins over the README copy
             files.append(File.generated(config, name, content=content))
     return files
+
+
+# -- docs/api.md: the Python API as plain Markdown, readable on GitHub without a site build -------------
+#: (section title, introduction, dotted names) in the order of the page.
+API_SECTIONS = (
+    ("Running", "", ("kdcore.run", "kdcore.RunConfig", "kdcore.StrategySpec")),
+    (
+        "Strategy interfaces",
+        "Plugins subclass these; see [Writing a plugin](plugins.md).",
+        (
+            "kdcore.Strategy",
+            "kdcore.DifficultyScorer",
+            "kdcore.PacingFunction",
+            "kdcore.ReliancePolicy",
+            "kdcore.Divergence",
+            "kdcore.ScorerContext",
+            "kdcore.Source",
+            "kdcore.SourceRequest",
+            "kdcore.SourceRows",
+            "kdcore.SourceContext",
+            "kdcore.NoParams",
+        ),
+    ),
+    (
+        "Plugins and errors",
+        "",
+        ("kdcore.hookimpl", "kdcore.create_strategy", "kdcore.KdError", "kdcore.PluginError"),
+    ),
+    (
+        "Testing plugins",
+        "Helpers for a plugin's own tests (not needed at run time).",
+        ("kdcore.testing.source_request",),
+    ),
+    (
+        "Outputs",
+        "The modules behind `kd report`, the model card and the experiment trackers.",
+        (
+            "kdcore.reports.build_report",
+            "kdcore.runs.model_card.render_model_card",
+            "kdcore.runs.model_card.refresh_model_card",
+            "kdcore.runs.trackers.Tracking",
+            "kdcore.runs.dry_run.dry_run",
+        ),
+    ),
+)
+#: What a name that is neither a class nor a function is, in place of its type's docstring.
+_NOTES = {
+    "kdcore.hookimpl": "pluggy's marker for kdcore's hooks: decorate a plugin's ``kd_register_*`` functions "
+    "with it (see [Writing a plugin](plugins.md))."
+}
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):`(~?)([^`]+)`")
+
+
+class _Annotation:
+    """An annotation kept as written (``from __future__ import annotations``), shown without quotes."""
+
+    def __init__(self, text: Any) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text if isinstance(self.text, str) else getattr(self.text, "__name__", repr(self.text))
+
+
+def _signature(obj: Any) -> str:
+    import inspect
+
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return ""
+    empty = inspect.Parameter.empty
+    params = [
+        p.replace(annotation=_Annotation(p.annotation)) if p.annotation is not empty else p
+        for p in sig.parameters.values()
+    ]
+    ret = sig.return_annotation
+    return str(
+        sig.replace(parameters=params, return_annotation=_Annotation(ret) if ret is not empty else ret)
+    )
+
+
+def _markdown(doc: str) -> str:
+    """A docstring in Markdown: Sphinx roles as code (``~`` keeps the last name), ````x```` as `x`."""
+
+    def role(match: re.Match[str]) -> str:
+        target = match.group(2)
+        return f"`{target.rsplit('.', 1)[-1] if match.group(1) else target}`"
+
+    return _SPHINX_ROLE.sub(role, doc).replace("``", "`")
+
+
+def _entry(dotted: str) -> str:
+    import importlib
+    import inspect
+    from dataclasses import is_dataclass
+
+    module, _, name = dotted.rpartition(".")
+    obj = getattr(importlib.import_module(module), name)
+    lines = [f"### `{dotted}`", ""]
+    if inspect.isclass(obj):  # a dataclass by its fields, any other class by its bases
+        public = [next(c for c in base.__mro__ if not c.__name__.startswith("_")) for base in obj.__bases__]
+        bases = ", ".join(base.__name__ for base in public if base is not object)
+        shown = (
+            _signature(obj).removesuffix(" -> None") if is_dataclass(obj) else f"({bases})" if bases else ""
+        )
+        lines += ["```python", f"class {name}{shown}", "```", ""]
+    elif inspect.isfunction(obj):
+        lines += ["```python", f"{name}{_signature(obj)}", "```", ""]
+    doc = inspect.getdoc(obj) if inspect.isclass(obj) or inspect.isfunction(obj) else _NOTES.get(dotted)
+    if doc:
+        lines += [_markdown(inspect.cleandoc(doc)), ""]
+    if inspect.isclass(obj):
+        for member, value in vars(obj).items():
+            function = getattr(value, "__func__", value)
+            if member.startswith("_") or not inspect.isfunction(function) or not function.__doc__:
+                continue
+            lines += [
+                f"#### `{name}.{member}{_signature(function)}`",
+                "",
+                _markdown(inspect.getdoc(function)),
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def api_reference() -> str:
+    """docs/api.md, generated from the docstrings (``python docs/hooks.py`` writes it)."""
+    parts = [
+        "# Python API",
+        "",
+        "The public API is what `kdcore` exports (`kdcore.__all__`): everything a plugin or a script needs.",
+        "Importing `kdcore` does not import torch. This page is generated from the docstrings by",
+        "`python docs/hooks.py` (a test checks that it is up to date).",
+        "",
+    ]
+    for title, intro, names in API_SECTIONS:
+        parts += [f"## {title}", ""]
+        if intro:
+            parts += [intro, ""]
+        parts += [_entry(name) for name in names]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    (REPO / "docs" / "api.md").write_text(api_reference(), encoding="utf-8")

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 from kdcore import __version__
 from kdcore.config import parse_assignment, resolve_config
@@ -108,9 +109,24 @@ TRAIN_SHARE_HELP = (
 STRAT = "Strategies"
 MODEL = "Models and data"
 TRAIN = "Training"
+SOURCE_HELP = "Where rows come from: {names} (dataset is the default; kd list-plugins describes each)."
 
 
-@app.command()
+class RunCommand(TyperCommand):
+    """``kd run``: its --help names every installed source, plugins' too (read when help is shown, so that
+    other commands do not load the plugins for it)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from kdcore.plugins import get_registry
+
+        names = get_registry().names("source")
+        for param in self.params:
+            if param.name == "source":
+                param.help = SOURCE_HELP.format(names=", ".join(names))
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=RunCommand)
 @friendly_errors
 def run(
     config: Annotated[
@@ -180,7 +196,7 @@ def run(
     source: Annotated[
         str | None,
         Opt(
-            help="Where rows come from: dataset (default), on-policy, mixed or teacher-generated.",
+            help=SOURCE_HELP.format(names="dataset, on-policy, mixed, teacher-generated or a plugin's"),
             rich_help_panel=STRAT,
         ),
     ] = None,

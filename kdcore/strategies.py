@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -234,6 +234,17 @@ class SourceRequest(ABC):
         """``[b]`` each sample's prompt length: the dataset's when it gives them, else its first
         ``prompt_tokens`` valid tokens (all of a shorter sample)."""
         return prompt_lengths(self.dataset.attention_mask, self.prompt_lengths, prompt_tokens)
+
+    def with_rows(self, rows: SourceRows, prompt_lengths: torch.Tensor | None = None) -> SourceRequest:
+        """This request with ``rows`` (one per sample, left-justified) in place of the dataset rows: what
+        :meth:`generate` continues and :meth:`prompts` measures, so that a source can continue prompts of
+        its own. ``prompt_lengths``: the new rows' prompts for :meth:`prompts` (None: their first
+        ``prompt_tokens``). Sample ids, seeds and the run's account of generation time are this request's."""
+        if len(rows.input_ids) != len(self.sample_ids):
+            raise ValueError(
+                f"with_rows needs one row per sample: {len(self.sample_ids)}, not {len(rows.input_ids)}"
+            )
+        return replace(self, dataset=rows, prompt_lengths=prompt_lengths)
 
     @abstractmethod
     def generate(

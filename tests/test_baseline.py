@@ -184,3 +184,94 @@ def test_the_dry_run_says_what_the_baseline_adds(tmp_path):
     ce = resolve_config(None, tiny(tmp_path / "ce", **{"output.baseline": True, "strategy.reliance": "none"}))
     assert "--baseline: this run is the CE-only student already; no baseline is trained" in dry_run(ce).notes
     assert not (tmp_path / "run").exists()
+
+
+# -- Ctrl-C outside the training loop's own handling: every window prints the resume line --------------
+def ctrl_c_at(monkeypatch, owner, name: str, when=lambda *a, **k: True) -> None:
+    """Send this process SIGINT on entry to ``owner.name`` (when ``when(args)``), then go on into it."""
+    import os
+    import signal
+
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if when(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def _is_run(tmp_path):
+    """For write_outputs(cfg, run_dir, ...): true for the run itself, not its baseline."""
+    return lambda cfg, run_dir, *a, **k: Path(run_dir) == tmp_path / "run"
+
+
+@pytest.mark.parametrize("where", ["full_student", "write_outputs"])
+@pytest.mark.parametrize("baseline", [False, True])
+def test_a_ctrl_c_after_a_training_loop_stops_with_the_resume_line(
+    runs, tmp_path, monkeypatch, capsys, where, baseline
+):
+    """Once a loop had ended (its last evaluation, the student gathered or written), Ctrl-C exited 130 with
+    no line, and a baseline stopped so was left without summary.json; now it says how to resume, which
+    finishes the run (and its baseline) as an uninterrupted run does."""
+    from kdcore.runs import runner
+    from kdcore.training.engine import Trainer
+
+    run_dir = tmp_path / "run"
+    owner = Trainer if where == "full_student" else runner
+    with monkeypatch.context() as patch:
+        when = (lambda *a, **k: True) if baseline or where == "full_student" else _is_run(tmp_path)
+        ctrl_c_at(patch, owner, where, when)
+        with pytest.raises(RunInterrupted) as caught:
+            run_in_process(tiny(run_dir, **{"output.baseline": True} if baseline else {}))
+    what = "the CE-only baseline" if baseline else ""
+    stopped = f"stopped {what} at step 12" if baseline else "stopped at step 12"
+    assert str(caught.value) == f"{stopped}; resume with: kd run --resume {run_dir}"  # checkpoint 12 exists
+    assert caught.value.exit_code == 130
+    stopped_in = run_dir / "baseline" if baseline else run_dir
+    assert not (stopped_in / "summary.json").exists() and (stopped_in / "checkpoints" / "step-12").is_dir()
+    capsys.readouterr()
+    resume(run_dir)
+    if baseline:
+        assert "inside its CE-only baseline, which had not finished" in capsys.readouterr().err
+        assert_same_run(run_dir / "baseline", runs["dir"] / "with-baseline" / "baseline")
+        assert_same_run(run_dir, runs["dir"] / "with-baseline")
+    else:
+        assert_same_run(run_dir, runs["dir"] / "kd")
+
+
+def test_a_signal_during_the_last_step_after_its_check_still_stops_the_run(tmp_path, monkeypatch):
+    """A SIGINT that came during the last step, after the loop's check, set the flag and was then ignored:
+    the run went on. Now it checkpoints that step and stops with the resume line."""
+    from kdcore.training.checkpoint import Checkpointer
+
+    ctrl_c_at(monkeypatch, Checkpointer, "due", lambda self, step: step == 12)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as caught:
+        run_in_process(tiny(run_dir, **{"training.checkpoint_every": 5}))
+    assert str(caught.value) == f"stopped at step 12; resume with: kd run --resume {run_dir}"
+    assert (run_dir / "checkpoints" / "step-12").is_dir() and not (run_dir / "summary.json").exists()
+    resume(run_dir)
+    assert summary(run_dir)["steps"] == 12
+
+
+def test_a_ctrl_c_through_the_cli_prints_the_resume_line(tmp_path, monkeypatch):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+    from kdcore.runs import runner
+
+    ctrl_c_at(monkeypatch, runner, "write_outputs")
+    run_dir = tmp_path / "run"
+    args = ["run"]
+    for key, value in tiny(run_dir).items():
+        args += ["--set", f"{key}={value}"]
+    monkeypatch.setattr("kdcore.cli.err", Console(stderr=True, width=400))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert (
+        result.output.strip().splitlines()[-1]
+        == f"stopped at step 12; resume with: kd run --resume {run_dir}"
+    )

@@ -176,6 +176,22 @@ def test_dry_run_catches_a_vocabulary_too_small(tmp_path):
         dry_run(cfg)
 
 
+def test_dry_run_runs_the_sources_own_check_as_the_run_does(tmp_path):
+    """The source's check (prompt + max_new_tokens within the models' positions) ran only once the
+    models had loaded (after a spec teacher had trained); the dry run now runs it, with the same context."""
+    student = f"{TINY_STUDENT},n_positions=64"
+    overrides = {"model.student": student, "model.teacher_steps": 17}
+    too_long = {"name": "on-policy", "params": {"max_new_tokens": 40}}
+    cfg = resolve_config(None, tiny_overrides(tmp_path / "run", **overrides, **{"strategy.source": too_long}))
+    before = teacher_dirs()
+    with pytest.raises(KdError, match=r"^source 'on-policy': a prompt of 32 tokens and max_new_tokens 40 exceed "
+                       r"the models' 64 positions; lower max_new_tokens or prompt_tokens$"):  # fmt: skip
+        dry_run(cfg)
+    fits = {"name": "on-policy", "params": {"max_new_tokens": 32}}
+    dry_run(resolve_config(None, tiny_overrides(tmp_path / "run", **overrides, **{"strategy.source": fits})))
+    assert teacher_dirs() == before and not (tmp_path / "run").exists()
+
+
 def test_dry_run_with_a_teacher_cache(tmp_path):
     from rich.console import Console
 

@@ -570,3 +570,107 @@ def test_cli_exits_non_zero_when_an_arm_has_no_finished_run(tmp_path, monkeypatc
     )
     table = CliRunner().invoke(app, ["compare", "--resume", str(out), "--table-only"])
     assert table.exit_code == 1 and "error: arm 'sr' has no finished run" in table.output
+
+
+# --------------------------------------------------------------------------------------------
+# every run checked as kd run --dry-run checks it, before anything trains or is written
+# --------------------------------------------------------------------------------------------
+def _no_training(monkeypatch) -> list:
+    """Record any teacher resolution or arm run instead of doing it."""
+    from kdcore.compare import execute
+    from kdcore.runs import runner
+
+    calls: list = []
+    monkeypatch.setattr(runner, "run", lambda cfg, **kw: calls.append(("run", cfg.output.dir)))
+    monkeypatch.setattr(execute, "resolve_plan_teacher", lambda *a: calls.append("teacher"))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("arm", "extra", "message"),
+    [
+        (
+            "bad=source:on-policy,reliance:none",
+            {},
+            r"^arm 'bad': source 'on-policy' trains on the teacher term alone and reliance 'none' sets "
+            r"every λ to 0",
+        ),
+        (
+            "long=source:on-policy(max_new_tokens=40),reliance:fixed",
+            {"model.student": "gpt2:n_layer=1,n_embd=16,n_head=2,n_positions=64"},
+            r"^arm 'long': source 'on-policy': a prompt of 32 tokens and max_new_tokens 40 exceed the "
+            r"models' 64 positions; lower max_new_tokens or prompt_tokens$",
+        ),
+    ],
+)
+def test_an_arm_its_run_would_refuse_fails_before_anything_trains(tmp_path, monkeypatch, arm, extra, message):
+    overrides = {**tiny_overrides(tmp_path / "unused"), **extra}
+    overrides.pop("output.dir")
+    plan = cmp.build_plan(arm_texts=["kd=reliance:fixed", arm], overrides=overrides, sweep="none", seeds="0")
+    calls = _no_training(monkeypatch)
+    out = tmp_path / "cmp"
+    with pytest.raises(KdError, match=message):
+        cmp.compare(plan, out, log=lambda line: None)
+    assert calls == [] and not out.exists()
+    # a comparison written before this check existed: --resume refuses the same way, runs nothing
+    out.mkdir()
+    (out / "compare.yaml").write_text(plan.to_yaml())
+    with pytest.raises(KdError, match=message):
+        cmp.resume(out, log=lambda line: None)
+    assert calls == [] and [p.name for p in out.iterdir()] == ["compare.yaml"]
+
+
+def test_a_base_config_that_runs_would_refuse_fails_in_one_line_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    overrides = tiny_overrides(tmp_path / "unused")
+    overrides.pop("output.dir")
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    out = tmp_path / "cmp"
+    args = ["compare", "--arm", "kd=reliance:fixed", *sets, "--seeds", "0", "--sweep", "none"]
+    missing = str(tmp_path / "missing.txt")
+    for extra, message in (
+        (["--dataset", missing], f"error: dataset '{missing}' not found; pass a local"),
+        (["--set", "training.batch_size=1000"], "error: training.batch_size 1000 is larger than the 1"),
+    ):
+        result = CliRunner().invoke(app, [*args, *extra, "--output-dir", str(out)])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines()[-1].startswith(message), result.output
+        assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_refusal_before_the_first_arm_trains_leaves_nothing(tmp_path, monkeypatch, existed):
+    from kdcore.compare import execute
+
+    def refuse(*args):
+        raise KdError("the teacher could not be trained")
+
+    monkeypatch.setattr(execute, "resolve_plan_teacher", refuse)
+    plan = _plan(tmp_path, ["kd=reliance:fixed"], sweep="none", seeds="0")
+    out = tmp_path / "cmp"
+    if existed:
+        out.mkdir()
+    with pytest.raises(KdError, match="the teacher could not be trained"):
+        cmp.compare(plan, out, log=lambda line: None)
+    assert (list(out.iterdir()) == []) if existed else not out.exists()
+
+
+def test_the_matched_row_shows_the_source_it_trains_on(tmp_path):
+    """A matched-λ baseline keeps its arm's source (and divergence, temperature); its row said only
+    reliance:fixed(value=matched)."""
+    arm = "onp=source:on-policy(max_new_tokens=8),reliance:threshold,divergence:reverse-kl"
+    plan = _plan(tmp_path, [arm, "sr=reliance:threshold"], sweep="none", seeds="0")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.yaml").write_text(plan.to_yaml())
+    rows = {r["name"]: r for r in cmp.table_only(out, log=lambda line: None)["arms"]}
+    assert rows["kd@matched-onp"]["strategy"] == (
+        "reliance:fixed(value=matched),divergence:reverse-kl,source:on-policy(max_new_tokens=8)"
+    )
+    assert rows["kd@matched-sr"]["strategy"] == "reliance:fixed(value=matched)"
+    assert "`reliance:fixed(value=matched),divergence:reverse-kl,source:on-policy(max_new_tokens=8)`" in (
+        (out / "comparison.md").read_text()
+    )

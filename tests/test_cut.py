@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kdcore.errors import KdError
-from kdcore.inputs.cut import CutSpec, cut_config, cut_student, decoder_layout, parse_cut_spec
+from kdcore.inputs.cut import (
+    SCALES,
+    CutSpec,
+    calibrate_head,
+    cut_config,
+    cut_student,
+    decoder_layout,
+    parse_cut_spec,
+)
 
 
 def small(model_type: str, layers: int = 4, vocab: int = 97, **extra):
@@ -235,6 +245,39 @@ def test_cut_student_starts_far_below_a_random_init(one_thread):
     assert cut_ppl * 3 < fresh_ppl, (cut_ppl, fresh_ppl)
 
 
+@pytest.mark.parametrize(("model_type", "norm"), [("llama", "model.norm"), ("gpt2", "transformer.ln_f")])
+def test_calibration_scales_an_overconfident_head_and_never_makes_it_worse(one_thread, model_type, norm):
+    """A cut's head reads a residual stream from another depth than it was trained on and can be confidently
+    wrong (SmolLM2 cuts: perplexity in the millions). The final norm is scaled by the factor that gives the
+    lowest cross-entropy on training samples, which scales the logits exactly; 1 when nothing is better."""
+    from kdcore.inputs.packing import shift_labels
+    from kdcore.training.losses import per_sample_terms
+
+    teacher = small(model_type, layers=4, tie_word_embeddings=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 97, (4, 16), generator=g)
+    mask = torch.ones_like(ids)
+    student = cut_student(teacher, [0, 3])
+    with torch.no_grad():  # an overconfident head: logits 40x what they were
+        for p in student.get_submodule(norm).parameters(recurse=False):
+            p.mul_(40.0)
+    student.eval()
+
+    def ce(model):
+        with torch.no_grad():
+            return float(per_sample_terms(model(input_ids=ids).logits, shift_labels(ids, mask)).ce.mean())
+
+    before, logits = ce(student), student(input_ids=ids).logits.detach()
+    embedding = student.get_input_embeddings().weight.detach().clone()
+    scale = calibrate_head(student, ids, mask)
+    assert scale < 1 and scale in SCALES
+    assert torch.allclose(student(input_ids=ids).logits, scale * logits, rtol=1e-4, atol=1e-5)
+    assert ce(student) < before and ce(student) < 1.05 * math.log(97)  # no worse than uniform, about
+    assert torch.equal(student.get_input_embeddings().weight, embedding)  # tied head untouched
+    assert student.lm_head.weight.data_ptr() == student.get_input_embeddings().weight.data_ptr()
+    assert calibrate_head(student, ids, mask) == 1.0  # calibrated already: left as it is
+
+
 # --------------------------------------------------------------------------- through kd run
 
 
@@ -263,15 +306,16 @@ def test_cut_student_from_a_teacher_cache_through_a_run(cached_tiny_teacher, tmp
         cfg.model, corpus, cfg.data.seq_len, cfg.training, Console(quiet=True)
     )
     teacher = load_pretrained(source)
-    _, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
+    train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len)
     cut = cut_student(teacher, [1])
+    calibrate_head(cut, train.input_ids, train.attention_mask)
     assert result.summary.student_initial_eval_ppl == pytest.approx(perplexity(cut, eval_set), rel=1e-6)
     saved = load_pretrained(str(tmp_path / "run" / "student"))
     assert saved.config.n_layer == 1 and saved.config.n_embd == teacher.config.n_embd
     card = (tmp_path / "run" / "student" / "README.md").read_text()
     assert (
-        "`from-teacher:layers=1`: decoder layers, embeddings, final norm and head copied from the teacher"
-        in card
+        "`from-teacher:layers=1`: decoder layers, embeddings, final norm and head copied from the teacher "
+        "(the final norm scaled down when the copied head was overconfident)" in card
     )
 
 

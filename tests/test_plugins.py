@@ -280,3 +280,28 @@ def test_kd_run_warns_in_one_line_when_a_plugin_failed_to_load(tmp_path, monkeyp
         "kd list-plugins shows it"
     ]
     assert "warning" not in result.stdout  # the YAML stays clean
+
+
+def test_kd_run_help_names_plugin_sources_too(tmp_path):
+    """--source's help listed the built-in sources only; it names every installed one now."""
+    source = """
+        from kdcore import Source, hookimpl
+
+        class Echo(Source):
+            '''The dataset's rows, echoed.'''
+
+            def rows(self, request):
+                return request.dataset
+
+        @hookimpl
+        def kd_register_sources(register):
+            register("echo-rows", Echo)
+    """
+    write_fake_distribution(
+        tmp_path, "kd-plugin-echo", "0.1", {"echo": "kd_echo_mod"}, {"kd_echo_mod": source}
+    )
+    env = {"PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""), "COLUMNS": "400"}
+    result = run_kd("run", "--help", env_extra=env)
+    assert result.returncode == 0, result.stderr
+    line = next(ln for ln in result.stdout.splitlines() if "--source " in ln)
+    assert "Where rows come from: dataset, echo-rows, mixed, on-policy, teacher-generated (dataset is" in line

@@ -201,3 +201,23 @@ def test_every_package_and_template_ships_in_a_non_editable_install():
     assert setuptools["package-data"]["kdcore.scaffold.templates"] == ["*"]
     templates = REPO / "kdcore" / "scaffold" / "templates"
     assert all(path.is_file() for path in templates.iterdir())  # flat, so "*" takes every one
+
+
+def test_the_reliance_template_has_lambda_unknown_as_docs_plugins_asks(tmp_path):
+    """docs/plugins.md asks reliance policies to let users set unknown samples' λ with lambda_unknown."""
+    import importlib.util
+
+    assert "with a `lambda_unknown` parameter" in " ".join((REPO / "docs" / "plugins.md").read_text().split())
+    target = write_plugin("unknown-lambda", "reliance", tmp_path)
+    spec = importlib.util.spec_from_file_location(
+        "probe", target / "kd_plugin_unknown_lambda" / "__init__.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+
+    policy = module.UnknownLambda(module.UnknownLambda.Params(lambda_unknown=0.9))
+    assert policy.weights(torch.tensor([float("nan")]), torch.tensor([float("nan")]), 0.0).tolist() == [
+        pytest.approx(0.9)
+    ]
+    assert "`lambda_unknown`" in (target / "README.md").read_text()

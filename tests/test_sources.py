@@ -4,6 +4,7 @@ against an independent computation, chat prompts, refusals, and the dataset run 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -18,7 +19,7 @@ from kdcore.errors import KdError
 from kdcore.inputs.packing import IGNORE_INDEX, PackedDataset
 from kdcore.plugins import get_registry
 from kdcore.runs.runner import run
-from kdcore.strategies import SourceContext
+from kdcore.strategies import Source, SourceContext, SourceRows
 from kdcore.training.engine import Trainer, make_strategies
 from kdcore.training.generation import generate, row_seeds
 from kdcore.training.sources import BatchRequest, check_source, dataset_rows
@@ -325,3 +326,61 @@ def test_a_generating_source_is_refused_under_fsdp_and_deepspeed(monkeypatch, en
     check_source(source("dataset"), "dataset", fixed, "fixed", cache=False)  # dataset rows: no generation
     monkeypatch.setenv(env, "false")
     check_source(source("mixed", fraction=0.5), "mixed", fixed, "fixed", cache=False)  # DDP: allowed
+
+
+# -- a plugin source continuing prompts of its own ------------------------------------------------------
+class OwnPrompts(Source):
+    """A plugin source as docs/plugins.md describes one: it continues a prompt it writes itself (each
+    sample's tokens reversed), through ``with_rows`` or, as a plugin might, a copy of the request."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def rows(self, request):
+        flipped = request.dataset.input_ids.flip(1)
+        mine = SourceRows(flipped, torch.ones_like(flipped), request.dataset.labels, *dataset_flags(flipped))
+        copy_ = (
+            request.with_rows(mine) if self.how == "with_rows" else dataclasses.replace(request, dataset=mine)
+        )
+        return copy_.generate(request.student, torch.full((len(flipped),), 4), max_new_tokens=3)
+
+
+def dataset_flags(ids):
+    n = len(ids)
+    return torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("how", ["with_rows", "replace"])
+def test_a_source_continues_its_own_prompts_and_its_generation_time_counts(how):
+    """Copying the request to hand generate() other prompts silently zeroed generation_share: the time
+    was kept on the copy. It is now kept by the engine, whichever copy generates."""
+    ids, mask = samples(n=4, length=12, seed=5)
+    mask = torch.ones_like(mask)
+    train = PackedDataset(ids, mask)
+    strategies, _ = make_strategies(StrategyConfig(reliance={"name": "fixed", "params": {"value": 0.5}}))
+    strategies.source = OwnPrompts(how)
+    training = TrainingConfig(max_steps=1, batch_size=4, checkpoint_every=None, seed=SEED)
+    trainer = Trainer(
+        tiny_lm(0), tiny_lm(1), train, train, strategies, training, 1.0, pad_id=PAD, eos_ids=(EOS,)
+    )
+    rows = trainer.source_rows(torch.arange(4), 0, 0.0)
+    assert torch.equal(rows.input_ids[:, :4], ids.flip(1)[:, :4])  # the source's own prompts, continued
+    assert rows.generated.all()
+    assert trainer.history.generation_seconds > 0
+
+
+def test_the_testing_request_is_kdcores_own():
+    from kdcore.testing import source_request
+
+    ids, mask = samples()
+    student = tiny_lm(0)
+    request = source_request(ids, mask, student=student, sample_ids=torch.arange(10, 16), step=STEP, seed=SEED,
+                             pad_id=PAD, eos_ids=[EOS])  # fmt: skip
+    ours = request.generate(student, request.prompts(4), max_new_tokens=5)
+    engine = globals()["request"](student).generate(student, request.prompts(4), max_new_tokens=5)
+    for name in ("input_ids", "attention_mask", "labels", "generated", "labelled", "prompt_labels"):
+        assert torch.equal(getattr(ours, name), getattr(engine, name)), name
+    assert torch.equal(request.coin("x"), globals()["request"](student).coin("x"))
+    with pytest.raises(ValueError, match="one row per sample: 6, not 2"):
+        request.with_rows(dataset_rows(ids[:2], mask[:2]))

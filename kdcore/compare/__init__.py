@@ -26,7 +26,8 @@ Baselines added on top of the arms (so no comparison is unfair by construction):
   steps that take the ``kd`` run's training time on the same seed.
 
 The package, in the order a comparison goes through it: :mod:`~kdcore.compare.arms` (the arm
-grammar), :mod:`~kdcore.compare.plan` (the plan and its validation), :mod:`~kdcore.compare.execute`
+grammar), :mod:`~kdcore.compare.plan` (the plan and its validation), :mod:`~kdcore.compare.check`
+(every run dry-run before anything trains), :mod:`~kdcore.compare.execute`
 (running it), :mod:`~kdcore.compare.stats` and :mod:`~kdcore.compare.results` (the numbers of
 ``comparison.json``), :mod:`~kdcore.compare.render` (``comparison.md`` and the plots).
 """
@@ -34,11 +35,13 @@ grammar), :mod:`~kdcore.compare.plan` (the plan and its validation), :mod:`~kdco
 from __future__ import annotations
 
 import datetime as _dt
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kdcore.compare.arms import Arm, apply_patch, format_strategy, parse_arm
+from kdcore.compare.check import check_runs
 from kdcore.compare.execute import Comparison
 from kdcore.compare.plan import PLAN, Plan, build_plan, validate_plan
 from kdcore.compare.render import format_paired, render_markdown
@@ -82,11 +85,32 @@ def prepare_output(out_dir: Path) -> None:
 def compare(
     plan: Plan, out_dir: Path, *, jobs: int = 1, log: Callable[[str], None] = print, console: Any = None
 ) -> dict[str, Any]:
-    """Run a new comparison into ``out_dir`` (which must be new or empty)."""
+    """Run a new comparison into ``out_dir`` (which must be new or empty).
+
+    Every run is checked first (:func:`~kdcore.compare.check.check_runs`), and a refusal before the first
+    arm trains (the teacher's training, the teacher cache) removes what was written: a refused comparison
+    leaves no directory that ``--resume`` would only fail on again.
+    """
     prepare_output(out_dir)
+    check_runs(plan)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / PLAN, plan.to_yaml())
-    return Comparison(plan, out_dir, jobs=jobs, log=log, console=console).run()
+    comparison = Comparison(plan, out_dir, jobs=jobs, log=log, console=console)
+    try:
+        return comparison.run()
+    except KdError:
+        if not comparison.training:
+            _remove_contents(out_dir, remove_dir=created)
+        raise
+
+
+def _remove_contents(out_dir: Path, *, remove_dir: bool) -> None:
+    """Empty ``out_dir`` (new or empty when the comparison began), and remove it when it was new."""
+    for path in out_dir.iterdir():
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if remove_dir:
+        out_dir.rmdir()
 
 
 def resume(
@@ -100,6 +124,7 @@ def resume(
         )
     plan = Plan.load(path)
     validate_plan(plan)
+    check_runs(plan)
     return Comparison(plan, out_dir, jobs=jobs, log=log, console=console).run()
 
 

@@ -321,6 +321,14 @@ def format_strategy(strategy: Mapping[str, Any]) -> str:
     return ",".join(parts)
 
 
+def format_matched(strategy: Mapping[str, Any]) -> str:
+    """A matched-λ baseline's SPEC: its strategy (the arm's source, divergence, temperature) with λ shown
+    as ``matched``, the arm's mean λ per seed."""
+    shown = json.loads(json.dumps(strategy))
+    shown["reliance"] = {"name": "fixed", "params": {"value": "matched"}}
+    return format_strategy(shown)
+
+
 def _fmt_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -162,6 +162,7 @@ class Comparison:
         self._resume: set[tuple[str, int]] = set()
         self.started: float | None = None  # when run() began
         self.done = 0  # runs finished, reused or skipped so far (for the progress lines)
+        self.training = False  # True once the arms' runs begin (before: the teacher, the teacher cache)
         self.total = self.planned_runs()
 
     # -- tasks ---------------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ class Comparison:
         self.log(f"teacher: {teacher_dir}")
         self.teacher.update(describe_models(self.plan))
         self.cache_dir = prepare_teacher_cache(self.plan, self.out_dir, console, self.log, self.teacher)
+        self.training = True
         primary = [Task(arm, seed) for seed in self.plan.seeds for arm in self.plan.arms]
         ready: deque[Task] = deque()
         for task in primary:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kdcore.compare.arms import Arm, format_strategy
+from kdcore.compare.arms import Arm, format_matched, format_strategy
 from kdcore.compare.plan import Plan
 from kdcore.compare.stats import mean_sd, paired_difference
 from kdcore.references import gap_closed
@@ -145,7 +145,7 @@ class _Outcomes:
             "role": arm.role,
             "auto": arm.auto,
             "spec": arm.spec,
-            "strategy": "reliance:fixed(value=matched)" if matched else format_strategy(arm.strategy),
+            "strategy": format_matched(arm.strategy) if matched else format_strategy(arm.strategy),
             "strategy_config": arm.strategy,
             "matched_to": arm.matched_to,
             "timed_to": arm.timed_to,

@@ -14,6 +14,10 @@ GPT-2-style ``transformer.h``. The student is a fresh model built from the teach
 ``num_hidden_layers`` changed (per-layer config lists such as ``layer_types`` cut alike), and every
 tensor copied: the chosen layers renumbered ``0..n-1``, everything outside the layers as is. Tied
 embeddings stay tied; the result is an ordinary model that saves with ``save_pretrained``.
+
+A run then calibrates the cut's head on its first training samples (:func:`calibrate_head`): the copied
+head reads the last kept layer's output as if it were the teacher's last layer's, and a heavy cut is
+confidently wrong until its final norm is scaled down.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from typing import Any
 
 from kdcore.errors import KdError
 
-__all__ = ["PREFIX", "CutSpec", "cut_config", "cut_student", "decoder_layout", "parse_cut_spec"]
+__all__ = [
+    "PREFIX",
+    "CutSpec",
+    "calibrate_head",
+    "cut_config",
+    "cut_student",
+    "decoder_layout",
+    "parse_cut_spec",
+]
 
 PREFIX = "from-teacher"
 KEYS = ("layers", "every", "num_layers")
@@ -35,6 +47,12 @@ _FORMS = "from-teacher:layers=0,10,20,29, from-teacher:every=3 or from-teacher:n
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 #: Where the decoder layers live: module path → layer prefix in the state dict.
 LAYOUTS = (("model.layers", "model.layers."), ("transformer.h", "transformer.h."))
+#: The final norm before the head, per layout (by its layers' state-dict prefix).
+FINAL_NORMS = {"model.layers.": "model.norm", "transformer.h.": "transformer.ln_f"}
+#: The scales :func:`calibrate_head` tries: 1 (as copied) down to 1/256, in quarter octaves.
+SCALES = tuple(2 ** (-k / 4) for k in range(33))
+#: The most tokens :func:`calibrate_head` scores (their logits are held at once).
+CALIBRATION_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -176,3 +194,42 @@ def cut_student(teacher: Any, spec: CutSpec | Sequence[int]) -> Any:
         )
     student.train()
     return student
+
+
+def calibrate_head(student: Any, input_ids: Any, attention_mask: Any, labels: Any = None) -> float:
+    """Scale a cut student's final norm by the factor in :data:`SCALES` (at most 1) that gives the lowest
+    cross-entropy on these samples (their first :data:`CALIBRATION_TOKENS` tokens); returns the factor.
+
+    Why: the copied head reads the last kept layer's residual stream as if it came out of the teacher's
+    last layer. It does not (SmolLM2's middle layers write outliers that its last layer removes), and the
+    logits are confident and wrong: a 4-layer cut of SmolLM2-135M starts at a perplexity of millions,
+    where a random init is near the vocabulary size. Scaling the final norm scales the logits (the head
+    is linear, without bias; tied embeddings stay untouched), a temperature that makes the cut no more
+    confident than the data supports. ``labels``: a chat sample's unshifted targets, as packing gives them.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
+
+    prefix, _ = decoder_layout(student)
+    norm = student.get_submodule(FINAL_NORMS[prefix])
+    rows = max(1, CALIBRATION_TOKENS // max(1, input_ids.shape[1]))
+    ids, mask = input_ids[:rows], attention_mask[:rows]
+    targets = shift_labels(ids, mask, None if labels is None else labels[:rows]).flatten()
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.any()):
+        return 1.0
+    device = next(student.parameters()).device
+    training = student.training
+    student.eval()
+    with torch.no_grad():
+        logits = student(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits, targets = logits.flatten(0, 1)[keep.to(device)].float(), targets[keep].to(device)
+        losses = [float(F.cross_entropy(scale * logits, targets)) for scale in SCALES]
+        best = SCALES[min(range(len(SCALES)), key=losses.__getitem__)]
+        if best != 1.0:
+            for parameter in norm.parameters(recurse=False):  # the weight, and a LayerNorm's bias
+                parameter.mul_(best)
+    student.train(training)
+    return best

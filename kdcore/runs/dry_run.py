@@ -6,7 +6,9 @@ teacher's is built, or read from the teacher cache; a directory's, hub id's or G
 loaded), and the models' *configs* (``AutoConfig.for_model`` for a spec, ``AutoConfig.from_pretrained``
 for a directory or hub id, the file's metadata for a GGUF file, the teacher's config with fewer
 layers for a student cut from it: no weights are loaded, no teacher is trained and no GGUF file is
-converted). Then the vocabularies are checked exactly as a run checks them, and a table shows samples, steps per epoch, total steps,
+converted). Then the vocabularies are checked exactly as a run checks them, the source runs its own
+check (``Source.check``, with the data's lengths and the models' position limit, as the engine calls
+it before training), and a table shows samples, steps per epoch, total steps,
 parameter counts (counted on the ``meta`` device, without memory) and an estimate of the memory of
 one micro-batch's logits.
 
@@ -65,6 +67,7 @@ class ModelInfo:
     parameters: int | None
     hidden_size: int | None = None
     meta: Any = field(default=None, repr=False)  # the model built on the meta device, if it could be
+    config: Any = field(default=None, repr=False)  # its config (None: a teacher cache stands in for it)
 
 
 @dataclass
@@ -179,7 +182,7 @@ def _info(source: str, kind: str, config: Any, trust_remote_code: bool) -> Model
     meta = meta_model(config, trust_remote_code)
     parameters = None if meta is None else sum(p.numel() for p in meta.parameters())
     hidden = getattr(config, "hidden_size", None)
-    return ModelInfo(source, kind, int(config.vocab_size), parameters, hidden, meta)
+    return ModelInfo(source, kind, int(config.vocab_size), parameters, hidden, meta, config)
 
 
 def _spec_config(spec: Any, tokenizer: Any) -> Any:
@@ -200,7 +203,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
     from kdcore.training.engine import check_batch_size, total_steps
-    from kdcore.training.sources import check_source
+    from kdcore.training.sources import check_source, source_context
 
     quiet_transformers()
     built = instantiate_strategies(cfg.strategy)
@@ -240,6 +243,8 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
     if cache is not None:
         cache.check_data(train, eval_set)
+    # the source's own check, as the engine calls it once the models are loaded
+    built["source"][0].check(source_context(train, student.config, teacher_config))
     from kdcore.training.fused_loss import choose_loss_path
 
     t = cfg.training

@@ -140,7 +140,10 @@ def _setup(config: Mapping[str, Any], summary: RunSummary) -> list[tuple[str, An
     model, data, training = (config.get(k, {}) for k in ("model", "data", "training"))
     teacher, student = model.get("teacher"), model.get("student")
     if parse_cut_spec(str(student)) is not None:
-        student = f"`{student}`: decoder layers, embeddings, final norm and head copied from the teacher"
+        student = (
+            f"`{student}`: decoder layers, embeddings, final norm and head copied from the teacher "
+            "(the final norm scaled down when the copied head was overconfident)"
+        )
     else:
         student = f"`{student}`"
     return [

@@ -27,7 +27,7 @@ from kdcore.config import RunConfig
 from kdcore.errors import KdError, RunInterrupted
 from kdcore.files import atomic_directory, atomic_write_text, check_output_dir
 from kdcore.inputs.corpus import load_corpus
-from kdcore.inputs.cut import cut_student, parse_cut_spec
+from kdcore.inputs.cut import calibrate_head, cut_student, parse_cut_spec
 from kdcore.inputs.models import (
     build_from_spec,
     check_seq_len,
@@ -117,14 +117,34 @@ def open_run_dir(cfg: RunConfig, resume: bool, console: Console) -> tuple[Path, 
             lambda msg: console.print(f"[yellow]{msg}[/yellow]") if state.is_main_process else None,
         )
         if state.is_main_process:
-            where = f"{found[0]} (step {found[1]['step']})" if found else "step 0 (no checkpoint yet)"
-            console.print(f"Resuming {run_dir} from {where}")
+            console.print(f"Resuming {run_dir} from {resume_point(cfg, run_dir, found)}")
     else:
         run_dir = check_run_dir(cfg.output.dir or default_run_dir(cfg))
     if state.num_processes > 1:  # the default directory is named by the clock: take the main process's
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     state.wait_for_everyone()
     return run_dir, None if found is None else {"path": found[0], **found[1]}
+
+
+def resume_point(cfg: RunConfig, run_dir: Path, found: tuple[Path, dict[str, Any]] | None) -> str:
+    """Where a resumed run goes on: its checkpoint, else its unfinished CE-only baseline, else step 0."""
+    if found:
+        return f"{found[0]} (step {found[1]['step']})"
+    base_cfg = baseline_config(cfg, run_dir) if cfg.output.baseline else None
+    if base_cfg is not None and base_cfg.output.dir is not None:
+        base_dir = Path(base_cfg.output.dir)
+        if (base_dir / "config.yaml").is_file() and RunSummary.read(base_dir) is None:
+            return (
+                "inside its CE-only baseline, which had not finished (the run itself then starts at step 0)"
+            )
+    return "step 0 (no checkpoint yet)"
+
+
+def interrupted(trainer: Trainer, run_dir: Path, main: bool) -> RunInterrupted:
+    """A Ctrl-C outside the training loop's own handling (a second one, or one after the loop: the last
+    evaluation, the student gathered or written): the run resumes from its newest checkpoint."""
+    last = trainer.checkpoints.last_step if trainer.checkpoints is not None else None
+    return RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last or 0)
 
 
 # -- teacher and student ---------------------------------------------------------------------------
@@ -157,6 +177,20 @@ def resolve_student(
     student = load_pretrained(model.student, trust_remote_code=model.trust_remote_code, echo=echo)
     check_student_tokenizer(tokenizer, model)
     return student
+
+
+def calibrate_cut(cfg: RunConfig, student: Any, train: PackedDataset, console: Console) -> None:
+    """A cut student's head, made no more confident than the training text supports
+    (:func:`~kdcore.inputs.cut.calibrate_head`); anything else is left as built."""
+    if parse_cut_spec(cfg.model.student) is None:
+        return
+    scale = calibrate_head(student, train.input_ids, train.attention_mask, train.labels)
+    if scale != 1.0:
+        console.print(
+            f"Its final norm scaled by {scale:.3g}: the copied head was more confident than the first training "
+            "samples support (docs/real-models.md)",
+            highlight=False,
+        )
 
 
 def check_vocabularies(
@@ -223,7 +257,10 @@ def run(
             baseline_eval_ppl=baseline.student_eval_ppl,
             gap_closed=gap_closed(baseline.student_eval_ppl, result.student_eval_ppl, teacher_ppl),
         )
-    summary = write_outputs(cfg, run_dir, trained, models, strategy_meta, result, wall_start)
+    try:
+        summary = write_outputs(cfg, run_dir, trained, models, strategy_meta, result, wall_start)
+    except KeyboardInterrupt:  # summary.json is written last: until then the run resumes
+        raise interrupted(trained.trainer, run_dir, main) from None
     if show_progress:
         print_summary(console, summary, baseline)
     if cfg.output.push_to_hub:
@@ -295,12 +332,11 @@ def train(
             result = trainer.fit(
                 resume=checkpoint["path"] if checkpoint else None, exits_after_stop=exits_after_stop
             )
-        except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, but the run can still resume
-            last = trainer.checkpoints.last_step or 0
-            raise RunInterrupted(trainer.step, signal.SIGINT, run_dir, main, resume_step=last) from None
-    tracking.finish()
-    # every process takes part in gathering the student's weights (FSDP); the main one writes outputs
-    student = trainer.full_student() if cfg.output.save_student else None
+            tracking.finish()
+            # every process takes part in gathering the student's weights (FSDP); the main one writes outputs
+            student = trainer.full_student() if cfg.output.save_student else None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop: the run can still resume
+            raise interrupted(trainer, run_dir, main) from None
     return Trained(trainer, result, metrics, teacher_ppl, student)
 
 
@@ -349,6 +385,7 @@ def run_baseline(
         )
         console.print(f"Baseline: the CE-only student ({where}) in {base_dir}")
     student = resolve_student(base_cfg, models.tokenizer, models.teacher, models.corpus, console)
+    calibrate_cut(base_cfg, student, models.train, console)
     models = replace(models, student=student)
     checkpoint = None if found is None else {"path": found[0], **found[1]}
     try:
@@ -365,14 +402,17 @@ def run_baseline(
             exits_after_stop=exits_after_stop,
             label="baseline: CE only",
         )
+        result = replace(trained.result, teacher_eval_ppl=trained.teacher_ppl)  # every process: the run's too
+        if not state.is_main_process:
+            return result
+        try:
+            return write_outputs(base_cfg, base_dir, trained, models, strategy_meta, result, wall_start)
+        except KeyboardInterrupt:
+            raise interrupted(trained.trainer, base_dir, True) from None
     except RunInterrupted as exc:  # the run is what the user resumes, and it continues the baseline
         raise RunInterrupted(
             exc.step, exc.signum, run_dir, exc.main_process, exc.resume_step, what="the CE-only baseline"
         ) from None
-    result = replace(trained.result, teacher_eval_ppl=trained.teacher_ppl)  # every process: the run's too
-    if not state.is_main_process:
-        return result
-    return write_outputs(base_cfg, base_dir, trained, models, strategy_meta, result, wall_start)
 
 
 def write_outputs(
@@ -510,6 +550,7 @@ def load_models(cfg: RunConfig, console: Console) -> Models:
         console.print(f"[yellow]{note}[/yellow]", highlight=False)
     if cache is not None:
         cache.check_data(train, eval_set)
+    calibrate_cut(cfg, student, train, console)
     return Models(teacher, cache, student, tokenizer, train, eval_set, corpus)
 
 

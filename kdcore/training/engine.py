@@ -39,7 +39,6 @@ from kdcore.strategies import (
     ReliancePolicy,
     ScorerContext,
     Source,
-    SourceContext,
     SourceRows,
     Strategy,
     prompt_lengths,
@@ -54,7 +53,7 @@ from kdcore.training.losses import SampleTerms, TopKTeacher
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
 from kdcore.training.onpolicy_loss import sample_losses, source_terms
 from kdcore.training.prefetch import TeacherPrefetcher
-from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
+from kdcore.training.sources import BatchRequest, GenerationClock, dataset_rows, source_context
 
 
 class CachedTeacher(Protocol):
@@ -260,8 +259,7 @@ class Trainer:
         )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
         self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
-        longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
-        strategies.source.check(SourceContext(train.seq_len, max_positions(student, teacher), longest))
+        strategies.source.check(source_context(train, student, teacher))
         self.sampler = CurriculumSampler(
             len(train),
             training.batch_size,
@@ -438,6 +436,7 @@ class Trainer:
     @torch.no_grad()
     def source_rows(self, sample_ids: torch.Tensor, step: int, progress: float) -> SourceRows:
         """The source's rows for ``sample_ids``; the time spent generating is recorded."""
+        clock = GenerationClock()  # shared by every copy of the request the source makes
         request = BatchRequest(
             sample_ids,
             dataset_rows(
@@ -453,9 +452,10 @@ class Trainer:
             self.teacher,
             pad_id=self.pad_id,
             eos_ids=self.eos_ids,
+            clock=clock,
         )
         rows = self.strategies.source.rows(request)
-        self.history.generation_seconds += request.generation_seconds
+        self.history.generation_seconds += clock.seconds
         return rows
 
     def needs_teacher(self, lam: torch.Tensor) -> bool:
@@ -593,6 +593,15 @@ class Trainer:
                     raise RunInterrupted(
                         done, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
                     )
+            # a signal during the last step, after its check: the loop is over, but the stop still counts
+            signum = stop.requested(self.accelerator)
+            if signum and self.checkpoints is not None:
+                if self.checkpoints.last_step != self.step:
+                    with self.paused():
+                        self.save_checkpoint()
+                raise RunInterrupted(
+                    self.step, signum, self.checkpoints.run_dir, self.accelerator.is_main_process
+                )
         with self.paused():
             self.history.onpolicy_kl.append((self.total_steps, self.evaluate_on_policy()))
         history = self.history

@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kdcore.errors import KdError
-from kdcore.inputs.packing import IGNORE_INDEX, shift_labels
-from kdcore.strategies import ReliancePolicy, Source, SourceRequest, SourceRows
+from kdcore.inputs.packing import IGNORE_INDEX, PackedDataset, shift_labels
+from kdcore.strategies import ReliancePolicy, Source, SourceContext, SourceRequest, SourceRows
 from kdcore.training import parallel
 from kdcore.training.curriculum import derive_seed
 from kdcore.training.generation import generate, row_seeds
 
-__all__ = ["BatchRequest", "check_source", "dataset_rows", "eos_ids_of", "max_positions"]
+__all__ = [
+    "BatchRequest",
+    "GenerationClock",
+    "check_source",
+    "dataset_rows",
+    "eos_ids_of",
+    "max_positions",
+    "source_context",
+]
 
 
 def dataset_rows(
@@ -64,13 +73,21 @@ def _place(base: SourceRows, rows: SourceRows, where: torch.Tensor, pad_id: int)
 
 
 @dataclass
+class GenerationClock:
+    """Seconds spent in :meth:`BatchRequest.generate`, for the run's share of time generating. The engine
+    owns it and every copy of a request (``with_rows``, ``dataclasses.replace``) adds to the same one."""
+
+    seconds: float = 0.0
+
+
+@dataclass
 class BatchRequest(SourceRequest):
     """The engine's :class:`~kdcore.strategies.SourceRequest`: continuations from
     :func:`~kdcore.training.generation.generate`, seeded per ``(seed, step, sample id)``."""
 
     pad_id: int = 0
     eos_ids: tuple[int, ...] = ()
-    generation_seconds: float = 0.0  # spent in generate(), for the run's share of time generating
+    clock: GenerationClock = field(default_factory=GenerationClock)
 
     def generate(
         self,
@@ -98,7 +115,7 @@ class BatchRequest(SourceRequest):
             temperature=temperature,
             top_p=top_p,
         )
-        self.generation_seconds += time.perf_counter() - start
+        self.clock.seconds += time.perf_counter() - start
         n = len(where)
         rows = SourceRows(
             gen.input_ids,
@@ -120,17 +137,25 @@ class BatchRequest(SourceRequest):
         return torch.stack(draws) if draws else torch.zeros(0)
 
 
-def max_positions(*models: torch.nn.Module | None) -> int | None:
-    """The fewest positions any of ``models`` attends to, from their configs; None when none says."""
+def max_positions(*models: Any) -> int | None:
+    """The fewest positions any of ``models`` (models or their configs; None is skipped) attends to;
+    None when none says."""
     limits = []
     for model in models:
-        config = getattr(model, "config", None)
+        config = getattr(model, "config", model)
         for attr in ("n_positions", "max_position_embeddings"):
             value = getattr(config, attr, None)
             if isinstance(value, int):
                 limits.append(value)
                 break
     return min(limits) if limits else None
+
+
+def source_context(train: PackedDataset, *models: Any) -> SourceContext:
+    """What :meth:`~kdcore.strategies.Source.check` is given: the packed data's lengths and the limit of
+    ``models`` (models or configs, so that a dry run checks as the run does without loading weights)."""
+    longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
+    return SourceContext(train.seq_len, max_positions(*models), longest)
 
 
 def eos_ids_of(tokenizer_eos: int | None, model: torch.nn.Module) -> tuple[int, ...]:
