@@ -54,7 +54,12 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_on_the_next_write(tmp_
 def test_a_sigkilled_cache_teacher_leaves_nothing_after_the_next_one(cached_tiny_teacher, tmp_path):
     """The case users met: kill -9 while the cache is written, then write it again."""
     args = [f"--teacher={tiny_overrides(tmp_path)['model.teacher']}", "--seq-len=48"]
-    args += ["--set=data.demo_samples=160", "--set=data.train_share=1", "--set=data.max_eval_samples=32", "--set=model.teacher_steps=40"]
+    args += [
+        "--set=data.demo_samples=160",
+        "--set=data.train_share=1",
+        "--set=data.max_eval_samples=32",
+        "--set=model.teacher_steps=40",
+    ]
     args += ["--set=training.batch_size=8", "--top-k=259", "--batch-size=1"]
     out = tmp_path / "cache"
     proc = subprocess.Popen(

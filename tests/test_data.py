@@ -486,7 +486,9 @@ def test_the_demo_corpus_defaults_to_a_data_limited_student_and_a_dataset_to_all
     assert len(whole.train_texts) == 2000 and corpus.for_teacher().train_texts == whole.train_texts
     total = sum(len(t) for t in whole.train_texts)
     assert sum(len(t) for t in corpus.train_texts) == round(DEMO_TRAIN_SHARE * total)
-    assert corpus.train_texts == whole.train_texts[: len(corpus.train_texts) - 1] + [
-        whole.train_texts[len(corpus.train_texts) - 1][: len(corpus.train_texts[-1])]
+    n = len(corpus.train_texts)
+    assert corpus.train_texts == [
+        *whole.train_texts[: n - 1],
+        whole.train_texts[n - 1][: len(corpus.train_texts[-1])],
     ]
     assert 35 <= len(corpus.train_texts) <= 45  # about 40 of the 2000 texts (120–160 characters each)
