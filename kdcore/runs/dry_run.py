@@ -10,7 +10,7 @@ converted). Then the vocabularies are checked exactly as a run checks them, and 
 parameter counts (counted on the ``meta`` device, without memory) and an estimate of the memory of
 one micro-batch's logits.
 
-The loss path is decided as the run decides it (:func:`~kdcore.training.fused_loss.choose_loss_path`,
+The loss path is decided as the run decides it (:func:`~kdcore.training.loss_path.choose_loss_path`,
 on models built on the ``meta`` device) and shown. The loss's memory, per micro-batch of
 ``B = batch_size / grad_accum`` samples of ``L`` tokens, on the logits path:
 
@@ -240,7 +240,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     train, eval_set = corpus.pack(tokenizer, cfg.data.seq_len, notes)
     if cache is not None:
         cache.check_data(train, eval_set)
-    from kdcore.training.fused_loss import choose_loss_path
+    from kdcore.training.loss_path import choose_loss_path
 
     t = cfg.training
     check_batch_size(t.batch_size, len(train))

@@ -5,12 +5,8 @@ continuations written by a model), runs the student (and the teacher when some �
 scorer needs the KD term), computes per-sample CE and KD terms, weights them by the reliance policy's
 λ, and hands the statistics it already has to the scorer.
 
-The terms come one of two ways, decided once per run (:func:`~kdcore.training.fused_loss.choose_loss_path`):
-the *fused* path asks both models for their final hidden states and projects them through the LM
-heads chunk by chunk inside the loss (:func:`~kdcore.training.fused_loss.fused_sample_terms`), so no
-``[tokens, vocab]`` logits tensor of either model exists; the *logits* path takes the models' logits
-(or a teacher cache's top-K) to :func:`~kdcore.training.onpolicy_loss.source_terms`. Both give the same
-numbers on dataset rows; rows a source writes during training take the logits path.
+The terms come one of two ways, fused or logits, decided once per run; :mod:`kdcore.training.loss_path`
+chooses the path and runs the models' forward passes on it.
 """
 
 from __future__ import annotations
@@ -49,10 +45,10 @@ from kdcore.training import parallel
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
-from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fused_sample_terms, linear_head
+from kdcore.training.loss_path import LossPath, choose_loss_path
 from kdcore.training.losses import SampleTerms, TopKTeacher
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
-from kdcore.training.onpolicy_loss import sample_losses, source_terms
+from kdcore.training.onpolicy_loss import sample_losses
 from kdcore.training.prefetch import TeacherPrefetcher
 from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
 
@@ -250,7 +246,7 @@ class Trainer:
         self._window_start = 0.0  # perf_counter() at the start of the current log window (set by fit)
         optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
-        self.loss_path, self.loss_path_reason = choose_loss_path(
+        loss_path = choose_loss_path(
             training.loss_path,
             student,
             teacher,
@@ -259,6 +255,9 @@ class Trainer:
             generates=strategies.source.generates(),
         )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
+        self.passes = LossPath(
+            loss_path, self.student, self.teacher, teacher_cache, strategies.divergence, self.accelerator
+        )
         self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
         longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
         strategies.source.check(SourceContext(train.seq_len, max_positions(student, teacher), longest))
@@ -278,6 +277,15 @@ class Trainer:
             training, self.teacher, teacher_cache, strategies.source.generates()
         )
         self.prefetcher: TeacherPrefetcher | None = None  # started by the first step that prefetches
+
+    @property
+    def loss_path(self) -> str:
+        """``fused`` or ``logits`` (:func:`~kdcore.training.loss_path.choose_loss_path`)."""
+        return self.passes.loss_path
+
+    @property
+    def loss_path_reason(self) -> str:
+        return self.passes.reason
 
     # -- scorer context ---------------------------------------------------------------------------
     def scorer_context(self) -> ScorerContext:
@@ -331,7 +339,7 @@ class Trainer:
                 self.prefetch_next(step, i, micro_batches)
             with self.gradient_sync(last=i == len(micro_batches) - 1):
                 lam_mine = lam[mine].to(self.device)
-                terms, observed = self.forward(
+                terms, observed = self.passes.forward(
                     rows, micro_ids[mine], lam_mine, temperature, with_teacher, teacher_out
                 )
                 per_sample = sample_losses(terms, lam_mine, rows.labelled)  # λ·KD alone on the student's text
@@ -381,15 +389,7 @@ class Trainer:
         if self.prefetcher is None:
             self.prefetcher = TeacherPrefetcher(self.device)
         rows = self.source_rows(ids, next_step, next_step / self.total_steps)
-        self.prefetcher.submit(next_step, ids, rows, lambda: self.live_teacher(rows))
-
-    def live_teacher(self, rows: SourceRows) -> Any:
-        """The live teacher's output for ``rows`` as :meth:`forward` takes it: the fused path's keyword
-        arguments of :func:`fused_sample_terms`, or the logits."""
-        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
-        if self.loss_path == "fused":
-            return self.teacher_hidden(input_ids, mask)
-        return self.teacher_logits(None, None, input_ids, mask)
+        self.prefetcher.submit(next_step, ids, rows, lambda: self.passes.live_teacher(rows))
 
     def close(self) -> None:
         """End the teacher's prefetch thread, if one runs (it waits for a pass under way)."""
@@ -462,89 +462,6 @@ class Trainer:
         """The teacher runs when a sample of the micro-batch leans on it or the scorer needs the KD term."""
         has_teacher = self.teacher is not None or self.teacher_cache is not None
         return has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs)
-
-    def forward(
-        self,
-        rows: SourceRows,
-        sample_ids: torch.Tensor,
-        lam: torch.Tensor,
-        temperature: float,
-        with_teacher: bool,
-        teacher_out: Any = None,
-    ) -> tuple[SampleTerms, SampleTerms]:
-        """The loss terms of ``rows`` and the terms the scorer observes (:mod:`kdcore.training.onpolicy_loss`).
-
-        ``lam``: λ of each row, the weights the fused path prepares its gradients for. ``teacher_out``:
-        the live teacher's output for ``rows`` already computed (:meth:`live_teacher`), else None.
-        """
-        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
-        labels = rows.labels.to(self.device)
-        divergence = self.strategies.divergence
-        if (
-            self.loss_path == "fused"
-        ):  # dataset rows only (choose_loss_path): what is learnt is what is observed
-            hidden = final_hidden_states(self.student, input_ids, mask)
-            weight, bias = linear_head(self.accelerator.unwrap_model(self.student))
-            teacher = {}
-            if with_teacher:
-                teacher = teacher_out or self.fused_teacher(sample_ids, labels, input_ids, mask)
-            with self.accelerator.autocast():  # mixed precision: the head projections in its dtype
-                terms = fused_sample_terms(
-                    hidden,
-                    weight,
-                    labels,
-                    divergence=divergence,
-                    temperature=temperature,
-                    student_bias=bias,
-                    loss_weights=(1 - lam, lam),
-                    **teacher,
-                )
-            return terms, terms
-        student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
-        # the teacher scores the exact ids and mask the student saw
-        teacher_logits = None
-        if with_teacher:
-            teacher_logits = teacher_out
-            if teacher_logits is None:
-                teacher_logits = self.teacher_logits(sample_ids, labels, input_ids, mask)
-        prompt_labels = None if rows.prompt_labels is None else rows.prompt_labels.to(self.device)
-        return source_terms(
-            student_logits,
-            labels,
-            teacher_logits,
-            divergence,
-            temperature,
-            generated=rows.generated,
-            prompt_labels=prompt_labels,
-        )
-
-    @torch.no_grad()
-    def teacher_logits(
-        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor | TopKTeacher:
-        """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
-        if self.teacher_cache is not None:
-            return self.teacher_cache.topk(sample_ids, labels)
-        with self.accelerator.autocast():  # mixed precision: the teacher in its dtype too
-            return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-
-    @torch.no_grad()
-    def fused_teacher(
-        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-    ) -> dict[str, Any]:
-        """The fused path's teacher side, the keyword arguments of :func:`fused_sample_terms`: the cache's
-        top-K rows, or the live teacher's final hidden states and head, without gradient."""
-        if self.teacher_cache is not None:
-            return {"teacher_topk": self.teacher_cache.topk(sample_ids, labels)}
-        return self.teacher_hidden(input_ids, mask)
-
-    @torch.no_grad()
-    def teacher_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """The fused path's live teacher side: its final hidden states and head, without gradient."""
-        weight, bias = linear_head(self.teacher)
-        with self.accelerator.autocast():
-            hidden = final_hidden_states(self.teacher, input_ids, mask)
-        return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: Path | None = None, *, exits_after_stop: bool = False) -> RunSummary:
