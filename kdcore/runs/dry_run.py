@@ -199,7 +199,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
-    from kdcore.training.engine import check_batch_size, total_steps
+    from kdcore.training.setup import check_batch_size, total_steps
     from kdcore.training.sources import check_source
 
     quiet_transformers()

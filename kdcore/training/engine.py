@@ -17,12 +17,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import get_cosine_schedule_with_warmup
 
 from kdcore.config import StrategyConfig, TrainingConfig
 from kdcore.errors import KdError, RunInterrupted
@@ -45,24 +43,19 @@ from kdcore.training import parallel
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
-from kdcore.training.loss_path import LossPath, choose_loss_path
-from kdcore.training.losses import SampleTerms, TopKTeacher
+from kdcore.training.loss_path import CachedTeacher, LossPath, choose_loss_path
+from kdcore.training.losses import SampleTerms
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
 from kdcore.training.onpolicy_loss import sample_losses
 from kdcore.training.prefetch import TeacherPrefetcher
+from kdcore.training.setup import (
+    adamw_with_schedule,
+    check_batch_size,
+    make_accelerator,
+    prefetch_problem,
+    total_steps,
+)
 from kdcore.training.sources import BatchRequest, dataset_rows, max_positions
-
-
-class CachedTeacher(Protocol):
-    """A teacher known from disk instead of a model (:class:`kdcore.teachers.cache.TeacherCache`)."""
-
-    def topk(self, sample_ids: torch.Tensor, labels: torch.Tensor) -> TopKTeacher:
-        """The teacher's top-K log-probabilities at a micro-batch's labelled positions (``labels`` as
-        :func:`~kdcore.inputs.packing.shift_labels` makes them)."""
-
-    def stats(self) -> dict[str, torch.Tensor]:
-        """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
-
 
 S = TypeVar("S", bound=Strategy)
 
@@ -128,68 +121,6 @@ def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
-def check_batch_size(batch_size: int, num_samples: int) -> None:
-    """A batch draws distinct samples: it cannot be larger than the training set."""
-    if batch_size > num_samples:
-        raise KdError(
-            f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
-            f"--batch-size to at most {num_samples}, or train on more data"
-        )
-
-
-def prefetch_problem(
-    cfg: TrainingConfig, teacher: torch.nn.Module | None, cache: Any, generates: bool
-) -> str | None:
-    """Why ``training.teacher_prefetch`` cannot be used in this run, or None (also when it is off)."""
-    if not cfg.teacher_prefetch:
-        return None
-    if cache is not None or teacher is None:
-        return "training.teacher_prefetch is not used: no live teacher runs (a teacher cache, or none)"
-    if generates:
-        return "training.teacher_prefetch is not used: the source writes each batch's text during the step"
-    if parallel.shards_models(cfg.teacher_placement):
-        return "training.teacher_prefetch is not used: the run shards its models over the processes"
-    return None
-
-
-def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    epochs = cfg.epochs or 1.0
-    return max(1, math.ceil(epochs * num_samples / cfg.batch_size))
-
-
-def make_accelerator(
-    training: TrainingConfig, log_with: list[str] | None, project_dir: Path | None
-) -> Accelerator:
-    """The run's Accelerator: mixed precision, the trackers (``log_with``), one scheduler step per step."""
-    return Accelerator(
-        mixed_precision=training.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        log_with=log_with,  # experiment trackers (kdcore.runs.trackers), None = no tracking
-        project_dir=project_dir,
-        # one scheduler step per optimizer step: every process steps on the same global batch
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def adamw_with_schedule(
-    model: torch.nn.Module, training: TrainingConfig, steps: int
-) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no weight decay on biases and norms) with linear warm-up and cosine decay over ``steps``."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": training.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=training.lr,
-    )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(training.warmup_ratio * steps), steps)
-    return optimizer, scheduler
-
-
 class Trainer:
     """Trains ``student`` on ``train``, distilling from ``teacher`` (None: labels only)."""
 
@@ -246,7 +177,7 @@ class Trainer:
         self._window_start = 0.0  # perf_counter() at the start of the current log window (set by fit)
         optimizer, scheduler = adamw_with_schedule(student, training, self.total_steps)
         self.student, self.optimizer, self.scheduler = self.accelerator.prepare(student, optimizer, scheduler)
-        loss_path = choose_loss_path(
+        self.loss_path, self.loss_path_reason = choose_loss_path(
             training.loss_path,
             student,
             teacher,
@@ -256,7 +187,12 @@ class Trainer:
         )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
         self.passes = LossPath(
-            loss_path, self.student, self.teacher, teacher_cache, strategies.divergence, self.accelerator
+            (self.loss_path, self.loss_path_reason),
+            self.student,
+            self.teacher,
+            teacher_cache,
+            strategies.divergence,
+            self.accelerator,
         )
         self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
         longest = None if train.prompt_lengths is None else int(train.prompt_lengths.max())
@@ -277,15 +213,6 @@ class Trainer:
             training, self.teacher, teacher_cache, strategies.source.generates()
         )
         self.prefetcher: TeacherPrefetcher | None = None  # started by the first step that prefetches
-
-    @property
-    def loss_path(self) -> str:
-        """``fused`` or ``logits`` (:func:`~kdcore.training.loss_path.choose_loss_path`)."""
-        return self.passes.loss_path
-
-    @property
-    def loss_path_reason(self) -> str:
-        return self.passes.reason
 
     # -- scorer context ---------------------------------------------------------------------------
     def scorer_context(self) -> ScorerContext:

@@ -11,7 +11,7 @@ source writes during training take the logits path. :class:`LossPath` runs the s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -24,9 +24,18 @@ from kdcore.training.onpolicy_loss import source_terms
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kdcore.training.engine import CachedTeacher
+__all__ = ["CachedTeacher", "LossPath", "choose_loss_path"]
 
-__all__ = ["LossPath", "choose_loss_path"]
+
+class CachedTeacher(Protocol):
+    """A teacher known from disk instead of a model (:class:`kdcore.teachers.cache.TeacherCache`)."""
+
+    def topk(self, sample_ids: torch.Tensor, labels: torch.Tensor) -> TopKTeacher:
+        """The teacher's top-K log-probabilities at a micro-batch's labelled positions (``labels`` as
+        :func:`~kdcore.inputs.packing.shift_labels` makes them)."""
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
 
 
 def choose_loss_path(
