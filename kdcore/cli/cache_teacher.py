@@ -5,30 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from kdcore.cli.common import _offline_hint, err, friendly_errors
-from kdcore.cli.options import Opt
+from kdcore.cli.common import err, friendly_errors, offline_hint
+from kdcore.cli.options import Dataset, Opt, SeqLen, SpecTokenizer, config_file, set_fields
 from kdcore.config import parse_assignment, resolve_config
 
 
 @friendly_errors
 def cache_teacher(
     output: Annotated[Path, Opt(help="Directory to write the cache to (must not exist or be empty).")],
-    config: Annotated[
-        Path | None, Opt("--config", "-c", help="The run's YAML or JSON config; flags override it.")
-    ] = None,
+    config: Annotated[Path | None, config_file("The run's YAML or JSON config; flags override it.")] = None,
     teacher: Annotated[
         str | None, Opt(help="Hub id, local directory, GGUF file, or from-scratch spec.")
     ] = None,
-    dataset: Annotated[str | None, Opt(help="Training data, as for kd run.")] = None,
-    tokenizer: Annotated[
-        str | None, Opt(help="For a from-scratch teacher: 'byte' or 'bpe:vocab_size=N'.")
-    ] = None,
-    seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.")] = None,
+    dataset: Dataset = None,
+    tokenizer: SpecTokenizer = None,
+    seq_len: SeqLen = None,
     top_k: Annotated[int, Opt(help="Tokens kept per position (the vocabulary size keeps them all).")] = 64,
     dtype: Annotated[str, Opt(help="Log-probability storage: float32 or float16.")] = "float32",
     batch_size: Annotated[int, Opt(help="Samples per teacher forward pass.")] = 32,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Any config field, e.g. --set data.demo_samples=500.")
+        list[str] | None, set_fields("Any config field, e.g. --set data.demo_samples=500.")
     ] = None,
 ) -> None:
     """Run the teacher once over the training set and store its top-K log-probabilities for kd run --teacher-cache."""
@@ -46,7 +42,7 @@ def cache_teacher(
         key, value = parse_assignment(pair)
         overrides[key] = value
     cfg = resolve_config(config, overrides)
-    _offline_hint()
+    offline_hint()
     from kdcore.teachers.cache import build_cache
 
     build_cache(cfg, output, top_k=top_k, dtype=dtype, batch_size=batch_size, console=err)

@@ -32,7 +32,7 @@ def friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _warn_broken_plugins() -> None:
+def warn_broken_plugins() -> None:
     """One line when an installed plugin failed to load: its strategies are missing from this run's choices."""
     from kdcore.plugins import get_registry
 
@@ -47,9 +47,9 @@ def _warn_broken_plugins() -> None:
     err.print(line, style="yellow", highlight=False, markup=False)
 
 
-def _log(line: str) -> None:
+def log(line: str) -> None:
     err.print(line, highlight=False, markup=False)
 
 
-def _offline_hint() -> None:
+def offline_hint() -> None:
     """Nothing to do when online; keeps a place for environment checks that must not import torch."""

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kdcore.cli.common import _log, _offline_hint, err, friendly_errors, out
-from kdcore.cli.options import RUN_OPTIONS, TRAIN_SHARE_HELP, Opt
+from kdcore.cli.common import err, friendly_errors, log, offline_hint, out
+from kdcore.cli.options import RUN_OPTIONS, TRAIN_SHARE_HELP, Dataset, Opt, SeqLen, config_file, set_fields
 from kdcore.config import parse_assignment
 from kdcore.errors import KdError
 
@@ -33,15 +33,15 @@ def compare(
         ),
     ] = None,
     config: Annotated[
-        Path | None, Opt("--config", "-c", help="YAML: a base run config plus arms:, seeds:, teacher_seed:.")
+        Path | None, config_file("YAML: a base run config plus arms:, seeds:, teacher_seed:.")
     ] = None,
     teacher: Annotated[str | None, Opt(help="Teacher: directory, hub id or spec (trained once).")] = None,
     student: Annotated[str | None, Opt(help="Student: hub id, directory or from-scratch spec.")] = None,
     tokenizer: Annotated[str | None, Opt(help="For a spec teacher: 'byte' or 'bpe:vocab_size=N'.")] = None,
     teacher_steps: Annotated[int | None, Opt(help="Training steps of a spec teacher.")] = None,
-    dataset: Annotated[str | None, Opt(help="Training data, as for kd run.")] = None,
+    dataset: Dataset = None,
     eval_dataset: Annotated[str | None, Opt(help="Evaluation data (default: held-out tail).")] = None,
-    seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.")] = None,
+    seq_len: SeqLen = None,
     train_share: Annotated[float | None, Opt(help=TRAIN_SHARE_HELP)] = None,
     max_steps: Annotated[int | None, Opt(help="Optimizer steps of every arm.")] = None,
     batch_size: Annotated[int | None, Opt(help="Samples per step of every arm.")] = None,
@@ -75,7 +75,7 @@ def compare(
         ),
     ] = None,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Any base config field, e.g. --set data.max_eval_samples=64.")
+        list[str] | None, set_fields("Any base config field, e.g. --set data.max_eval_samples=64.")
     ] = None,
     output_dir: Annotated[
         Path | None, Opt(help="Comparison directory (default comparisons/<timestamp>).")
@@ -143,10 +143,10 @@ def _resume_comparison(resume: Path, options: dict[str, Any]) -> dict[str, Any]:
             f"--resume takes every setting from {resume}/compare.yaml; drop --{given[0].replace('_', '-')} "
             "(only --jobs may be given)"
         )
-    _offline_hint()
+    offline_hint()
     if options["table_only"]:
-        return cmp.table_only(resume, log=_log)
-    return cmp.resume(resume, jobs=options["jobs"], log=_log, console=err)
+        return cmp.table_only(resume, log=log)
+    return cmp.resume(resume, jobs=options["jobs"], log=log, console=err)
 
 
 def _new_comparison(options: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +176,6 @@ def _new_comparison(options: dict[str, Any]) -> dict[str, Any]:
     )
     out_dir = options["output_dir"] or cmp.default_output_dir()
     for note in plan.notes:
-        _log(f"note: {note}")
-    _offline_hint()
-    return cmp.compare(plan, out_dir, jobs=options["jobs"], log=_log, console=err)
+        log(f"note: {note}")
+    offline_hint()
+    return cmp.compare(plan, out_dir, jobs=options["jobs"], log=log, console=err)

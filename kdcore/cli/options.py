@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import typer
 
 # Each run option maps to one dotted config field; the CLI only overrides what was given.
@@ -46,6 +48,25 @@ TRAIN_SHARE_HELP = (
     "Train the student on the first share (0 < P ≤ 1) of the training text, by characters, after the eval "
     "split; the eval set and a from-scratch teacher's data stay whole (default 1; the demo corpus 0.02)."
 )
+SEQ_LEN_HELP = "Tokens per packed sample."
+DATASET_HELP = "Training data, as for kd run."
+SPEC_TOKENIZER_HELP = "For a from-scratch teacher: 'byte' or 'bpe:vocab_size=N'."
 STRAT = "Strategies"
 MODEL = "Models and data"
 TRAIN = "Training"
+
+
+def config_file(help: str) -> Any:
+    """``--config``/``-c``: a YAML or JSON file; each command says what it holds."""
+    return Opt("--config", "-c", help=help)
+
+
+def set_fields(help: str) -> Any:
+    """``--set KEY=VALUE`` (repeatable): any config field, applied after every other option."""
+    return Opt("--set", help=help)
+
+
+# Options that kd train-teacher, kd cache-teacher and kd compare declare alike (kd run's sit in help panels).
+SeqLen = Annotated[int | None, Opt(help=SEQ_LEN_HELP)]
+Dataset = Annotated[str | None, Opt(help=DATASET_HELP)]
+SpecTokenizer = Annotated[str | None, Opt(help=SPEC_TOKENIZER_HELP)]

@@ -7,8 +7,19 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcore.cli.common import _offline_hint, _warn_broken_plugins, err, friendly_errors, out
-from kdcore.cli.options import MODEL, RUN_OPTIONS, STRAT, TRAIN, TRAIN_SHARE_HELP, Opt
+from kdcore.cli.common import err, friendly_errors, offline_hint, out, warn_broken_plugins
+from kdcore.cli.options import (
+    MODEL,
+    RUN_OPTIONS,
+    SEQ_LEN_HELP,
+    SPEC_TOKENIZER_HELP,
+    STRAT,
+    TRAIN,
+    TRAIN_SHARE_HELP,
+    Opt,
+    config_file,
+    set_fields,
+)
 from kdcore.config import parse_assignment, resolve_config
 from kdcore.errors import KdError
 from kdcore.strategies import KINDS
@@ -16,9 +27,7 @@ from kdcore.strategies import KINDS
 
 @friendly_errors
 def run(
-    config: Annotated[
-        Path | None, Opt("--config", "-c", help="YAML or JSON run config; flags override it.")
-    ] = None,
+    config: Annotated[Path | None, config_file("YAML or JSON run config; flags override it.")] = None,
     teacher: Annotated[
         str | None,
         Opt(
@@ -37,7 +46,7 @@ def run(
     ] = None,
     tokenizer: Annotated[
         str | None,
-        Opt(help="For a from-scratch teacher: 'byte' or 'bpe:vocab_size=N'.", rich_help_panel=MODEL),
+        Opt(help=SPEC_TOKENIZER_HELP, rich_help_panel=MODEL),
     ] = None,
     teacher_steps: Annotated[
         int | None,
@@ -67,7 +76,7 @@ def run(
     text_column: Annotated[
         str | None, Opt(help="Text column of tabular data.", rich_help_panel=MODEL)
     ] = None,
-    seq_len: Annotated[int | None, Opt(help="Tokens per packed sample.", rich_help_panel=MODEL)] = None,
+    seq_len: Annotated[int | None, Opt(help=SEQ_LEN_HELP, rich_help_panel=MODEL)] = None,
     train_share: Annotated[float | None, Opt(help=TRAIN_SHARE_HELP, rich_help_panel=MODEL)] = None,
     scorer: Annotated[
         str | None, Opt(help="Difficulty scorer (see kd list-plugins).", rich_help_panel=STRAT)
@@ -149,7 +158,7 @@ def run(
         ),
     ] = None,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Any config field, e.g. --set training.warmup_ratio=0.1.")
+        list[str] | None, set_fields("Any config field, e.g. --set training.warmup_ratio=0.1.")
     ] = None,
     print_config: Annotated[
         bool, Opt("--print-config", help="Print the resolved config as YAML and exit.")
@@ -183,7 +192,7 @@ def run(
     cfg = _run_config(options)
     from kdcore.plugins import instantiate_strategies
 
-    _warn_broken_plugins()
+    warn_broken_plugins()
     instantiate_strategies(cfg.strategy)  # unknown names and bad parameters fail here, in a second
     if print_config:
         out.print(cfg.to_yaml(), highlight=False, end="")
@@ -193,7 +202,7 @@ def run(
 
         check_run(cfg, console=out)
         return
-    _offline_hint()
+    offline_hint()
     _launch(cfg)
 
 
@@ -237,9 +246,9 @@ def _resume(run_dir: Path, options: dict[str, Any]) -> None:
         )
     from kdcore.training.checkpoint import resume_config
 
-    _warn_broken_plugins()
+    warn_broken_plugins()
     cfg = resume_config(run_dir)
-    _offline_hint()
+    offline_hint()
     _launch(cfg, resume=True)
 
 

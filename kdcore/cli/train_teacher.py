@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from kdcore.cli.common import _offline_hint, err, friendly_errors
-from kdcore.cli.options import Opt
+from kdcore.cli.common import err, friendly_errors, offline_hint
+from kdcore.cli.options import DATASET_HELP, SEQ_LEN_HELP, Opt
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
 
@@ -18,13 +18,13 @@ def train_teacher(
         Opt(help="Spec like gpt2:n_layer=4,n_embd=128,n_head=4, a local directory, a hub id or a GGUF file."),
     ],
     output_dir: Annotated[Path, Opt(help="Where to save_pretrained the model and tokenizer.")],
-    dataset: Annotated[str, Opt(help="Training data, as for kd run.")] = "demo",
+    dataset: Annotated[str, Opt(help=DATASET_HELP)] = "demo",
     eval_dataset: Annotated[str | None, Opt(help="Evaluation data.")] = None,
     text_column: Annotated[str, Opt(help="Text column of tabular data.")] = "text",
     tokenizer: Annotated[
         str | None, Opt(help="'byte' or 'bpe:vocab_size=N' for a from-scratch model.")
     ] = None,
-    seq_len: Annotated[int, Opt(help="Tokens per packed sample.")] = 128,
+    seq_len: Annotated[int, Opt(help=SEQ_LEN_HELP)] = 128,
     max_steps: Annotated[int, Opt(help="Optimizer steps.")] = 300,
     batch_size: Annotated[int, Opt(help="Samples per step.")] = 16,
     lr: Annotated[float, Opt(help="Peak learning rate.")] = 3e-3,
@@ -49,7 +49,7 @@ def train_teacher(
             "training.seed": seed,
         },
     )
-    _offline_hint()
+    offline_hint()
     from kdcore.teachers.train import train_teacher
 
     train_teacher(model, tokenizer, cfg, output_dir, err)
