@@ -51,6 +51,7 @@ from kdcore.training.prefetch import TeacherPrefetcher
 from kdcore.training.setup import (
     adamw_with_schedule,
     check_batch_size,
+    check_micro_batches,
     make_accelerator,
     prefetch_problem,
     total_steps,
@@ -160,12 +161,7 @@ class Trainer:
         parallel.check_backend(self.accelerator.distributed_type)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        if training.batch_size % (training.grad_accum * self.world):
-            raise KdError(
-                f"training.batch_size {training.batch_size} must be a multiple of grad_accum × processes "
-                f"= {training.grad_accum} × {self.world}: each process trains on an equal share of every "
-                "micro-batch"
-            )
+        check_micro_batches(training, self.world)
         #: what a checkpoint records about how it was written (compared on resume)
         self.layout = {**parallel.backend(self.world), "dropout": parallel.dropout_in(student)}
         if self.layout["type"] == "deepspeed":

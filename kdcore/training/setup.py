@@ -15,7 +15,14 @@ from kdcore.config import TrainingConfig
 from kdcore.errors import KdError
 from kdcore.training import parallel
 
-__all__ = ["adamw_with_schedule", "check_batch_size", "make_accelerator", "prefetch_problem", "total_steps"]
+__all__ = [
+    "adamw_with_schedule",
+    "check_batch_size",
+    "check_micro_batches",
+    "make_accelerator",
+    "prefetch_problem",
+    "total_steps",
+]
 
 
 def check_batch_size(batch_size: int, num_samples: int) -> None:
@@ -24,6 +31,16 @@ def check_batch_size(batch_size: int, num_samples: int) -> None:
         raise KdError(
             f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
             f"--batch-size to at most {num_samples}, or train on more data"
+        )
+
+
+def check_micro_batches(training: TrainingConfig, world: int) -> None:
+    """Every process trains on an equal share of every micro-batch."""
+    if training.batch_size % (training.grad_accum * world):
+        raise KdError(
+            f"training.batch_size {training.batch_size} must be a multiple of grad_accum × processes "
+            f"= {training.grad_accum} × {world}: each process trains on an equal share of every "
+            "micro-batch"
         )
 
 
