@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     for key, value in tiny(tmp / "with-baseline").items():
         args += ["--set", f"{key}={value}"]
     with pytest.MonkeyPatch.context() as patch:  # a console wide enough for the table's rows
-        patch.setattr("kdcore.cli.err", Console(stderr=True, width=200))
+        patch.setattr("kdcore.cli.run.err", Console(stderr=True, width=200))
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     run_in_process(tiny(tmp / "kd"))
@@ -268,7 +268,7 @@ def test_a_ctrl_c_through_the_cli_prints_the_resume_line(tmp_path, monkeypatch):
     args = ["run"]
     for key, value in tiny(run_dir).items():
         args += ["--set", f"{key}={value}"]
-    monkeypatch.setattr("kdcore.cli.err", Console(stderr=True, width=400))
+    monkeypatch.setattr("kdcore.cli.run.err", Console(stderr=True, width=400))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130
     assert (

@@ -22,20 +22,20 @@ from safetensors.torch import load_file
 from kdcore.config import resolve_config
 from kdcore.errors import KdError
 from kdcore.runs.runner import run
-from kdcore.training import engine
+from kdcore.training import loss_path
 
 
 @pytest.fixture
 def count_fused(monkeypatch):
-    """How many times the engine called fused_sample_terms."""
+    """How many times the training step called fused_sample_terms."""
     calls = []
-    real = engine.fused_sample_terms
+    real = loss_path.fused_sample_terms
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "fused_sample_terms", spy)
+    monkeypatch.setattr(loss_path, "fused_sample_terms", spy)
     return calls
 
 

@@ -22,7 +22,7 @@ from conftest import tiny_overrides
 
 from kdcore.config import resolve_config
 from kdcore.runs.runner import run
-from kdcore.training import engine, fused_loss
+from kdcore.training import fused_loss, loss_path
 
 U = 2.0**-9  # bf16's unit roundoff
 TOLERANCE = 8 * U
@@ -38,8 +38,8 @@ def test_bf16_matches_float32_over_a_short_run(tmp_path, monkeypatch, cached_tin
     teacher_autocast: list[torch.dtype | None] = []  # autocast's dtype around every model forward
     real_logits, real_hidden, real_terms = (
         fused_loss._logits,
-        engine.final_hidden_states,
-        engine.fused_sample_terms,
+        loss_path.final_hidden_states,
+        loss_path.fused_sample_terms,
     )
 
     def terms_spy(*args, **kwargs):
@@ -62,8 +62,8 @@ def test_bf16_matches_float32_over_a_short_run(tmp_path, monkeypatch, cached_tin
         return real_hidden(model, input_ids, mask)
 
     monkeypatch.setattr(fused_loss, "_logits", logits_spy)
-    monkeypatch.setattr(engine, "final_hidden_states", hidden_spy)
-    monkeypatch.setattr(engine, "fused_sample_terms", terms_spy)
+    monkeypatch.setattr(loss_path, "final_hidden_states", hidden_spy)
+    monkeypatch.setattr(loss_path, "fused_sample_terms", terms_spy)
     records, seen = {}, {}
     for precision in ("no", "bf16"):
         AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process otherwise

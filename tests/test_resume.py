@@ -450,9 +450,9 @@ def nan_at_step_3(cached_tiny_teacher, monkeypatch):
     Yields the sample ids of every forward pass of the run (one per step: grad_accum is 1); the teacher
     is trained before the patch, so its training steps are not counted.
     """
-    import kdcore.training.engine
+    import kdcore.training.loss_path
 
-    real, seen = kdcore.training.engine.Trainer.forward, []
+    real, seen = kdcore.training.loss_path.LossPath.forward, []
 
     def poisoned(self, rows, sample_ids, *args):
         terms, observed = real(self, rows, sample_ids, *args)
@@ -463,7 +463,7 @@ def nan_at_step_3(cached_tiny_teacher, monkeypatch):
             terms.ce = terms.ce * poison
         return terms, observed
 
-    monkeypatch.setattr(kdcore.training.engine.Trainer, "forward", poisoned)
+    monkeypatch.setattr(kdcore.training.loss_path.LossPath, "forward", poisoned)
     return seen
 
 

@@ -17,6 +17,7 @@ from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.plugins import get_registry
 from kdcore.runs.runner import run
 from kdcore.training.engine import Trainer, make_strategies
+from kdcore.training.loss_path import LossPath
 
 REGISTRY = get_registry()
 BUILTIN = {
@@ -78,7 +79,7 @@ def test_student_snapshot_costs_no_extra_forward_pass(setting):
 
     def forwards(scorer):
         counts = {"n": 0, "ids": []}
-        original = Trainer.forward
+        original = LossPath.forward
 
         def counting_forward(self, rows, sample_ids, *args, **kwargs):
             counts["ids"].append(sample_ids)
@@ -88,11 +89,11 @@ def test_student_snapshot_costs_no_extra_forward_pass(setting):
             finally:
                 handle.remove()
 
-        Trainer.forward = counting_forward
+        LossPath.forward = counting_forward
         try:
             trainer, _ = train_briefly(setting, scorer, "root", "threshold")
         finally:
-            Trainer.forward = original
+            LossPath.forward = original
         return counts["n"], torch.cat(counts["ids"]).unique(), trainer
 
     with_none, _, _ = forwards("none")

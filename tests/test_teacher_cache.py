@@ -207,7 +207,7 @@ def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, cache
     is therefore measured, not picked: a live run whose teacher logits are scaled by (1 + 2^-23), one
     ulp, gives the float32 spread these 12 steps accumulate; the cached run must stay within 4 times
     it (the cache rounds each log-prob once, and log_softmax adds a few ulp more)."""
-    import kdcore.training.engine
+    import kdcore.training.loss_path
 
     root, _, _ = caches
     # Every run takes the logits path, whose teacher_logits the perturbation below reaches (the fused
@@ -219,9 +219,9 @@ def test_run_from_a_full_top_k_cache_equals_the_live_teacher_run(tmp_path, cache
         _cfg(tmp_path / "cached", **{"model.teacher_cache": str(root / "full")}, **logits),
         show_progress=False,
     )
-    teacher_logits = kdcore.training.engine.Trainer.teacher_logits
+    teacher_logits = kdcore.training.loss_path.LossPath.teacher_logits
     monkeypatch.setattr(
-        kdcore.training.engine.Trainer,
+        kdcore.training.loss_path.LossPath,
         "teacher_logits",
         lambda self, *a: teacher_logits(self, *a) * (1 + 2**-23),
     )

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from kdcore.config import TrainingConfig, resolve_config
 from kdcore.runs.runner import run
-from kdcore.training import engine, prefetch
+from kdcore.training import loss_path, prefetch, setup
 from kdcore.training.curriculum import CurriculumSampler
 
 TIMING = {"tokens_per_second"}
@@ -135,7 +135,7 @@ def test_thread_split(total, split):
 def test_an_error_in_the_thread_stops_the_run_and_ends_the_thread(
     tmp_path, monkeypatch, cached_tiny_teacher, one_thread
 ):
-    real = engine.Trainer.live_teacher
+    real = loss_path.LossPath.live_teacher
     calls = []
 
     def failing(self, rows):
@@ -144,7 +144,7 @@ def test_an_error_in_the_thread_stops_the_run_and_ends_the_thread(
             raise RuntimeError("teacher failed in the prefetch thread")
         return real(self, rows)
 
-    monkeypatch.setattr(engine.Trainer, "live_teacher", failing)
+    monkeypatch.setattr(loss_path.LossPath, "live_teacher", failing)
     with pytest.raises(RuntimeError, match="teacher failed in the prefetch thread"):
         _run(tmp_path, "fails", **{"training.teacher_prefetch": True})
     assert all(name.startswith("kd-teacher-prefetch") for name in calls)
@@ -152,7 +152,7 @@ def test_an_error_in_the_thread_stops_the_run_and_ends_the_thread(
 
 
 def test_an_error_in_the_step_ends_the_thread(tmp_path, monkeypatch, cached_tiny_teacher, one_thread):
-    real = engine.Trainer.forward
+    real = loss_path.LossPath.forward
     calls = []
 
     def failing(self, *args):
@@ -161,7 +161,7 @@ def test_an_error_in_the_step_ends_the_thread(tmp_path, monkeypatch, cached_tiny
             raise RuntimeError("student step failed")
         return real(self, *args)
 
-    monkeypatch.setattr(engine.Trainer, "forward", failing)
+    monkeypatch.setattr(loss_path.LossPath, "forward", failing)
     with pytest.raises(RuntimeError, match="student step failed"):
         _run(tmp_path, "fails", **{"training.teacher_prefetch": True})
     assert not _threads_left() and torch.get_num_threads() == 1
@@ -170,10 +170,10 @@ def test_an_error_in_the_step_ends_the_thread(tmp_path, monkeypatch, cached_tiny
 def test_not_used_without_a_live_teacher_or_with_a_writing_source():
     on = TrainingConfig(teacher_prefetch=True)
     teacher = torch.nn.Linear(1, 1)
-    assert engine.prefetch_problem(TrainingConfig(), None, None, False) is None  # off: nothing to say
-    assert engine.prefetch_problem(on, teacher, None, False) is None
-    assert "no live teacher" in engine.prefetch_problem(on, None, object(), False)
-    assert "writes each batch's text" in engine.prefetch_problem(on, teacher, None, True)
+    assert setup.prefetch_problem(TrainingConfig(), None, None, False) is None  # off: nothing to say
+    assert setup.prefetch_problem(on, teacher, None, False) is None
+    assert "no live teacher" in setup.prefetch_problem(on, None, object(), False)
+    assert "writes each batch's text" in setup.prefetch_problem(on, teacher, None, True)
 
 
 def test_a_run_from_a_teacher_cache_starts_no_thread(tmp_path, prefetchers, cached_tiny_teacher, one_thread):

@@ -12,7 +12,7 @@ it before training), and a table shows samples, steps per epoch, total steps,
 parameter counts (counted on the ``meta`` device, without memory) and an estimate of the memory of
 one micro-batch's logits.
 
-The loss path is decided as the run decides it (:func:`~kdcore.training.fused_loss.choose_loss_path`,
+The loss path is decided as the run decides it (:func:`~kdcore.training.loss_path.choose_loss_path`,
 on models built on the ``meta`` device) and shown. The loss's memory, per micro-batch of
 ``B = batch_size / grad_accum`` samples of ``L`` tokens, on the logits path:
 
@@ -202,7 +202,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
     from kdcore.plugins import instantiate_strategies
     from kdcore.runs.model_card import check_push
     from kdcore.runs.trackers import resolve_trackers
-    from kdcore.training.engine import check_batch_size, total_steps
+    from kdcore.training.setup import check_batch_size, total_steps
     from kdcore.training.sources import check_source, source_context
 
     quiet_transformers()
@@ -245,7 +245,7 @@ def dry_run(cfg: RunConfig, console: Console | None = None) -> DryRunReport:
         cache.check_data(train, eval_set)
     # the source's own check, as the engine calls it once the models are loaded
     built["source"][0].check(source_context(train, student.config, teacher_config))
-    from kdcore.training.fused_loss import choose_loss_path
+    from kdcore.training.loss_path import choose_loss_path
 
     t = cfg.training
     check_batch_size(t.batch_size, len(train))

@@ -57,8 +57,9 @@ from kdcore.training.checkpoint import (
     find_checkpoint,
     truncate_metrics,
 )
-from kdcore.training.engine import Strategies, Trainer, make_strategies, total_steps
+from kdcore.training.engine import Strategies, Trainer, make_strategies
 from kdcore.training.progress import TrainingProgress
+from kdcore.training.setup import total_steps
 from kdcore.training.sources import check_source, eos_ids_of
 
 if TYPE_CHECKING:

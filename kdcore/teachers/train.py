@@ -22,8 +22,9 @@ from kdcore.inputs.models import (
 )
 from kdcore.inputs.tokenization import build_tokenizer
 from kdcore.summary import RunSummary
-from kdcore.training.engine import Trainer, make_strategies, total_steps
+from kdcore.training.engine import Trainer, make_strategies
 from kdcore.training.progress import TrainingProgress
+from kdcore.training.setup import total_steps
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -5,12 +5,8 @@ continuations written by a model), runs the student (and the teacher when some �
 scorer needs the KD term), computes per-sample CE and KD terms, weights them by the reliance policy's
 λ, and hands the statistics it already has to the scorer.
 
-The terms come one of two ways, decided once per run (:func:`~kdcore.training.fused_loss.choose_loss_path`):
-the *fused* path asks both models for their final hidden states and projects them through the LM
-heads chunk by chunk inside the loss (:func:`~kdcore.training.fused_loss.fused_sample_terms`), so no
-``[tokens, vocab]`` logits tensor of either model exists; the *logits* path takes the models' logits
-(or a teacher cache's top-K) to :func:`~kdcore.training.onpolicy_loss.source_terms`. Both give the same
-numbers on dataset rows; rows a source writes during training take the logits path.
+The terms come one of two ways, fused or logits, decided once per run; :mod:`kdcore.training.loss_path`
+chooses the path and runs the models' forward passes on it.
 """
 
 from __future__ import annotations
@@ -21,12 +17,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import get_cosine_schedule_with_warmup
 
 from kdcore.config import StrategyConfig, TrainingConfig
 from kdcore.errors import KdError, RunInterrupted
@@ -48,24 +42,20 @@ from kdcore.training import parallel
 from kdcore.training.checkpoint import Checkpointer, GracefulStop, read_state
 from kdcore.training.curriculum import CurriculumSampler
 from kdcore.training.evaluation import nll_totals, perplexity, sample_stats
-from kdcore.training.fused_loss import choose_loss_path, final_hidden_states, fused_sample_terms, linear_head
-from kdcore.training.losses import SampleTerms, TopKTeacher
+from kdcore.training.loss_path import CachedTeacher, LossPath, choose_loss_path
+from kdcore.training.losses import SampleTerms
 from kdcore.training.onpolicy_eval import on_policy_kl_totals
-from kdcore.training.onpolicy_loss import sample_losses, source_terms
+from kdcore.training.onpolicy_loss import sample_losses
 from kdcore.training.prefetch import TeacherPrefetcher
+from kdcore.training.setup import (
+    adamw_with_schedule,
+    check_batch_size,
+    check_micro_batches,
+    make_accelerator,
+    prefetch_problem,
+    total_steps,
+)
 from kdcore.training.sources import BatchRequest, GenerationClock, dataset_rows, source_context
-
-
-class CachedTeacher(Protocol):
-    """A teacher known from disk instead of a model (:class:`kdcore.teachers.cache.TeacherCache`)."""
-
-    def topk(self, sample_ids: torch.Tensor, labels: torch.Tensor) -> TopKTeacher:
-        """The teacher's top-K log-probabilities at a micro-batch's labelled positions (``labels`` as
-        :func:`~kdcore.inputs.packing.shift_labels` makes them)."""
-
-    def stats(self) -> dict[str, torch.Tensor]:
-        """Per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher (what scorers ask for)."""
-
 
 S = TypeVar("S", bound=Strategy)
 
@@ -131,68 +121,6 @@ def make_strategies(cfg: StrategyConfig) -> tuple[Strategies, dict[str, Any]]:
     return strategies, {kind: pair[1] for kind, pair in built.items()}
 
 
-def check_batch_size(batch_size: int, num_samples: int) -> None:
-    """A batch draws distinct samples: it cannot be larger than the training set."""
-    if batch_size > num_samples:
-        raise KdError(
-            f"training.batch_size {batch_size} is larger than the {num_samples} training samples; lower "
-            f"--batch-size to at most {num_samples}, or train on more data"
-        )
-
-
-def prefetch_problem(
-    cfg: TrainingConfig, teacher: torch.nn.Module | None, cache: Any, generates: bool
-) -> str | None:
-    """Why ``training.teacher_prefetch`` cannot be used in this run, or None (also when it is off)."""
-    if not cfg.teacher_prefetch:
-        return None
-    if cache is not None or teacher is None:
-        return "training.teacher_prefetch is not used: no live teacher runs (a teacher cache, or none)"
-    if generates:
-        return "training.teacher_prefetch is not used: the source writes each batch's text during the step"
-    if parallel.shards_models(cfg.teacher_placement):
-        return "training.teacher_prefetch is not used: the run shards its models over the processes"
-    return None
-
-
-def total_steps(cfg: TrainingConfig, num_samples: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    epochs = cfg.epochs or 1.0
-    return max(1, math.ceil(epochs * num_samples / cfg.batch_size))
-
-
-def make_accelerator(
-    training: TrainingConfig, log_with: list[str] | None, project_dir: Path | None
-) -> Accelerator:
-    """The run's Accelerator: mixed precision, the trackers (``log_with``), one scheduler step per step."""
-    return Accelerator(
-        mixed_precision=training.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        log_with=log_with,  # experiment trackers (kdcore.runs.trackers), None = no tracking
-        project_dir=project_dir,
-        # one scheduler step per optimizer step: every process steps on the same global batch
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def adamw_with_schedule(
-    model: torch.nn.Module, training: TrainingConfig, steps: int
-) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no weight decay on biases and norms) with linear warm-up and cosine decay over ``steps``."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": training.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=training.lr,
-    )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(training.warmup_ratio * steps), steps)
-    return optimizer, scheduler
-
-
 class Trainer:
     """Trains ``student`` on ``train``, distilling from ``teacher`` (None: labels only)."""
 
@@ -232,12 +160,7 @@ class Trainer:
         parallel.check_backend(self.accelerator.distributed_type)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        if training.batch_size % (training.grad_accum * self.world):
-            raise KdError(
-                f"training.batch_size {training.batch_size} must be a multiple of grad_accum × processes "
-                f"= {training.grad_accum} × {self.world}: each process trains on an equal share of every "
-                "micro-batch"
-            )
+        check_micro_batches(training, self.world)
         #: what a checkpoint records about how it was written (compared on resume)
         self.layout = {**parallel.backend(self.world), "dropout": parallel.dropout_in(student)}
         if self.layout["type"] == "deepspeed":
@@ -258,6 +181,14 @@ class Trainer:
             generates=strategies.source.generates(),
         )
         self.teacher = self.place_teacher(teacher) if teacher is not None else None
+        self.passes = LossPath(
+            (self.loss_path, self.loss_path_reason),
+            self.student,
+            self.teacher,
+            teacher_cache,
+            strategies.divergence,
+            self.accelerator,
+        )
         self.pad_id, self.eos_ids = pad_id, eos_ids  # what continuations are padded with and end at
         strategies.source.check(source_context(train, student, teacher))
         self.sampler = CurriculumSampler(
@@ -329,7 +260,7 @@ class Trainer:
                 self.prefetch_next(step, i, micro_batches)
             with self.gradient_sync(last=i == len(micro_batches) - 1):
                 lam_mine = lam[mine].to(self.device)
-                terms, observed = self.forward(
+                terms, observed = self.passes.forward(
                     rows, micro_ids[mine], lam_mine, temperature, with_teacher, teacher_out
                 )
                 per_sample = sample_losses(terms, lam_mine, rows.labelled)  # λ·KD alone on the student's text
@@ -379,15 +310,7 @@ class Trainer:
         if self.prefetcher is None:
             self.prefetcher = TeacherPrefetcher(self.device)
         rows = self.source_rows(ids, next_step, next_step / self.total_steps)
-        self.prefetcher.submit(next_step, ids, rows, lambda: self.live_teacher(rows))
-
-    def live_teacher(self, rows: SourceRows) -> Any:
-        """The live teacher's output for ``rows`` as :meth:`forward` takes it: the fused path's keyword
-        arguments of :func:`fused_sample_terms`, or the logits."""
-        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
-        if self.loss_path == "fused":
-            return self.teacher_hidden(input_ids, mask)
-        return self.teacher_logits(None, None, input_ids, mask)
+        self.prefetcher.submit(next_step, ids, rows, lambda: self.passes.live_teacher(rows))
 
     def close(self) -> None:
         """End the teacher's prefetch thread, if one runs (it waits for a pass under way)."""
@@ -462,89 +385,6 @@ class Trainer:
         """The teacher runs when a sample of the micro-batch leans on it or the scorer needs the KD term."""
         has_teacher = self.teacher is not None or self.teacher_cache is not None
         return has_teacher and (bool((lam > 0).any()) or "kd" in self.strategies.scorer.needs)
-
-    def forward(
-        self,
-        rows: SourceRows,
-        sample_ids: torch.Tensor,
-        lam: torch.Tensor,
-        temperature: float,
-        with_teacher: bool,
-        teacher_out: Any = None,
-    ) -> tuple[SampleTerms, SampleTerms]:
-        """The loss terms of ``rows`` and the terms the scorer observes (:mod:`kdcore.training.onpolicy_loss`).
-
-        ``lam``: λ of each row, the weights the fused path prepares its gradients for. ``teacher_out``:
-        the live teacher's output for ``rows`` already computed (:meth:`live_teacher`), else None.
-        """
-        input_ids, mask = rows.input_ids.to(self.device), rows.attention_mask.to(self.device)
-        labels = rows.labels.to(self.device)
-        divergence = self.strategies.divergence
-        if (
-            self.loss_path == "fused"
-        ):  # dataset rows only (choose_loss_path): what is learnt is what is observed
-            hidden = final_hidden_states(self.student, input_ids, mask)
-            weight, bias = linear_head(self.accelerator.unwrap_model(self.student))
-            teacher = {}
-            if with_teacher:
-                teacher = teacher_out or self.fused_teacher(sample_ids, labels, input_ids, mask)
-            with self.accelerator.autocast():  # mixed precision: the head projections in its dtype
-                terms = fused_sample_terms(
-                    hidden,
-                    weight,
-                    labels,
-                    divergence=divergence,
-                    temperature=temperature,
-                    student_bias=bias,
-                    loss_weights=(1 - lam, lam),
-                    **teacher,
-                )
-            return terms, terms
-        student_logits = self.student(input_ids=input_ids, attention_mask=mask).logits
-        # the teacher scores the exact ids and mask the student saw
-        teacher_logits = None
-        if with_teacher:
-            teacher_logits = teacher_out
-            if teacher_logits is None:
-                teacher_logits = self.teacher_logits(sample_ids, labels, input_ids, mask)
-        prompt_labels = None if rows.prompt_labels is None else rows.prompt_labels.to(self.device)
-        return source_terms(
-            student_logits,
-            labels,
-            teacher_logits,
-            divergence,
-            temperature,
-            generated=rows.generated,
-            prompt_labels=prompt_labels,
-        )
-
-    @torch.no_grad()
-    def teacher_logits(
-        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor | TopKTeacher:
-        """The teacher's logits for a micro-batch: a live forward pass, or the cache's top-K."""
-        if self.teacher_cache is not None:
-            return self.teacher_cache.topk(sample_ids, labels)
-        with self.accelerator.autocast():  # mixed precision: the teacher in its dtype too
-            return self.teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-
-    @torch.no_grad()
-    def fused_teacher(
-        self, sample_ids: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-    ) -> dict[str, Any]:
-        """The fused path's teacher side, the keyword arguments of :func:`fused_sample_terms`: the cache's
-        top-K rows, or the live teacher's final hidden states and head, without gradient."""
-        if self.teacher_cache is not None:
-            return {"teacher_topk": self.teacher_cache.topk(sample_ids, labels)}
-        return self.teacher_hidden(input_ids, mask)
-
-    @torch.no_grad()
-    def teacher_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """The fused path's live teacher side: its final hidden states and head, without gradient."""
-        weight, bias = linear_head(self.teacher)
-        with self.accelerator.autocast():
-            hidden = final_hidden_states(self.teacher, input_ids, mask)
-        return {"teacher_hidden": hidden, "teacher_head": weight, "teacher_bias": bias}
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: Path | None = None, *, exits_after_stop: bool = False) -> RunSummary:

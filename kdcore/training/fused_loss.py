@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from kdcore.errors import KdError
 from kdcore.inputs.packing import IGNORE_INDEX
 from kdcore.training.losses import SampleTerms, TopKTeacher, _sparse_divergence
 
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_ELEMENTS",
-    "choose_loss_path",
     "final_hidden_states",
     "fusable",
     "fused_sample_terms",
@@ -486,45 +484,3 @@ def fusable(model: Any) -> bool:
     forward = getattr(model, "forward", None)
     takes_keep = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
     return takes_keep and linear_head(model) is not None
-
-
-def choose_loss_path(
-    setting: str,
-    student: Any,
-    teacher: Any | None,
-    cached: bool,
-    *,
-    sharded: bool = False,
-    generates: bool = False,
-) -> tuple[str, str]:
-    """``("fused" | "logits", why)`` for a run, decided once from ``training.loss_path`` (``setting``).
-
-    ``auto`` is fused when the student's and the live teacher's logits are a plain linear head over
-    their final hidden states; with a teacher ``cached`` only the student's head matters (the cache's
-    top-K rows stand for the teacher, ``fused_sample_terms(teacher_topk=...)``). A ``sharded`` run
-    (FSDP, DeepSpeed, or a sharded teacher) splits the heads over the processes, so it takes the logits
-    path, as does a source that ``generates`` rows (their loss and the scorer's statistics come from
-    :func:`~kdcore.training.onpolicy_loss.source_terms`). ``fused`` where that cannot work is refused
-    with one sentence.
-    """
-    if setting == "logits":
-        return "logits", "training.loss_path is logits"
-    problem = None
-    if sharded:
-        problem = "the run shards its models over the processes (FSDP or DeepSpeed), so a head is split"
-    elif generates:
-        problem = "the source writes text during training, whose loss the logits path computes"
-    elif not fusable(student):
-        problem = "the student's logits are not a plain linear head over its final hidden states"
-    elif teacher is not None and not cached and not fusable(teacher):
-        problem = "the teacher's logits are not a plain linear head over its final hidden states"
-    if problem is None and cached:
-        return "fused", (
-            "the student's head is linear: its logits are computed chunk by chunk inside the loss, "
-            "against the teacher cache's top-K"
-        )
-    if problem is None:
-        return "fused", "both heads are linear: logits are computed chunk by chunk inside the loss"
-    if setting == "fused":
-        raise KdError(f"training.loss_path is fused but {problem}; set training.loss_path to auto or logits")
-    return "logits", problem
