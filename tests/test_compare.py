@@ -77,9 +77,11 @@ def test_arm_spec_errors_are_one_sentence(text, fragment):
     assert "\n" not in message
 
 
-def _plan(tmp_path: Path, arms: list[str], **kwargs) -> cmp.Plan:
+def _plan(tmp_path: Path, arms: list[str], *, give_share: bool = True, **kwargs) -> cmp.Plan:
     overrides = tiny_overrides(tmp_path / "unused")
     overrides.pop("output.dir")
+    if not give_share:  # leave data.train_share to the preset or the dataset's default
+        overrides.pop("data.train_share")
     overrides["training.threads"] = 1  # the CI box is shared: one thread per run is the fast choice
     return cmp.build_plan(arm_texts=arms, overrides=overrides, **kwargs)
 
@@ -101,7 +103,7 @@ def test_plan_adds_references_sweep_and_says_so(tmp_path):
 def test_the_multi_epoch_preset_adds_an_inverted_control_and_its_regime(tmp_path):
     from kdcore.compare.arms import MULTI_EPOCH_REGIME
 
-    plan = _plan(tmp_path, [], preset="seed-paper-multi-epoch", sweep="none")
+    plan = _plan(tmp_path, [], preset="seed-paper-multi-epoch", sweep="none", give_share=False)
     names = ["ce", "kd", "kd-cl", "kd-cl-sr", "kd-cl-sr-teacher", "kd-cl-sr-inverted"]
     assert [a.name for a in plan.arms] == names
     inverted, sr = plan.arm("kd-cl-sr-inverted").strategy, plan.arm("kd-cl-sr").strategy
