@@ -22,9 +22,9 @@ from kdcore.strategies import KINDS
 DEFAULT_TEACHER = "gpt2:n_layer=4,n_embd=128,n_head=4"
 DEFAULT_STUDENT = "gpt2:n_layer=2,n_embd=48,n_head=2"
 DEFAULT_STEPS = 400
-#: the student's share of the generated demo corpus when ``data.train_share`` is not given: 40 of its 2000
-#: texts, about 160 epochs in 400 steps, while a from-scratch teacher trains on all of them
-DEMO_TRAIN_SHARE = 0.02
+#: how many generated demo texts the student trains on when ``data.train_share`` is not given (a share of
+#: 0.02 of the default 2000: about 160 epochs in 400 steps), while a from-scratch teacher trains on all of them
+DEMO_STUDENT_TEXTS = 40
 #: numpy's generators (seeded by accelerate's set_seed) take seeds in [0, 2**32 - 1]
 MAX_SEED = 2**32 - 1
 
@@ -81,7 +81,8 @@ class DataConfig(_Section):
         gt=0,
         le=1,
         description="the student trains on the first share of the training text, by characters, after the "
-        f"eval split (a from-scratch teacher on all of it); default 1, and {DEMO_TRAIN_SHARE:g} for the demo corpus",
+        f"eval split (a from-scratch teacher on all of it); default 1, and for the demo corpus the share of its first "
+        f"{DEMO_STUDENT_TEXTS} texts",
     )
     demo_samples: int = Field(2000, gt=10, description="size of the generated demo corpus")
     max_eval_samples: int | None = Field(256, gt=0)
@@ -93,7 +94,7 @@ class DataConfig(_Section):
         (docs/results.md, "The demo corpus")."""
         if self.train_share is not None:
             return self.train_share
-        return DEMO_TRAIN_SHARE if self.dataset == "demo" else 1.0
+        return min(1.0, DEMO_STUDENT_TEXTS / self.demo_samples) if self.dataset == "demo" else 1.0
 
 
 class StrategyConfig(_Section):

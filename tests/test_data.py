@@ -473,19 +473,23 @@ def test_train_share_changes_the_fingerprint_but_not_the_teachers(tmp_path):
 
 
 def test_the_demo_corpus_defaults_to_a_data_limited_student_and_a_dataset_to_all_of_it(tmp_path):
-    from kdcore.config import DEMO_TRAIN_SHARE
+    from kdcore.config import DEMO_STUDENT_TEXTS
 
     (tmp_path / "train.txt").write_text("abcdefghij" * 100)
     text = DataConfig(dataset=str(tmp_path / "train.txt"))
     assert text.train_share is None and text.student_share == 1.0
     assert DataConfig(dataset="demo", train_share=0.5).student_share == 0.5
     demo = DataConfig(dataset="demo")
-    assert demo.student_share == DEMO_TRAIN_SHARE == 0.02
+    assert demo.student_share == DEMO_STUDENT_TEXTS / 2000 == 0.02
+    assert DataConfig(dataset="demo", demo_samples=400).student_share == 0.1
+    assert (
+        DataConfig(dataset="demo", demo_samples=30).student_share == 1.0
+    )  # fewer texts than 40: all of them
     corpus = load_corpus(demo, seed=0)
     whole = load_corpus(DataConfig(dataset="demo", train_share=1), seed=0)
     assert len(whole.train_texts) == 2000 and corpus.for_teacher().train_texts == whole.train_texts
     total = sum(len(t) for t in whole.train_texts)
-    assert sum(len(t) for t in corpus.train_texts) == round(DEMO_TRAIN_SHARE * total)
+    assert sum(len(t) for t in corpus.train_texts) == round(0.02 * total)
     n = len(corpus.train_texts)
     assert corpus.train_texts == [
         *whole.train_texts[: n - 1],

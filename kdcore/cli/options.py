@@ -46,7 +46,7 @@ RUN_OPTIONS: dict[str, str] = {
 Opt = typer.Option
 TRAIN_SHARE_HELP = (
     "Train the student on the first share (0 < P ≤ 1) of the training text, by characters, after the eval "
-    "split; the eval set and a from-scratch teacher's data stay whole (default 1; the demo corpus 0.02)."
+    "split; the eval set and a from-scratch teacher's data stay whole (default 1; the demo corpus: its first 40 texts)."
 )
 SEQ_LEN_HELP = "Tokens per packed sample."
 DATASET_HELP = "Training data, as for kd run."
