@@ -84,9 +84,15 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise KdError(f"chat data '{path}' does not exist; pass a .jsonl file with one conversation per line")
+    from kdcore.inputs.corpus import not_utf8
+
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, decoded line by line: a bad byte is named with its line
+        for number, raw in enumerate(handle, start=1):
+            try:  # utf-8-sig: a byte-order mark is not part of the first row
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8(f"line {number} of '{path}'", exc) from None
             if not line.strip():
                 continue
             try:
