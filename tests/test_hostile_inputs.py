@@ -114,3 +114,145 @@ def test_a_chat_file_with_a_byte_order_mark_is_chat(tmp_path):
     data.write_bytes(b"\xef\xbb\xbf" + CHAT_ROW * 3)
     assert _chat_format(DataConfig(dataset=str(data)))
     assert [record for _, record in read_jsonl(data)] == [{"prompt": "Say hi.", "completion": "hi"}] * 3
+
+
+# -- crafted checkpoints and run directories ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished 12-step run with checkpoints step-8 and step-12."""
+    from conftest import tiny_overrides
+
+    from kdcore.config import resolve_config
+    from kdcore.runs.runner import run
+
+    tmp = tmp_path_factory.mktemp("short")
+    overrides = {**tiny_overrides(tmp / "run"), "training.checkpoint_every": 4}
+    return run(resolve_config(None, overrides), show_progress=False).run_dir
+
+
+def test_damaged_weights_with_a_rewritten_hash_fall_back_to_the_previous_checkpoint(
+    short_run, tmp_path, capsys
+):
+    import hashlib
+    import json
+
+    from conftest import assert_same_run
+    from test_resume import resume_in_process, unfinished_copy
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    step = run_dir / "checkpoints" / "step-12"
+    weights = step / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[10:20] = b"\xff" * 10  # inside the JSON header
+    weights.write_bytes(bytes(data))
+    meta = json.loads((step / "checkpoint.json").read_text())
+    meta["files"]["model.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "checkpoint.json").write_text(json.dumps(meta))
+    resume_in_process(run_dir)
+    err = capsys.readouterr().err
+    assert f"checkpoint {step} is damaged: model.safetensors cannot be read (Error while deserializing" in err
+    assert f"Resuming {run_dir} from {run_dir / 'checkpoints' / 'step-8'} (step 8)" in err
+    assert_same_run(run_dir, short_run)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            {"files": {"model.safetensors": "oops"}},
+            'the entry of model.safetensors is "oops", not its bytes and sha256',
+        ),
+        ({"files": ["model.safetensors"]}, "its files are not a mapping of file names"),
+        ({"backend": "ddp"}, 'its backend is "ddp", not a mapping with a type'),
+        ({"world_size": "two"}, 'its world_size is "two", not a number of processes'),
+        ({"step": -12}, "its step is -12 in a directory named step-12"),
+        ({"step": 4}, "its step is 4 in a directory named step-12"),
+        ({"format": "2"}, 'its format is "2", not a number from 1 to 2'),
+        ({"format": None}, "its format is null, not a number from 1 to 2"),
+        ({"metrics_bytes": -1}, "its metrics_bytes is -1, not a size"),
+    ],
+)
+def test_a_checkpoint_json_with_wrong_types_is_damaged(short_run, tmp_path, change, problem):
+    import json
+
+    from test_resume import unfinished_copy
+
+    from kdcore.training.checkpoint import CheckpointDamaged, verify
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    step = run_dir / "checkpoints" / "step-12"
+    meta = {**json.loads((step / "checkpoint.json").read_text()), **change}
+    (step / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointDamaged) as caught:
+        verify(step)
+    assert str(caught.value) == f"checkpoint {step} is damaged: checkpoint.json is not valid ({problem})"
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step-8")
+    refused(
+        ["run", "--resume", str(run_dir)],
+        f"no valid checkpoint in {run_dir / 'checkpoints'} (checkpoint {step} is damaged: checkpoint.json "
+        f"is not valid ({problem})); remove that directory",
+    )
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(short_run, tmp_path):
+    import json
+
+    from test_resume import unfinished_copy
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    step = run_dir / "checkpoints" / "step-12"
+    meta = {**json.loads((step / "checkpoint.json").read_text()), "format": 3}
+    (step / "checkpoint.json").write_text(json.dumps(meta))
+    refused(
+        ["run", "--resume", str(run_dir)],
+        f"checkpoint {step} has format 3, written by a newer kdcore (this one reads formats 1 to 2); resume "
+        "it with that kdcore, or upgrade kdcore",
+    )
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_a_trainer_state_whose_step_is_not_its_directory_s_is_damaged(short_run, tmp_path):
+    import io
+
+    import torch
+    from test_resume import unfinished_copy
+
+    from kdcore.training.checkpoint import CheckpointDamaged, read_state
+
+    run_dir = unfinished_copy(short_run, tmp_path)
+    step = run_dir / "checkpoints" / "step-12"
+    state = read_state(step)
+    state["step"] = -3
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (step / "trainer_state.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointDamaged, match=r"step-12 is damaged: trainer_state.pt holds step -3"):
+        read_state(step)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "is missing, so"),
+        ('scorer: !!python/object/apply:os.system ["touch PAYLOAD"]\n', "is damaged (could not determine a "),
+        ("scorer: [\n", "is damaged (while parsing a flow node)"),
+        ("- scorer\n- pacing\n", "is damaged (it is not a mapping of strategy kinds)"),
+    ],
+)
+def test_a_run_s_strategies_yaml_missing_unsafe_or_garbled_is_refused_on_resume(
+    short_run, tmp_path, monkeypatch, content, problem
+):
+    from test_resume import unfinished_copy
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = unfinished_copy(short_run, tmp_path)
+    path = run_dir / "strategies.yaml"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_text(content)
+    sentence = refused(["run", "--resume", str(run_dir)], f"'{path}' {problem}")
+    assert sentence.endswith("cannot be checked; restore it, or start a new run")
+    assert not (tmp_path / "PAYLOAD").exists() and not (run_dir / "summary.json").exists()
