@@ -256,3 +256,36 @@ def test_a_run_s_strategies_yaml_missing_unsafe_or_garbled_is_refused_on_resume(
     sentence = refused(["run", "--resume", str(run_dir)], f"'{path}' {problem}")
     assert sentence.endswith("cannot be checked; restore it, or start a new run")
     assert not (tmp_path / "PAYLOAD").exists() and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "pair"),
+    [
+        (["run", "--print-config"], ["--lr", "0.01"], "training.lr=0.1"),
+        (["run", "--print-config"], ["--max-steps", "5"], "training.max_steps=7"),
+        (["run", "--print-config"], ["--train-share", "0.5"], "data.train_share=0.2"),
+        (["run", "--print-config"], ["--lambda", "0.3"], "strategy.reliance.params.value=0.2"),
+        (["run", "--print-config"], ["--reliance-arg", "value=0.3"], "strategy.reliance.params.value=0.2"),
+        (["compare", "--arm", "kd=reliance:fixed"], ["--max-steps", "5"], "training.max_steps=7"),
+        (["compare", "--arm", "kd=reliance:fixed"], ["--train-share", "0.5"], "data.train_share=0.2"),
+        (["cache-teacher", "--output", "CACHE"], ["--seq-len", "32"], "data.seq_len=64"),
+    ],
+)
+def test_a_set_that_contradicts_a_flag_is_refused(tmp_path, command, flag, pair):
+    command = [str(tmp_path / "c") if part == "CACHE" else part for part in command]
+    out = ["--output-dir", str(tmp_path / "out")] if command[0] == "compare" else []
+    field = pair.split("=")[0]
+    refused(
+        [*command, *out, *flag, "--set", pair],
+        f"--set {pair} contradicts {' '.join(flag)}, which sets {field} too; pass only one of them",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_set_that_agrees_with_a_flag_is_fine():
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--print-config", "--lr", "0.1", "--set", "training.lr=0.1"])
+    assert result.exit_code == 0 and "lr: 0.1" in result.output

@@ -19,7 +19,9 @@ from kdcore.cli.options import (
     TRAIN_SHARE_HELP,
     Opt,
     config_file,
+    given_flags,
     set_fields,
+    with_sets,
 )
 from kdcore.config import parse_assignment, resolve_config
 from kdcore.errors import KdError
@@ -225,6 +227,7 @@ def run(
 
 def _run_config(options: dict[str, Any]) -> Any:
     """The run config ``kd run``'s options describe: --config, then each option given, then --set."""
+    flags = given_flags(options, RUN_OPTIONS)
     overrides: dict[str, Any] = {
         RUN_OPTIONS[name]: value
         for name, value in options.items()
@@ -234,12 +237,12 @@ def _run_config(options: dict[str, Any]) -> Any:
         for pair in options.get(f"{kind}_arg") or []:
             key, value = parse_assignment(pair)
             overrides[f"strategy.{kind}.params.{key}"] = value
+            flags[f"strategy.{kind}.params.{key}"] = f"--{kind}-arg {pair}"
     lambda_ = options["lambda_"]
     if lambda_ is not None:
         overrides["strategy.reliance.params.value"] = lambda_
-    for pair in options["set_"] or []:
-        key, value = parse_assignment(pair)
-        overrides[key] = value
+        flags["strategy.reliance.params.value"] = f"--lambda {lambda_}"
+    with_sets(overrides, flags, options["set_"])
     cfg = resolve_config(options["config"], overrides)
     if lambda_ is not None and cfg.strategy.reliance.name != "fixed":
         raise KdError(
