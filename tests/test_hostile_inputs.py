@@ -289,3 +289,106 @@ def test_a_set_that_agrees_with_a_flag_is_fine():
 
     result = CliRunner().invoke(app, ["run", "--print-config", "--lr", "0.1", "--set", "training.lr=0.1"])
     assert result.exit_code == 0 and "lr: 0.1" in result.output
+
+
+# -- one huge row costs what seq_len tokens do ---------------------------------------------------------------------
+def _spy_on_calls(monkeypatch, tokenizer) -> list[int]:
+    """The longest text (or message content) each call to ``tokenizer`` was handed."""
+    seen: list[int] = []
+    cls = type(tokenizer)
+    call, template = cls.__call__, cls.apply_chat_template
+
+    def spy_call(self, text, *args, **kwargs):
+        seen.append(max(map(len, [text] if isinstance(text, str) else text), default=0))
+        return call(self, text, *args, **kwargs)
+
+    def spy_template(self, conversation, *args, **kwargs):
+        seen.append(max((len(m["content"]) for m in conversation), default=0))
+        return template(self, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", spy_call)
+    monkeypatch.setattr(cls, "apply_chat_template", spy_template)
+    return seen
+
+
+def _bpe():
+    from kdcore.inputs.tokenization import build_tokenizer
+
+    return build_tokenizer("bpe:vocab_size=300", ["the cat sat on the mat, and the dog sat on the log"] * 20)
+
+
+def test_a_huge_text_row_reaches_the_tokenizer_in_bounded_pieces(monkeypatch):
+    from kdcore.inputs import tokenization
+    from kdcore.inputs.tokenization import encode_texts, pieces
+
+    tokenizer = _bpe()
+    row = "the cat sat on the mat " * 2000 + "x" * 5000  # words, then one word longer than a piece
+    whole = tokenizer(row[:46000], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    monkeypatch.setattr(tokenization, "MAX_CHARS_PER_CALL", 2000)
+    assert "".join(pieces(row)) == row and max(map(len, pieces(row))) <= 2000
+    seen = _spy_on_calls(monkeypatch, tokenizer)
+    short, long = encode_texts(["the dog", row], tokenizer)
+    assert seen and max(seen) <= 2000
+    assert long[: len(whole) - 1].tolist() == whole[:-1]  # cut before spaces: the words' own tokens
+    assert short.tolist() == tokenizer("the dog", add_special_tokens=False)["input_ids"]
+
+
+def test_a_huge_chat_row_is_cut_before_it_is_tokenised(monkeypatch):
+    from test_chat import word_tokenizer
+
+    from kdcore.inputs.chat import encode_chat
+    from kdcore.inputs.tokenization import longest_token
+
+    huge = "the cat sat " * 400_000  # 4.8 M characters
+    seq_len = 16
+    bpe = _bpe()
+    limit = (seq_len + 1) * longest_token(bpe)
+    seen = _spy_on_calls(monkeypatch, bpe)
+    rows = [(1, {"prompt": "hi", "completion": huge}), (2, {"prompt": huge, "completion": "ok"})]
+    samples = encode_chat([*rows, (3, {"prompt": "hi", "completion": "the cat"})], bpe, seq_len)
+    assert max(seen) <= limit < 1000
+    assert samples.rows == [1, 3] and samples.truncated == [1] and samples.dropped == [2]
+    small = encode_chat([(1, {"prompt": "hi", "completion": huge[:5000]})], bpe, seq_len)
+    assert samples.input_ids[0].tolist() == small.input_ids[0].tolist()
+
+    words = word_tokenizer(extra_text="the cat sat hi ok")
+    seen = _spy_on_calls(monkeypatch, words)
+    talk = [
+        (1, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": huge}]}),
+        (2, {"messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]}),
+        (3, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}),
+    ]
+    samples = encode_chat(talk, words, seq_len)
+    assert max(seen) <= (seq_len + 1) * longest_token(words) + 100 < 1000  # the content and the template
+    assert samples.rows == [1, 3] and samples.truncated == [1] and samples.dropped == [2]
+    small = encode_chat(
+        [(1, {"messages": [*talk[0][1]["messages"][:1], {"role": "assistant", "content": huge[:600]}]})],
+        words,
+        seq_len,
+    )
+    assert samples.input_ids[0].tolist() == small.input_ids[0].tolist()
+
+
+@pytest.mark.slow
+def test_a_50_mb_row_stays_within_a_bounded_memory(tmp_path):
+    """Peak memory of packing one 50 MB row with a BPE tokenizer, in a fresh process: its token ids, not the
+    ~9 GB the tokenizer would hold for the whole row at once."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import resource
+        from kdcore.inputs.packing import pack
+        from kdcore.inputs.tokenization import build_tokenizer
+        tokenizer = build_tokenizer("bpe:vocab_size=300", ["the cat sat on the mat"] * 20)
+        row = "the cat sat on the mat " * 2_200_000
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        packed = pack([row], tokenizer, 128)
+        print(len(packed), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    samples, peak_mb = map(int, out.stdout.split())
+    assert samples > 1000 and peak_mb < 1500, out.stdout
