@@ -392,3 +392,60 @@ def test_a_50_mb_row_stays_within_a_bounded_memory(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     samples, peak_mb = map(int, out.stdout.split())
     assert samples > 1000 and peak_mb < 1500, out.stdout
+
+
+# -- GGUF teachers ------------------------------------------------------------------------------------------------
+def test_a_directory_named_like_a_gguf_file(tmp_path):
+    from test_refusals import tiny_args
+
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    for dry in ([], ["--dry-run"]):
+        refused(
+            ["run", *tiny_args(tmp_path / "run", f"--teacher={folder}", *dry)],
+            f"'{folder}' is a directory, not a GGUF file; pass the .gguf file itself, or a save_pretrained "
+            "directory",
+        )
+    (folder / "model.gguf").write_bytes(b"GGUF")
+    refused(
+        ["run", *tiny_args(tmp_path / "run", f"--teacher={folder}")],
+        f"'{folder}' is a directory, not a GGUF file; pass the .gguf file itself such as "
+        f"'{folder / 'model.gguf'}', or",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_cache_follows_the_gguf_file_s_content_not_its_path(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from conftest import tiny_overrides
+    from rich.console import Console
+    from tiny_gguf import tiny_llama, write_gguf
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+    from kdcore.config import resolve_config
+    from kdcore.inputs.corpus import load_corpus
+    from kdcore.teachers.cache import open_for_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kd-cache"))
+    write_gguf(tiny_llama(seed=0), tmp_path / "teacher.gguf")
+    data = ["--set", "data.demo_samples=40", "--set", "data.max_eval_samples=8", "--seq-len", "24"]
+    result = CliRunner().invoke(
+        app, ["cache-teacher", "--output", "cache", "--teacher", "teacher.gguf", "--top-k", "4", *data]
+    )
+    assert result.exit_code == 0, result.output
+
+    def open_with(teacher: str) -> None:
+        overrides = tiny_overrides(tmp_path / "run", **{"data.seq_len": 24, "data.demo_samples": 40})
+        overrides.update(
+            {"data.max_eval_samples": 8, "model.teacher": teacher, "model.teacher_cache": "cache"}
+        )
+        cfg = resolve_config(None, overrides)
+        open_for_run(cfg, load_corpus(cfg.data, 0), Console(quiet=True))
+
+    open_with("teacher.gguf")
+    open_with(str(tmp_path / "teacher.gguf"))  # the same file by its absolute path
+    write_gguf(tiny_llama(seed=1), tmp_path / "teacher.gguf")  # another model at the same path
+    with pytest.raises(Exception, match=r"does not match this run: its teacher .*a GGUF file is its content"):
+        open_with("teacher.gguf")

@@ -74,7 +74,8 @@ class GgufSource:
 
 
 def parse_gguf_source(source: str) -> GgufSource | None:
-    """The GGUF file ``source`` names, or None when it names no ``.gguf`` file (a directory, a hub id, a spec).
+    """The GGUF file ``source`` names, or None when it names no ``.gguf`` file (a directory, even one named
+    ``x.gguf``, a hub id, a spec).
 
     Checked before a model spec (``type:key=value``): ``org/repo:file.gguf`` would otherwise read as
     a spec of model type ``org/repo``. Whether a local file exists is checked at load time.
@@ -83,6 +84,15 @@ def parse_gguf_source(source: str) -> GgufSource | None:
     if not source.lower().endswith(".gguf"):
         return None
     path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():  # save_pretrained's, whatever its name
+        return None
+    if path.is_dir():
+        inside = sorted(path.glob("*.gguf"))
+        example = f" such as '{inside[0]}'" if inside else ""
+        raise KdError(
+            f"'{source}' is a directory, not a GGUF file; pass the .gguf file itself{example}, or a "
+            "save_pretrained directory"
+        )
     if path.is_file() or ":" not in source:
         return GgufSource(str(path.parent), path.name, local=True)
     where, _, filename = source.rpartition(":")

@@ -451,7 +451,8 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     cache.check("seq_len", "seq_len", seq_len)
     cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
     cache.check(
-        "teacher (a from-scratch spec includes its training steps, seed, batch size and lr)",
+        "teacher (a from-scratch spec includes its training steps, seed, batch size and lr; a GGUF file is "
+        "its content)",
         "teacher_id",
         teacher.identity,
     )
