@@ -449,3 +449,96 @@ def test_a_teacher_cache_follows_the_gguf_file_s_content_not_its_path(tmp_path, 
     write_gguf(tiny_llama(seed=1), tmp_path / "teacher.gguf")  # another model at the same path
     with pytest.raises(Exception, match=r"does not match this run: its teacher .*a GGUF file is its content"):
         open_with("teacher.gguf")
+
+
+# -- messages that name the problem and the fix -------------------------------------------------------------------
+def test_on_policy_with_lambda_0_says_to_raise_lambda(tmp_path):
+    from test_refusals import tiny_args
+
+    refused(
+        ["run", *tiny_args(tmp_path / "run", "--source=on-policy", "--lambda=0", "--dry-run")],
+        "source 'on-policy' trains on the teacher term alone and reliance 'fixed' sets every λ to 0, so "
+        "nothing would be learnt; raise --lambda above 0, or choose another reliance policy",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--lambda=nan"], "bad parameters for reliance 'fixed': value is nan, not a number; give a number"),
+        (
+            ["--reliance=threshold", "--reliance-arg", "quantile=nan"],
+            "bad parameters for reliance 'threshold': quantile is nan, not a number; give a number",
+        ),
+        (
+            ["--set", "data.train_share=nan"],
+            "invalid config: data.train_share: Input should be a finite number",
+        ),
+        (["--set", "training.lr=.inf"], "invalid config: training.lr: Input should be a finite number"),
+    ],
+)
+def test_nan_is_not_a_number(tmp_path, args, sentence):
+    from test_refusals import tiny_args
+
+    refused(["run", *tiny_args(tmp_path / "run", *args, "--dry-run")], sentence)
+
+
+def test_a_fsdp_variable_is_named_as_such(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from kdcore.errors import KdError
+    from kdcore.training import parallel
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(KdError) as caught:
+        parallel.check_backend(DistributedType.NO)
+    assert str(caught.value).startswith(
+        "ACCELERATE_USE_FSDP=true (from an accelerate config or the environment) with no FSDP_VERSION asks "
+        "for FSDP version 1; kdcore shards with FSDP2"
+    )
+
+
+def test_strategy_parameters_in_a_kd_run_name_point_to_the_arg_flag(tmp_path):
+    from test_refusals import tiny_args
+
+    refused(
+        ["run", *tiny_args(tmp_path / "run", "--reliance=threshold(invert=true, quantile=0.5)")],
+        "--reliance takes a name alone, not 'threshold(invert=true, quantile=0.5)'; pass its parameters "
+        "with --reliance-arg, e.g. --reliance threshold --reliance-arg invert=true --reliance-arg quantile=0.5",
+    )
+
+
+def test_lambda_with_another_policy_suggests_only_what_it_accepts(tmp_path, monkeypatch):
+    from pydantic import BaseModel
+    from test_refusals import tiny_args
+
+    from kdcore import plugins
+
+    refused(
+        ["run", *tiny_args(tmp_path / "run", "--reliance=threshold", "--lambda=0.3")],
+        "--lambda sets the fixed policy's λ; reliance 'threshold' takes its own parameters, e.g. "
+        "--reliance-arg lambda_hard=... (it accepts quantile, lambda_hard,",
+    )
+    refused(
+        ["run", *tiny_args(tmp_path / "run", "--reliance=none", "--lambda=0.3")],
+        "--lambda sets the fixed policy's λ; reliance 'none' takes no parameters; drop --lambda, or use "
+        "--reliance fixed",
+    )
+
+    class Params(BaseModel):  # a plugin's policy: no lambda_hard
+        strength: float = 0.5
+
+    class Entry:
+        cls = type("Mine", (), {"Params": Params})
+
+    class Registry:
+        def entry(self, kind, name):
+            return Entry()
+
+    monkeypatch.setattr(plugins, "get_registry", lambda: Registry())
+    from kdcore.cli.run import _own_parameters
+
+    assert _own_parameters("reliance", "mine") == (
+        "takes its own parameters, e.g. --reliance-arg strength=... (it accepts strength)"
+    )
