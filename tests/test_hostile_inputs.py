@@ -542,3 +542,72 @@ def test_lambda_with_another_policy_suggests_only_what_it_accepts(tmp_path, monk
     assert _own_parameters("reliance", "mine") == (
         "takes its own parameters, e.g. --reliance-arg strength=... (it accepts strength)"
     )
+
+
+def test_a_truncated_converted_gguf_copy_says_to_delete_the_cache_entry(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from tiny_gguf import tiny_llama, write_gguf
+
+    from kdcore.errors import KdError
+    from kdcore.inputs.gguf import converted_directory
+    from kdcore.inputs.models import load_pretrained
+
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_gguf(tiny_llama(seed=0), tmp_path / "tiny.gguf")
+    directory = converted_directory(str(path))
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(KdError) as caught:
+        load_pretrained(str(path))
+    assert str(caught.value) == (
+        f"the converted copy of tiny.gguf in {directory} is damaged (model.safetensors: Error while "
+        "deserializing header: incomplete metadata, file not fully covered); delete that directory, and the "
+        "next run converts the GGUF file again"
+    )
+
+
+def test_cache_teacher_with_a_cut_teacher_does_not_suggest_student(tmp_path):
+    refused(
+        ["cache-teacher", "--output", str(tmp_path / "c"), "--teacher", "from-teacher:num_layers=1"],
+        "'from-teacher:num_layers=1' describes a student cut from a teacher, and kd cache-teacher caches a "
+        "teacher's outputs; pass --teacher a hub id, directory, GGUF file or spec",
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_cut_that_fails_prints_no_success_first(tmp_path):
+    from test_refusals import tiny_args
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    opt = "opt:num_hidden_layers=2,hidden_size=32,num_attention_heads=2,ffn_dim=64,max_position_embeddings=64"
+    args = ["run", *tiny_args(tmp_path / "run", f"--teacher={opt}", "--student=from-teacher:num_layers=1")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "error: cannot cut a student from a 'opt' teacher" in result.output
+    assert "Student cut from the teacher" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_from_another_train_share_names_the_share(tmp_path):
+    from test_refusals import tiny_args
+
+    cache = tmp_path / "cache"
+    data = ["--set=data.demo_samples=160", "--set=data.max_eval_samples=32", "--seq-len=48"]
+    teacher = ["--teacher=gpt2:n_layer=2,n_embd=32,n_head=2", "--set=model.teacher_steps=40"]
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    made = ["cache-teacher", "--output", str(cache), *teacher, *data, "--set=data.train_share=0.5"]
+    result = CliRunner().invoke(app, made)
+    assert result.exit_code == 0, result.output
+    for dry in (["--dry-run"], []):
+        refused(
+            ["run", *tiny_args(tmp_path / "run", f"--teacher-cache={cache}", *dry)],
+            f"teacher cache '{cache}' holds the first 0.5 of the training text (data.train_share) and this run "
+            "trains on 1; pass --train-share 0.5, or rebuild the cache with kd cache-teacher --set "
+            "data.train_share=1",
+        )
+    assert not (tmp_path / "run").exists()

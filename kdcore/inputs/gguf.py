@@ -321,9 +321,30 @@ def converted_directory(
                     GgufSource(str(path.parent), path.name, local=True), str(source), digest, directory, echo
                 )
                 return directory
+    _check_converted(directory, source)
     if echo is not None:
         echo(f"Loading {source.name} from its converted copy in {directory}")
     return directory
+
+
+def _check_converted(directory: Path, source: GgufSource) -> None:
+    """A converted copy whose config or weights cannot be read (a disk filled up, a file cut) is named as
+    the cache entry it is, to delete; each weights file's header is read, not its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    problem = None if (directory / "config.json").is_file() else "config.json is missing"
+    for file in sorted(directory.glob("*.safetensors")) if problem is None else []:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            problem = f"{file.name}: {_first_line(exc)}"
+            break
+    if problem is not None:
+        raise KdError(
+            f"the converted copy of {source.name} in {directory} is damaged ({problem}); delete that "
+            "directory, and the next run converts the GGUF file again"
+        )
 
 
 def _convert(
