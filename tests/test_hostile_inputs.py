@@ -611,3 +611,18 @@ def test_a_cache_from_another_train_share_names_the_share(tmp_path):
             "data.train_share=1",
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_equal_time_without_a_generating_arm_says_so_in_a_note():
+    from kdcore import compare as cmp
+
+    plan = cmp.build_plan(arm_texts=["kd=reliance:fixed"], sweep="none", matched=False, equal_time=True)
+    assert plan.timed_arms() == []
+    assert plan.notes[-1] == (
+        "--equal-time adds no run: it reruns each arm whose source is not the dataset (e.g. source:on-policy) "
+        "for 'kd's training time, and every arm here trains on the dataset"
+    )
+    timed = cmp.build_plan(
+        arm_texts=["op=source:on-policy,reliance:fixed"], sweep="none", matched=False, equal_time=True
+    )
+    assert not any(note.startswith("--equal-time adds no run") for note in timed.notes)
