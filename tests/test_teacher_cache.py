@@ -281,7 +281,9 @@ def test_a_cache_that_does_not_match_the_run_is_refused_naming_the_field(tmp_pat
         _cfg(tmp_path / "u", **{"model.teacher": full["teacher_source"]}), tmp_path / "dir", top_k=4
     )
     with pytest.raises(
-        KdError, match=r"its dataset \(fingerprint of the text\) is '\w+' but the run's is '\w+'"
+        KdError,
+        match=r"holds the first 1 of the training text \(data.train_share\) and this run trains on 0.5; "
+        r"pass --train-share 1, or rebuild the cache with kd cache-teacher --set data.train_share=0.5",
     ):
         overrides = {"model.teacher": full["teacher_source"], "model.teacher_cache": str(tmp_path / "dir")}
         run(_cfg(tmp_path / "b", **overrides, **{"data.demo_samples": 170}), show_progress=False)
@@ -319,7 +321,9 @@ def test_a_train_share_needs_its_own_cache_from_the_same_teacher(tmp_path, cache
 
     root, full, _ = caches
     with pytest.raises(
-        KdError, match=r"its dataset \(fingerprint of the text\) is '\w+' but the run's is '\w+'"
+        KdError,
+        match=r"holds the first 1 of the training text \(data.train_share\) and this run trains on 0.5; "
+        r"pass --train-share 1, or rebuild the cache with kd cache-teacher --set data.train_share=0.5",
     ):
         run(
             _cfg(tmp_path / "a", **{"model.teacher_cache": str(root / "full"), "data.train_share": 0.5}),
