@@ -431,6 +431,7 @@ def test_a_teacher_cache_follows_the_gguf_file_s_content_not_its_path(tmp_path, 
     monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kd-cache"))
     write_gguf(tiny_llama(seed=0), tmp_path / "teacher.gguf")
     data = ["--set", "data.demo_samples=40", "--set", "data.max_eval_samples=8", "--seq-len", "24"]
+    data += ["--set", "data.train_share=1"]
     result = CliRunner().invoke(
         app, ["cache-teacher", "--output", "cache", "--teacher", "teacher.gguf", "--top-k", "4", *data]
     )

@@ -308,7 +308,7 @@ def build_cache(
         "teacher_id": teacher_identity(cfg.model, corpus, cfg.data.seq_len, cfg.training),
         "teacher_source": source,
         "dataset": cfg.data.dataset,
-        "train_share": cfg.data.train_share,
+        "train_share": cfg.data.student_share,
         "corpus_fingerprint": corpus.fingerprint,
     }
     manifest = write_cache(
@@ -456,12 +456,13 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training, cache_manifest=cache.manifest)
     # Most specific first: a from-scratch teacher's identity includes its data and seq_len.
     cache.check("seq_len", "seq_len", seq_len)
-    share = cache.manifest.get("train_share", cfg.data.train_share)  # recorded since caches know it
-    if share != cfg.data.train_share:
+    ours = cfg.data.student_share
+    share = cache.manifest.get("train_share", ours)  # recorded since caches know it
+    if share != ours:
         raise KdError(
             f"teacher cache '{cache.directory}' holds the first {share:g} of the training text "
-            f"(data.train_share) and this run trains on {cfg.data.train_share:g}; pass --train-share {share:g}, "
-            f"or rebuild the cache with kd cache-teacher --set data.train_share={cfg.data.train_share:g}"
+            f"(data.train_share) and this run trains on {ours:g}; pass --train-share {share:g}, "
+            f"or rebuild the cache with kd cache-teacher --set data.train_share={ours:g}"
         )
     cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
     cache.check(
