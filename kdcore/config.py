@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,9 @@ MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class StrategySpec(_Section):
@@ -229,6 +232,23 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-5`` is a number, as every user means it.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-5``) and ``1e-5`` is a string.
+    """
+
+
+_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")  # 1e-5, 2E3; the dotted forms are 1.1's
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML read safely (nothing constructed but plain values), with ``1e-5`` a float; raises
+    ``yaml.YAMLError``, or ``RecursionError`` for nesting deeper than Python's stack."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain values only
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem: ``field.path: reason``."""
     lines = []
@@ -272,8 +292,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if not key.strip():
         raise KdError(f"expected key=value, got '{text}' with nothing before '='; e.g. training.seed=1")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip(), value
 
@@ -285,11 +305,22 @@ def load_file(path: Path) -> dict[str, Any]:
         raise KdError(f"config file '{path}' is a directory; pass a YAML or JSON file{example}")
     if not path.is_file():
         raise KdError(f"config file '{path}' does not exist; pass an existing YAML or JSON file")
-    text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise KdError(
+            f"config file '{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); pass a YAML or JSON file"
+        ) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise KdError(f"config file '{path}' is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise KdError(
+            f"config file '{path}' is nested too deeply to read; a run config is a few levels of sections "
+            "(model, data, strategy, ...)"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -151,10 +151,19 @@ def cache_root() -> Path:
     user cache dir)."""
     env = os.environ.get("KD_CACHE_DIR")
     if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
+        root, where = Path(env), f"KD_CACHE_DIR '{env}'"
+    else:
+        from platformdirs import user_cache_dir
 
-    return Path(user_cache_dir("kdcore"))
+        root = Path(user_cache_dir("kdcore"))
+        where = f"the cache directory '{root}'"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        blocked = "is a file" if existing == root else f"cannot be created: '{existing}' is a file"
+        raise KdError(f"{where} {blocked}; set KD_CACHE_DIR to a directory")
+    return root
 
 
 def file_sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import inspect
+import math
 import os
 import re
 import sys
@@ -121,15 +122,31 @@ def instantiate_strategies(
     return out
 
 
+def _is_nan(value: Any) -> bool:
+    """NaN as a number or as text (``nan``, ``.nan``: pydantic reads both as a float)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("nan", ".nan", "+nan", "-nan")
+    return isinstance(value, float) and math.isnan(value)
+
+
 def validate_params(cls: type[Strategy], kind: str, name: str, params: Mapping[str, Any]) -> BaseModel:
-    """Validate ``params`` against the class's ``Params`` model, as one readable sentence on failure."""
+    """Validate ``params`` against the class's ``Params`` model, as one readable sentence on failure.
+
+    NaN is refused first: it compares false with every bound, so a model would report the bound it fails.
+    """
+    fields = ", ".join(cls.Params.model_fields) or "none"
+    for key, value in params.items():
+        if _is_nan(value):
+            raise PluginError(
+                f"bad parameters for {kind} '{name}': {key} is nan, not a number; give a number "
+                f"(accepted parameters: {fields})"
+            )
     try:
         return cls.Params.model_validate(dict(params))
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
         )
-        fields = ", ".join(cls.Params.model_fields) or "none"
         raise PluginError(
             f"bad parameters for {kind} '{name}': {problems} (accepted parameters: {fields})"
         ) from None

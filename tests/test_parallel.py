@@ -40,7 +40,9 @@ def test_an_fsdp_config_on_cpu_is_refused(monkeypatch, cpu_type):
     with pytest.raises(KdError) as info:
         parallel.check_backend(cpu_type)
     message = str(info.value)
-    assert message.startswith("this accelerate config asks for FSDP, but accelerate ")
+    assert message.startswith(
+        "ACCELERATE_USE_FSDP=true (from an accelerate config or the environment) asks for FSDP, but accelerate "
+    )
     assert "silently train with plain DDP" in message and "\n" not in message
     parallel.check_backend(DistributedType.FSDP)  # what accelerate decides on GPUs: accepted
 
@@ -54,7 +56,9 @@ def test_deepspeed_on_cpu_and_fsdp1_are_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(
-        KdError, match="asks for FSDP version 1; kdcore shards with FSDP2: set fsdp_version: 2"
+        KdError,
+        match=r"ACCELERATE_USE_FSDP=true .* with FSDP_VERSION=1 asks for FSDP version 1; kdcore shards with "
+        r"FSDP2: set fsdp_version: 2",
     ):
         parallel.check_backend(DistributedType.FSDP)
 
@@ -84,7 +88,7 @@ def test_cli_refuses_an_fsdp_launch_on_cpu_and_writes_nothing(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: this accelerate config asks for FSDP"), lines
+    assert len(lines) == 1 and lines[0].startswith("error: ACCELERATE_USE_FSDP=true (from an"), lines
     assert "Traceback" not in result.stderr
     assert not out.exists()
 

@@ -319,7 +319,9 @@ def test_a_train_share_needs_its_own_cache_from_the_same_teacher(tmp_path, cache
 
     root, full, _ = caches
     with pytest.raises(
-        KdError, match=r"its dataset \(fingerprint of the text\) is '\w+' but the run's is '\w+'"
+        KdError,
+        match=r"holds the first 1 of the training text \(data.train_share\) and this run trains on 0.5; "
+        r"pass --train-share 1, or rebuild the cache with kd cache-teacher --set data.train_share=0.5",
     ):
         run(
             _cfg(tmp_path / "a", **{"model.teacher_cache": str(root / "full"), "data.train_share": 0.5}),

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from kdcore.cli.common import err, friendly_errors, offline_hint
-from kdcore.cli.options import Dataset, Opt, SeqLen, SpecTokenizer, config_file, set_fields
-from kdcore.config import parse_assignment, resolve_config
+from kdcore.cli.options import (
+    RUN_OPTIONS,
+    Dataset,
+    Opt,
+    SeqLen,
+    SpecTokenizer,
+    config_file,
+    given_flags,
+    set_fields,
+    with_sets,
+)
+from kdcore.config import resolve_config
 
 
 @friendly_errors
@@ -28,20 +38,9 @@ def cache_teacher(
     ] = None,
 ) -> None:
     """Run the teacher once over the training set and store its top-K log-probabilities for kd run --teacher-cache."""
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in (
-            ("model.teacher", teacher),
-            ("data.dataset", dataset),
-            ("model.tokenizer", tokenizer),
-            ("data.seq_len", seq_len),
-        )
-        if value is not None
-    }
-    for pair in set_ or []:
-        key, value = parse_assignment(pair)
-        overrides[key] = value
-    cfg = resolve_config(config, overrides)
+    given = {"teacher": teacher, "dataset": dataset, "tokenizer": tokenizer, "seq_len": seq_len}
+    overrides = {RUN_OPTIONS[name]: value for name, value in given.items() if value is not None}
+    cfg = resolve_config(config, with_sets(overrides, given_flags(given, given), set_))
     offline_hint()
     from kdcore.teachers.cache import build_cache
 

@@ -10,8 +10,17 @@ import typer
 from rich.markup import escape
 
 from kdcore.cli.common import err, friendly_errors, log, offline_hint, out
-from kdcore.cli.options import RUN_OPTIONS, TRAIN_SHARE_HELP, Dataset, Opt, SeqLen, config_file, set_fields
-from kdcore.config import parse_assignment
+from kdcore.cli.options import (
+    RUN_OPTIONS,
+    TRAIN_SHARE_HELP,
+    Dataset,
+    Opt,
+    SeqLen,
+    config_file,
+    given_flags,
+    set_fields,
+    with_sets,
+)
 from kdcore.errors import KdError
 
 
@@ -157,9 +166,7 @@ def _new_comparison(options: dict[str, Any]) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         RUN_OPTIONS[name]: options[name] for name in COMPARE_BASE_OPTIONS if options[name] is not None
     }
-    for pair in options["set_"] or []:
-        key, value = parse_assignment(pair)
-        overrides[key] = value
+    with_sets(overrides, given_flags(options, COMPARE_BASE_OPTIONS), options["set_"])
     plan = cmp.build_plan(
         config=options["config"],
         arm_texts=options["arm"] or [],

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 import typer
+
+from kdcore.config import parse_assignment
+from kdcore.errors import KdError
 
 # Each run option maps to one dotted config field; the CLI only overrides what was given.
 RUN_OPTIONS: dict[str, str] = {
@@ -70,3 +74,27 @@ def set_fields(help: str) -> Any:
 SeqLen = Annotated[int | None, Opt(help=SEQ_LEN_HELP)]
 Dataset = Annotated[str | None, Opt(help=DATASET_HELP)]
 SpecTokenizer = Annotated[str | None, Opt(help=SPEC_TOKENIZER_HELP)]
+
+
+def given_flags(options: Mapping[str, Any], names: Iterable[str]) -> dict[str, str]:
+    """``{field: "--flag value"}`` for each option of ``names`` (keys of RUN_OPTIONS) that was given."""
+    return {
+        RUN_OPTIONS[name]: f"--{name.replace('_', '-')} {options[name]}"
+        for name in names
+        if options.get(name) is not None
+    }
+
+
+def with_sets(overrides: dict[str, Any], flags: Mapping[str, str], pairs: list[str] | None) -> dict[str, Any]:
+    """``overrides`` (the flags' fields) and then every ``--set key=value``.
+
+    A --set that contradicts a flag given for the same field is refused: neither silently wins.
+    """
+    for pair in pairs or []:
+        key, value = parse_assignment(pair)
+        if key in flags and str(overrides.get(key)) != str(value):
+            raise KdError(
+                f"--set {pair} contradicts {flags[key]}, which sets {key} too; pass only one of them"
+            )
+        overrides[key] = value
+    return overrides

@@ -19,7 +19,9 @@ from kdcore.cli.options import (
     TRAIN_SHARE_HELP,
     Opt,
     config_file,
+    given_flags,
     set_fields,
+    with_sets,
 )
 from kdcore.config import parse_assignment, resolve_config
 from kdcore.errors import KdError
@@ -223,8 +225,38 @@ def run(
     _launch(cfg)
 
 
+def _own_parameters(kind: str, name: str) -> str:
+    """How to pass a strategy's own parameters, naming only those it accepts (a λ one first).
+
+    Only kd run's --lambda asks this, so the advice without parameters names --lambda."""
+    from kdcore.plugins import get_registry
+
+    cls = get_registry().entry(kind, name).cls
+    fields = list(cls.Params.model_fields) if cls is not None else []
+    flag = f"--{kind}-arg"
+    if not fields:
+        return f"takes no parameters; drop --lambda, or use --{kind} fixed"
+    first = next((f for f in fields if f.startswith("lambda")), fields[0])
+    return f"takes its own parameters, e.g. {flag} {first}=... (it accepts {', '.join(fields)})"
+
+
+def _check_names(options: dict[str, Any]) -> None:
+    """``--reliance 'threshold(invert=true)'`` is compare's arm grammar; kd run takes parameters apart."""
+    for kind in KINDS:
+        given = options.get(kind)
+        if given and "(" in given:
+            name, _, params = given.partition("(")
+            pairs = " ".join(f"--{kind}-arg {p.strip()}" for p in params.rstrip(")").split(",") if p.strip())
+            raise KdError(
+                f"--{kind} takes a name alone, not '{given}'; pass its parameters with --{kind}-arg, e.g. "
+                f"--{kind} {name.strip()} {pairs}".rstrip()
+            )
+
+
 def _run_config(options: dict[str, Any]) -> Any:
     """The run config ``kd run``'s options describe: --config, then each option given, then --set."""
+    _check_names(options)
+    flags = given_flags(options, RUN_OPTIONS)
     overrides: dict[str, Any] = {
         RUN_OPTIONS[name]: value
         for name, value in options.items()
@@ -234,17 +266,17 @@ def _run_config(options: dict[str, Any]) -> Any:
         for pair in options.get(f"{kind}_arg") or []:
             key, value = parse_assignment(pair)
             overrides[f"strategy.{kind}.params.{key}"] = value
+            flags[f"strategy.{kind}.params.{key}"] = f"--{kind}-arg {pair}"
     lambda_ = options["lambda_"]
     if lambda_ is not None:
         overrides["strategy.reliance.params.value"] = lambda_
-    for pair in options["set_"] or []:
-        key, value = parse_assignment(pair)
-        overrides[key] = value
+        flags["strategy.reliance.params.value"] = f"--lambda {lambda_}"
+    with_sets(overrides, flags, options["set_"])
     cfg = resolve_config(options["config"], overrides)
     if lambda_ is not None and cfg.strategy.reliance.name != "fixed":
         raise KdError(
-            f"--lambda sets the fixed policy's λ; reliance '{cfg.strategy.reliance.name}' takes its own "
-            "parameters, e.g. --reliance-arg lambda_hard=0.9 (see docs/strategies.md)"
+            f"--lambda sets the fixed policy's λ; reliance '{cfg.strategy.reliance.name}' "
+            f"{_own_parameters('reliance', cfg.strategy.reliance.name)}"
         )
     return cfg
 

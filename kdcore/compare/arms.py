@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from kdcore.config import StrategyConfig, deep_merge, set_path
+from kdcore.config import StrategyConfig, deep_merge, load_yaml, set_path
 from kdcore.errors import KdError
 from kdcore.references import reference_strategy
 from kdcore.strategies import KINDS
@@ -162,8 +162,8 @@ def _yaml_value(raw: str) -> Any:
     if not raw:
         return ""
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return load_yaml(raw)
+    except (yaml.YAMLError, RecursionError):
         return raw
 
 

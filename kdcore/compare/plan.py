@@ -249,6 +249,11 @@ def build_plan(
             f"'{arm.name}@equal-time' is '{arm.name}' for the steps that take as long as '{plan.kd.name}'s "
             "run on the same seed (training time, generation included)"
         )
+    if plan.equal_time and not plan.timed_arms():
+        notes.append(
+            "--equal-time adds no run: it reruns each arm whose source is not the dataset (e.g. source:on-policy) "
+            f"for '{plan.kd.name}'s training time, and every arm here trains on the dataset"
+        )
     validate_plan(plan)
     return plan
 

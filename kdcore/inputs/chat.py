@@ -19,7 +19,9 @@ reasoning) is refused with one sentence. Control tokens inside message text (a l
 
 Samples: right-padded to ``seq_len``; a longer conversation is truncated to its first ``seq_len``
 tokens (the system prompt and the first turns are kept, later turns are cut). A conversation left
-with no target token to predict is dropped and reported. Sample ``i`` is the ``i``-th kept row, so
+with no target token to predict is dropped and reported. A message too long to fit is cut to the characters
+that can reach ``seq_len`` tokens before it is rendered (:func:`_bounded`), so one huge row costs no more
+memory than a row of ``seq_len`` tokens. Sample ``i`` is the ``i``-th kept row, so
 ids are stable for the same file, tokenizer and ``seq_len``; ``rows`` maps them back to file lines.
 
 ``labels`` follow the Hugging Face convention: the token id where the token is a target, ``-100``
@@ -47,6 +49,7 @@ import torch
 
 from kdcore.errors import KdError
 from kdcore.inputs.packing import IGNORE_INDEX, PackedDataset
+from kdcore.inputs.tokenization import longest_token
 
 __all__ = [
     "ROLES",
@@ -84,9 +87,15 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise KdError(f"chat data '{path}' does not exist; pass a .jsonl file with one conversation per line")
+    from kdcore.inputs.corpus import not_utf8
+
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, decoded line by line: a bad byte is named with its line
+        for number, raw in enumerate(handle, start=1):
+            try:  # utf-8-sig: a byte-order mark is not part of the first row
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8(f"line {number} of '{path}'", exc) from None
             if not line.strip():
                 continue
             try:
@@ -122,6 +131,16 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             f"{where}: no assistant message, so nothing in it would be trained on; add the reply or drop the row"
         )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _bounded(messages: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """The conversation up to the first message longer than ``limit`` characters, that one cut to
+    ``limit``: its first ``limit`` characters already hold more than ``seq_len`` tokens, so the sample is
+    the same and one huge row costs what a row of ``seq_len`` tokens does."""
+    for j, message in enumerate(messages):
+        if len(message["content"]) > limit:
+            return [*messages[:j], {"role": message["role"], "content": message["content"][:limit]}]
+    return messages
 
 
 def _sanitize_kwargs(tokenizer: Any) -> dict[str, bool]:
@@ -200,6 +219,7 @@ def encode_chat(
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     pad = _pad_id(tokenizer)
+    limit = (seq_len + 1) * longest_token(tokenizer)  # characters that cover more than seq_len tokens
     ids_rows, label_rows, kept, truncated, dropped = [], [], [], [], []
     for number, record in records:
         where = f"line {number} of {source}"
@@ -213,8 +233,18 @@ def encode_chat(
                     f"the tokenizer has no chat template, so the messages of {where} cannot be rendered; use "
                     "the tokenizer of an instruction-tuned model or prompt/completion rows"
                 )
-            ids, mask = encode_conversation(_check_messages(record["messages"], where), tokenizer, where)
+            messages = _bounded(_check_messages(record["messages"], where), limit)
+            if not any(m["role"] == "assistant" for m in messages):  # a prompt longer than seq_len
+                dropped.append(number)
+                continue
+            ids, mask = encode_conversation(messages, tokenizer, where)
         elif "prompt" in record or "completion" in record:
+            prompt, completion = record.get("prompt"), record.get("completion")
+            if isinstance(prompt, str) and len(prompt) > limit:  # no completion token within seq_len
+                dropped.append(number)
+                continue
+            if isinstance(completion, str) and len(completion) > limit:
+                record = {**record, "completion": completion[:limit]}
             ids, mask = _encode_prompt_completion(record, tokenizer, where)
         else:
             raise KdError(

@@ -95,9 +95,30 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> Any:
     return None
 
 
+def not_utf8(where: str, exc: UnicodeDecodeError) -> KdError:
+    """The one sentence for a file that is not UTF-8 text, naming the first bad byte."""
+    byte = exc.object[exc.start]
+    return KdError(
+        f"could not read {where}: it is not UTF-8 text (byte 0x{byte:02x} is not valid UTF-8); "
+        "convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT, or pass a text file if it is binary"
+    )
+
+
+def _is_blank(path: Path) -> bool:
+    """Nothing but whitespace in ``path`` (read until the first other byte, so a real file costs one block)."""
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 16), b""):
+            if block.strip():
+                return False
+    return True
+
+
 def _load_files(files: list[Path], source: str, text_column: str) -> list[str]:
     """Documents from local files, in the given order; one ``load_dataset`` call per run of a type."""
     texts: list[str] = []
+    for file in files:
+        if file.suffix.lower() != ".parquet" and _is_blank(file):
+            raise KdError(f"dataset file '{file}' is empty; pass a file with text in it")
     with _quiet_datasets() as datasets:
         for builder, group in itertools.groupby(files, key=lambda f: SUPPORTED_SUFFIXES[f.suffix.lower()]):
             data_files = [str(f) for f in group]
@@ -113,11 +134,7 @@ def _load_files(files: list[Path], source: str, text_column: str) -> list[str]:
                 )
                 undecodable = _cause(exc, UnicodeDecodeError)
                 if undecodable is not None:
-                    byte = undecodable.object[undecodable.start]
-                    raise KdError(
-                        f"could not read {where}: it is not UTF-8 text (byte 0x{byte:02x} is not valid UTF-8); "
-                        "convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT, or pass a text file if it is binary"
-                    ) from None
+                    raise not_utf8(where, undecodable) from None
                 raise KdError(f"could not read {where}: {first}") from None
             texts.extend(_column_texts(ds, source, "text" if builder == "text" else text_column))
     return texts
@@ -309,8 +326,14 @@ def _chat_format(data_cfg: DataConfig) -> bool:
         )
     if data_cfg.format != "auto" or not is_jsonl:
         return data_cfg.format == "chat"
-    with Path(source).open(encoding="utf-8") as handle:
-        first = next((line for line in handle if line.strip()), "")
+    if _is_blank(Path(source)):
+        raise KdError(f"dataset file '{source}' is empty; pass a file with text in it")
+    with Path(source).open("rb") as handle:
+        number, raw = next((n, line) for n, line in enumerate(handle, start=1) if line.strip())
+    try:  # utf-8-sig: a byte-order mark is not part of the first row
+        first = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(f"line {number} of '{source}'", exc) from None
     try:
         return is_chat_row(json.loads(first))
     except json.JSONDecodeError:

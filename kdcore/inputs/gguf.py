@@ -74,7 +74,8 @@ class GgufSource:
 
 
 def parse_gguf_source(source: str) -> GgufSource | None:
-    """The GGUF file ``source`` names, or None when it names no ``.gguf`` file (a directory, a hub id, a spec).
+    """The GGUF file ``source`` names, or None when it names no ``.gguf`` file (a directory, even one named
+    ``x.gguf``, a hub id, a spec).
 
     Checked before a model spec (``type:key=value``): ``org/repo:file.gguf`` would otherwise read as
     a spec of model type ``org/repo``. Whether a local file exists is checked at load time.
@@ -83,6 +84,15 @@ def parse_gguf_source(source: str) -> GgufSource | None:
     if not source.lower().endswith(".gguf"):
         return None
     path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():  # save_pretrained's, whatever its name
+        return None
+    if path.is_dir():
+        inside = sorted(path.glob("*.gguf"))
+        example = f" such as '{inside[0]}'" if inside else ""
+        raise KdError(
+            f"'{source}' is a directory, not a GGUF file; pass the .gguf file itself{example}, or a "
+            "save_pretrained directory"
+        )
     if path.is_file() or ":" not in source:
         return GgufSource(str(path.parent), path.name, local=True)
     where, _, filename = source.rpartition(":")
@@ -311,9 +321,30 @@ def converted_directory(
                     GgufSource(str(path.parent), path.name, local=True), str(source), digest, directory, echo
                 )
                 return directory
+    _check_converted(directory, source)
     if echo is not None:
         echo(f"Loading {source.name} from its converted copy in {directory}")
     return directory
+
+
+def _check_converted(directory: Path, source: GgufSource) -> None:
+    """A converted copy whose config or weights cannot be read (a disk filled up, a file cut) is named as
+    the cache entry it is, to delete; each weights file's header is read, not its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    problem = None if (directory / "config.json").is_file() else "config.json is missing"
+    for file in sorted(directory.glob("*.safetensors")) if problem is None else []:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            problem = f"{file.name}: {_first_line(exc)}"
+            break
+    if problem is not None:
+        raise KdError(
+            f"the converted copy of {source.name} in {directory} is damaged ({problem}); delete that "
+            "directory, and the next run converts the GGUF file again"
+        )
 
 
 def _convert(

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from kdcore.config import load_yaml
 from kdcore.errors import KdError
 from kdcore.inputs.cut import parse_cut_spec
 from kdcore.inputs.gguf import (
@@ -69,7 +70,10 @@ def parse_spec(source: str) -> ModelSpec | None:
                 f"bad model spec '{source}': '{part}' is not key=value (e.g. gpt2:n_layer=2,n_embd=64)"
             )
         key, raw = part.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(raw)
+        try:
+            overrides[key.strip()] = load_yaml(raw)
+        except yaml.YAMLError:
+            overrides[key.strip()] = raw  # refused by the field's own type check below
     check_spec_overrides(CONFIG_MAPPING[model_type], overrides, source)
     return ModelSpec(model_type, overrides)
 

@@ -1,4 +1,9 @@
-"""Tokenizers: the built-in specs (byte, BPE trained on the corpus) and encoding text without special tokens."""
+"""Tokenizers: the built-in specs (byte, BPE trained on the corpus) and encoding text without special tokens.
+
+A fast tokenizer holds some hundred bytes per token while it encodes (token strings, offsets, masks), so
+text reaches it in pieces of at most :data:`MAX_CHARS_PER_CALL` characters: one 50 MB row costs what
+a quarter-megabyte one does, plus its token ids (:func:`pieces`, :func:`encode_texts`).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,31 @@ from kdcore.errors import KdError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+#: the most characters a tokenizer gets in one call (its working memory is ~150-400 bytes a token)
+MAX_CHARS_PER_CALL = 1 << 18
+
 _TOKENIZER_FORMS = "'byte' or 'bpe:vocab_size=N' (optionally ',min_frequency=M', default 2)"
+
+
+def pieces(text: str, size: int | None = None) -> list[str]:
+    """``text`` as consecutive pieces of at most ``size`` (default :data:`MAX_CHARS_PER_CALL`) characters (joined, they are ``text``).
+
+    A cut falls just before a space that follows a non-space in the piece's second half when there is
+    one, where byte-level BPE starts a new word anyway, so a long row's tokens are nearly always those
+    of the whole; a row shorter than ``size`` is one piece, tokenised exactly as before.
+    """
+    size = size or MAX_CHARS_PER_CALL
+    out, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind(" ", start + size // 2, end)
+        while cut > start + size // 2 and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + size // 2, cut)
+        end = cut if cut > start + size // 2 else end
+        out.append(text[start:end])
+        start = end
+    out.append(text[start:])
+    return out
 
 
 def _parse_params(spec: str, text: str) -> dict[str, str]:
@@ -76,7 +105,8 @@ def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int) -> PreTrai
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    chunks = (piece for text in texts for piece in pieces(text))  # a bounded word, whatever the row
+    tok.train_from_iterator(chunks, trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", clean_up_tokenization_spaces=False
     )
@@ -102,16 +132,43 @@ def encode_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> li
     offset = _byte_offset(tokenizer)
     if offset is not None:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) + offset for t in texts]
-    if not texts:
-        return []
-    encoded = tokenizer(
-        list(texts),
-        add_special_tokens=False,
-        split_special_tokens=True,
-        return_attention_mask=False,
-        verbose=False,
-    )["input_ids"]
-    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    batch: list[tuple[int, str]] = []
+    size = 0
+
+    def flush() -> None:
+        encoded = tokenizer(
+            [piece for _, piece in batch],
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_attention_mask=False,
+            verbose=False,
+        )["input_ids"]
+        for (index, _), ids in zip(batch, encoded, strict=True):
+            parts[index].append(np.asarray(ids, dtype=np.int64))
+        batch.clear()
+
+    for index, text in enumerate(texts):  # batches of at most MAX_CHARS_PER_CALL characters (or one piece)
+        for piece in pieces(text):
+            if batch and size + len(piece) > MAX_CHARS_PER_CALL:
+                flush()
+                size = 0
+            batch.append((index, piece))
+            size += len(piece)
+    if batch:
+        flush()
+    return [np.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+
+
+def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the characters one token covers: its longest vocabulary entry (1 for bytes).
+
+    ``n`` tokens never cover more than ``n * longest_token`` characters, so text past that can be cut
+    before tokenising without changing the first ``n`` tokens.
+    """
+    if _byte_offset(tokenizer) is not None:
+        return 1
+    return max(1, max((len(token) for token in tokenizer.get_vocab()), default=1))
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -166,11 +166,12 @@ def resolve_student(
         source = teacher if teacher is not None else load_teacher(cfg, corpus, console)[0]
         total = source.config.num_hidden_layers
         layers = cut.select(total)
+        student = cut_student(source, cut)  # a teacher it cannot cut is refused before any success is said
         console.print(
             f"Student cut from the teacher: {len(layers)} of its {total} layers ({', '.join(map(str, layers))})",
             highlight=False,
         )
-        return cut_student(source, cut)
+        return student
     spec = parse_spec(model.student)
     if spec is not None:
         return build_from_spec(spec, tokenizer, cfg.training.seed)

@@ -27,7 +27,7 @@ What is stored, in ``DIR``:
 - ``teacher_stats.safetensors``: per-sample ``ce``, ``confidence`` and ``entropy`` of the teacher
   over the full distribution (what ``teacher-confidence`` needs), from the same pass.
 - ``tokenizer/``: the tokenizer the data was packed with.
-- ``manifest.json``: format, teacher and its identity, tokenizer hash, the packed training and
+- ``manifest.json``: format, teacher and its identity, the train share, tokenizer hash, the packed training and
   eval sets' fingerprints, ``seq_len``, ``K``, vocabulary size, dtypes, sizes, the teacher's eval
   perplexity (measured at cache time, so a cached run can report it) and a sha256 per file.
 
@@ -266,6 +266,7 @@ def build_cache(
     from rich.console import Console
 
     from kdcore.inputs.corpus import load_corpus
+    from kdcore.inputs.cut import parse_cut_spec
     from kdcore.inputs.models import (
         check_seq_len,
         load_pretrained,
@@ -274,6 +275,11 @@ def build_cache(
         remote_code_warning,
     )
 
+    if parse_cut_spec(cfg.model.teacher) is not None:  # kd run's advice (pass it as --student) does not apply
+        raise KdError(
+            f"'{cfg.model.teacher}' describes a student cut from a teacher, and kd cache-teacher caches a "
+            "teacher's outputs; pass --teacher a hub id, directory, GGUF file or spec"
+        )
     console = console or Console(stderr=True)
     remote = remote_code_warning(cfg.model.teacher, None, cfg.model.trust_remote_code)
     if remote:
@@ -302,6 +308,7 @@ def build_cache(
         "teacher_id": teacher_identity(cfg.model, corpus, cfg.data.seq_len, cfg.training),
         "teacher_source": source,
         "dataset": cfg.data.dataset,
+        "train_share": cfg.data.student_share,
         "corpus_fingerprint": corpus.fingerprint,
     }
     manifest = write_cache(
@@ -449,9 +456,18 @@ def open_for_run(cfg: RunConfig, corpus: Corpus, console: Console) -> tuple[Teac
     teacher = locate_teacher(cfg.model, corpus, seq_len, cfg.training, cache_manifest=cache.manifest)
     # Most specific first: a from-scratch teacher's identity includes its data and seq_len.
     cache.check("seq_len", "seq_len", seq_len)
+    ours = cfg.data.student_share
+    share = cache.manifest.get("train_share", ours)  # recorded since caches know it
+    if share != ours:
+        raise KdError(
+            f"teacher cache '{cache.directory}' holds the first {share:g} of the training text "
+            f"(data.train_share) and this run trains on {ours:g}; pass --train-share {share:g}, "
+            f"or rebuild the cache with kd cache-teacher --set data.train_share={ours:g}"
+        )
     cache.check("dataset (fingerprint of the text)", "corpus_fingerprint", corpus.fingerprint)
     cache.check(
-        "teacher (a from-scratch spec includes its training steps, seed, batch size and lr)",
+        "teacher (a from-scratch spec includes its training steps, seed, batch size and lr; a GGUF file is "
+        "its content)",
         "teacher_id",
         teacher.identity,
     )

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcore.errors import KdError
-from kdcore.files import cache_root
-from kdcore.inputs.gguf import converted_directory, parse_gguf_source
+from kdcore.files import cache_root, file_sha256
+from kdcore.inputs.gguf import converted_directory, local_file, parse_gguf_source
 from kdcore.inputs.models import ModelSpec, check_sources, load_tokenizer, parse_spec
 from kdcore.inputs.tokenization import build_tokenizer
 
@@ -67,6 +67,7 @@ class TeacherSource:
     directory: Path | None  # where the spec teacher is (or will be) cached
     tokenizer_spec: str  # the tokenizer a spec teacher is trained with
     trust_remote_code: bool = False
+    content: str = ""  # a local GGUF file's SHA-256 (16 hex characters): the file, wherever it is named from
 
     @property
     def trained(self) -> bool:
@@ -80,7 +81,10 @@ class TeacherSource:
 
     @property
     def identity(self) -> str:
-        """The name, and for a spec the key of its cached training (another training run differs)."""
+        """The name, and for a spec the key of its cached training (another training run differs); a local
+        GGUF file is its content, so a file changed at the same path differs and one path for another does not."""
+        if self.content:
+            return f"GGUF sha256:{self.content}"
         return self.name if self.directory is None else f"{self.name}@{self.directory.name}"
 
     @property
@@ -121,8 +125,10 @@ def locate_teacher(
             f"--tokenizer applies only to from-scratch teachers; '{model.teacher}' brings its own tokenizer"
         )
     directory = None if spec is None else spec_teacher_dir(model, corpus, seq_len, training)
+    gguf = parse_gguf_source(model.teacher) if spec is None else None
+    content = file_sha256(local_file(gguf))[:16] if gguf is not None and gguf.local else ""
     teacher = TeacherSource(
-        model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code
+        model.teacher, spec, directory, model.tokenizer or "byte", model.trust_remote_code, content
     )
     manifest = cache_manifest or {}
     cached = manifest.get("teacher")

@@ -163,6 +163,58 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def _is_int(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _meta_problem(path: Path, meta: Any) -> str | None:
+    """What is wrong with the fields of ``checkpoint.json`` that resuming reads, or None.
+
+    A value of the wrong type is damage like a truncated file: the checkpoint is skipped, never read.
+    """
+    if not isinstance(meta, dict):
+        return "it is not a JSON object"
+    found = _STEP_DIR.match(path.name)
+    step = int(found.group(1)) if found else None
+    if not _is_int(meta.get("format"), 1):
+        return f"its format is {json.dumps(meta.get('format'))}, not a number from 1 to {FORMAT}"
+    if meta.get("step") != step or not _is_int(meta.get("step")):
+        return f"its step is {json.dumps(meta.get('step'))} in a directory named {path.name}"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return "its files are not a mapping of file names"
+    for name, info in files.items():
+        if not (
+            isinstance(info, dict) and _is_int(info.get("bytes")) and isinstance(info.get("sha256"), str)
+        ):
+            return f"the entry of {name} is {json.dumps(info)}, not its bytes and sha256"
+    if not _is_int(meta.get("world_size", 1), 1):
+        return f"its world_size is {json.dumps(meta.get('world_size'))}, not a number of processes"
+    backend = meta.get("backend", {})
+    if not (isinstance(backend, dict) and isinstance(backend.get("type", "ddp"), str)):
+        return f"its backend is {json.dumps(backend)}, not a mapping with a type"
+    if not _is_int(meta.get("metrics_bytes")):
+        return f"its metrics_bytes is {json.dumps(meta.get('metrics_bytes'))}, not a size"
+    if not isinstance(meta.get("config", {}), dict):
+        return "its config is not a mapping"
+    return None
+
+
+def _check_safetensors(file: Path, path: Path) -> None:
+    """Every tensor of ``file`` can be located (the header parses and covers the file), or damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                handle.get_slice(key)
+    except (SafetensorError, OSError, ValueError) as exc:
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointDamaged(
+            f"checkpoint {path} is damaged: {file.relative_to(path).as_posix()} cannot be read ({problem})"
+        ) from None
+
+
 def verify(path: Path) -> dict[str, Any]:
     """The checkpoint's metadata, or :class:`CheckpointDamaged` saying what is wrong with it."""
     meta_path = path / META
@@ -170,10 +222,17 @@ def verify(path: Path) -> dict[str, Any]:
         raise CheckpointDamaged(f"checkpoint {path} is damaged: {META} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-        files = dict(meta["files"])
-        int(meta["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, RecursionError):
         raise CheckpointDamaged(f"checkpoint {path} is damaged: {META} is not valid") from None
+    problem = _meta_problem(path, meta)
+    if problem is not None:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {META} is not valid ({problem})")
+    if meta["format"] > FORMAT:
+        raise KdError(
+            f"checkpoint {path} has format {meta['format']}, written by a newer kdcore (this one reads "
+            f"formats 1 to {FORMAT}); resume it with that kdcore, or upgrade kdcore"
+        )
+    files = meta["files"]
     for name, info in files.items():
         file = path / name
         if not file.is_file():
@@ -194,6 +253,8 @@ def verify(path: Path) -> dict[str, Any]:
     for file in sorted(p for p in path.iterdir() if p.is_file() and p.name != META):
         if file.suffix != ".safetensors":
             safe_load(file, path, mmap=True)  # mmap: the pickle is checked, the tensors are not read
+        else:  # a hash rewritten with the file proves nothing: the header must parse
+            _check_safetensors(file, path)
     # FSDP's sharded state: torch reads the tensors with its weights-only unpickler, the index with pickle
     for file in sorted(path.glob("*/.metadata")):
         check_sharded_index(file, path)
@@ -304,8 +365,20 @@ def check_plugins(run_dir: Path, warn: Callable[[str], None]) -> None:
 
     path = run_dir / "strategies.yaml"
     if not path.is_file():
-        return
-    recorded = yaml.safe_load(path.read_text()) or {}
+        raise KdError(
+            f"'{path}' is missing, so the strategies and plugin versions this run used cannot be checked; "
+            "restore it, or start a new run"
+        )
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(recorded, dict) else "it is not a mapping of strategy kinds"
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if problem is not None:
+        raise KdError(
+            f"'{path}' is damaged ({problem}), so the strategies and plugin versions this run used cannot "
+            "be checked; restore it, or start a new run"
+        )
     registry = get_registry()
     for kind, meta in recorded.items():
         if not isinstance(meta, Mapping) or "name" not in meta:
@@ -533,8 +606,17 @@ def check_storable(state: Mapping[str, Any], data: bytes) -> None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` of a verified checkpoint, through the weights-only unpickler."""
-    return safe_load(path / TRAINER_STATE, path)
+    """``trainer_state.pt`` of a verified checkpoint, through the weights-only unpickler; its step is
+    the directory's."""
+    state = safe_load(path / TRAINER_STATE, path)
+    found = _STEP_DIR.match(path.name)
+    if not isinstance(state, dict) or found is None or state.get("step") != int(found.group(1)):
+        step = state.get("step") if isinstance(state, dict) else None
+        raise CheckpointDamaged(
+            f"checkpoint {path} is damaged: {TRAINER_STATE} holds step {_show(step)}; remove the checkpoint "
+            "to resume from the previous one"
+        )
+    return state
 
 
 # -- graceful stop ----------------------------------------------------------------------------------------

@@ -52,19 +52,28 @@ def check_backend(distributed_type: Any) -> None:
     from accelerate.utils import DistributedType
 
     asked = requested()
+    # accelerate launch passes its config on as environment variables, which a user may also set by hand
+    variable = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}.get(asked)
+    origin = f"{variable}={os.environ.get(variable or '', '')} (from an accelerate config or the environment)"
     if asked == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "2":
+        version = (
+            f"FSDP_VERSION={os.environ['FSDP_VERSION']}"
+            if "FSDP_VERSION" in os.environ
+            else "no FSDP_VERSION"
+        )
         raise KdError(
-            f"this accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; kdcore "
-            f"shards with FSDP2: set fsdp_version: 2 in the config (see {FSDP_EXAMPLE})"
+            f"{origin} with {version} asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; kdcore "
+            f"shards with FSDP2: set fsdp_version: 2 in the config (FSDP_VERSION=2; see {FSDP_EXAMPLE})"
         )
     if asked != "ddp" and distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
         import accelerate
 
         name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[asked]
         raise KdError(
-            f"this accelerate config asks for {name}, but accelerate {accelerate.__version__} enables "
+            f"{origin} asks for {name}, but accelerate {accelerate.__version__} enables "
             f"{name} only on GPUs (or other accelerators) and on this CPU machine would silently train "
-            "with plain DDP; run it on GPUs, or drop the config and use torchrun for DDP (docs/scaling.md)"
+            f"with plain DDP; run it on GPUs, or unset {variable} (drop the config) and use torchrun for DDP "
+            "(docs/scaling.md)"
         )
 
 

@@ -195,7 +195,12 @@ def check_source(
         return
     grid = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, float("nan")])
     if all(bool((reliance.weights(grid, grid, p) == 0).all()) for p in (0.0, 0.25, 0.5, 0.75, 1.0)):
+        fix = (
+            "raise --lambda above 0, or choose another reliance policy"
+            if reliance_name == "fixed"
+            else "choose another reliance policy (e.g. fixed)"
+        )
         raise KdError(
             f"source '{source_name}' trains on the teacher term alone and reliance '{reliance_name}' sets "
-            "every λ to 0, so nothing would be learnt; choose another reliance policy (e.g. fixed)"
+            f"every λ to 0, so nothing would be learnt; {fix}"
         )
