@@ -50,9 +50,9 @@ def main() -> None:
         input_ids, mask, labels = s.train.batch(ids)
         with torch.no_grad():  # the teacher's side of the live step, on the loss path it takes
             if live.loss_path == "fused":
-                live.teacher_hidden(input_ids, mask)
+                live.passes.teacher_hidden(input_ids, mask)
             else:
-                live.teacher_logits(ids, labels, input_ids, mask)
+                live.passes.teacher_logits(ids, labels, input_ids, mask)
         return float(mask[:, 1:].sum())
 
     arms["teacher-fwd"] = teacher_forward
