@@ -131,3 +131,22 @@ def cached_tiny_teacher(isolated_cache, tmp_path_factory) -> None:
 
     cfg = resolve_config(None, tiny_overrides(tmp_path_factory.mktemp("teacher")))
     resolve_teacher(cfg.model, load_corpus(cfg.data, 0), cfg.data.seq_len, cfg.training, Console(quiet=True))
+
+
+def topk_teacher_in_memory(teacher_logits, k: int, dtype=None):
+    """What a teacher cache stores, computed in memory: top-K log-probs at τ = 1 and the tail's f(1), f(1/2)
+    (in float64, or ``dtype``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdcore.training.losses import TopKTeacher
+
+    logp = F.log_softmax(teacher_logits.double(), -1)
+    values, indices = logp.topk(k, -1)
+    tail = None
+    if k < logp.shape[-1]:
+        rest = logp.scatter(-1, indices, float("-inf"))
+        tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], -1)
+    if dtype is not None:
+        values, tail = values.to(dtype), None if tail is None else tail.to(dtype)
+    return TopKTeacher(values, indices, tail, logp.shape[-1])

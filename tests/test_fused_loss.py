@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import topk_teacher_in_memory
 
 from kdcore.plugins import get_registry
 from kdcore.training.fused_loss import final_hidden_states, fused_sample_terms, linear_head
@@ -227,14 +228,8 @@ def test_linear_head_refuses_soft_capped_logits():
 
 
 def topk_teacher(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
-    """What a teacher cache stores, in memory (as tests/test_teacher_cache.py builds it), in float32."""
-    logp = F.log_softmax(teacher_logits.double(), -1)
-    values, indices = logp.topk(k, -1)
-    tail = None
-    if k < logp.shape[-1]:
-        rest = logp.scatter(-1, indices, float("-inf"))
-        tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], -1).float()
-    return TopKTeacher(values.float(), indices, tail, logp.shape[-1])
+    """What a teacher cache stores, in memory, in float32 (the dtype the cache keeps)."""
+    return topk_teacher_in_memory(teacher_logits, k, torch.float32)
 
 
 @pytest.mark.parametrize("name", ["forward-kl", "reverse-kl", "jsd"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_TEACHER, tiny_overrides
+from conftest import topk_teacher_in_memory as sparse
 from safetensors.torch import load_file
 
 from kdcore.config import resolve_config
@@ -17,24 +18,13 @@ from kdcore.errors import KdError
 from kdcore.plugins import get_registry
 from kdcore.runs.runner import run
 from kdcore.teachers.cache import TeacherCache, build_cache
-from kdcore.training.losses import TopKTeacher, per_sample_terms
+from kdcore.training.losses import per_sample_terms
 
 B, T, V = 3, 7, 40
 
 
 def divergence(name: str, **params):
     return get_registry().create("divergence", name, params)
-
-
-def sparse(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
-    """What the cache stores, computed in memory: top-K log-probs at τ = 1 and the tail's f(1), f(1/2)."""
-    logp = F.log_softmax(teacher_logits.double(), -1)
-    values, indices = logp.topk(k, -1)
-    tail = None
-    if k < logp.shape[-1]:
-        rest = logp.scatter(-1, indices, float("-inf"))
-        tail = torch.stack([rest.logsumexp(-1), (0.5 * rest).logsumexp(-1)], -1)
-    return TopKTeacher(values, indices, tail, logp.shape[-1])
 
 
 def data(seed: int = 0, vs: int = V, vt: int = V):
